@@ -1,0 +1,228 @@
+"""LoftQ: W ~ Q + B A with Q quantized and B A of rank r (arXiv 2310.08659).
+
+Start with A = B = 0 and repeat T times: Q = quant(W - B A); B A = best rank-r
+approximation of W - Q. The error can rise with T on some matrices, so the best
+iterate is kept. With ``column_weights`` h (per input channel, e.g. activation second
+moments) the low-rank step minimizes ||(W - Q - B A) diag(sqrt h)||_F instead, as
+LQ-LoRA does with Fisher weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .lowrank import LOWRANK_METHODS, exact_lowrank, randomized_lowrank
+from .quant import QuantConfig, QuantizedTensor, fake_quantize
+from .quant.blockwise import check_matrix
+
+
+@dataclass
+class LoftQResult:
+    """One matrix's decomposition: ``scaling * lora_B @ lora_A`` is the low-rank part."""
+
+    config: QuantConfig
+    rank: int
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r)
+    errors: list[float]  # relative error after each iteration; errors[0] is plain quantization
+    best_iter: int  # index into errors of the kept iterate
+    error: float  # ||W - Q - scaling B A||_F^2 of the kept iterate
+    qlora_error: float  # ||W - quant(W)||_F^2 (A = B = 0)
+    weight_norm_sq: float  # ||W||_F^2
+    scaling: float = 1.0
+    weighted_error: float | None = None  # ||(W - Q - B A) diag(sqrt h)||_F^2 when h is given
+    weighted_errors: list[float] | None = None
+    q_input: torch.Tensor | None = field(default=None, repr=False)  # W - (previous B A)
+    _q: QuantizedTensor | None = field(default=None, repr=False)
+
+    @property
+    def rel_error(self) -> float:
+        """||W - Q - B A||_F / ||W||_F of the kept iterate."""
+        return self.errors[self.best_iter]
+
+    @property
+    def q(self) -> QuantizedTensor:
+        """The packed quantized matrix Q of the kept iterate."""
+        if self._q is None:
+            if self.q_input is None:
+                raise ValueError("this result was computed without keeping Q (keep_q=False)")
+            self._q = QuantizedTensor.from_weight(self.q_input, self.config)
+            self.q_input = None
+        return self._q
+
+    def lowrank(self) -> torch.Tensor:
+        """scaling * B @ A, float32 (out, in)."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+
+def lora_scaling(rank: int, lora_alpha: float | None, use_rslora: bool = False) -> float:
+    """PEFT's scaling: alpha / r (alpha / sqrt(r) with rsLoRA); 1 when alpha is None."""
+    if lora_alpha is None:
+        return 1.0
+    return float(lora_alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+def _resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
+    if device is None:
+        return fallback
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def loftq_batch(
+    weights: torch.Tensor,
+    config: QuantConfig | str,
+    rank: int = 16,
+    iters: int = 5,
+    *,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    lowrank: str = "randomized",
+    oversample: int = 16,
+    power_iters: int = 4,
+    seeds: list[int] | None = None,
+    column_weights: torch.Tensor | None = None,
+    keep_q: bool = True,
+    device: str | torch.device | None = None,
+) -> list[LoftQResult]:
+    """LoftQ for a batch of same-shaped matrices (b, out, in), computed in float32.
+
+    ``column_weights`` (b, in) or (in,) weight the low-rank step and the best-iterate
+    choice (data-aware). ``seeds`` (one per matrix) seed the randomized factorization.
+    """
+    config = QuantConfig.parse(config)
+    check_matrix(weights)
+    if weights.dim() == 2:
+        weights = weights.unsqueeze(0)
+    if weights.dim() != 3:
+        raise ValueError(f"expected (batch, out, in) matrices, got shape {tuple(weights.shape)}")
+    if lowrank not in LOWRANK_METHODS:
+        raise ValueError(f"unknown low-rank method {lowrank!r}: expected one of {LOWRANK_METHODS}")
+    batch, rows, cols = weights.shape
+    if rank < 0 or iters < 0:
+        raise ValueError(f"rank and iters must be >= 0, got rank={rank}, iters={iters}")
+    if rank > min(rows, cols):
+        raise ValueError(f"rank {rank} exceeds the matrix size {rows}x{cols}")
+    seeds = [0] * batch if seeds is None else list(seeds)
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} matrices")
+    device = _resolve_device(device, weights.device)
+    weight = weights.to(device=device, dtype=torch.float32)
+
+    sqrt_h = None
+    if column_weights is not None:
+        h = column_weights.to(device=device, dtype=torch.float32).expand(batch, cols)
+        if not bool(torch.isfinite(h).all()) or bool((h <= 0).any()):
+            raise ValueError("column weights must be finite and positive")
+        sqrt_h = h.sqrt().unsqueeze(1)  # (b, 1, in)
+
+    def sq_norm(x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64) ** 2
+
+    weight_sq = sq_norm(weight)
+    weighted_weight_sq = sq_norm(weight * sqrt_h) if sqrt_h is not None else weight_sq
+    # iterate 0: plain quantization, A = B = 0
+    q_input = weight
+    residual = weight - fake_quantize(weight, config)
+    qlora_sq = sq_norm(residual)
+    err_sq = [qlora_sq]
+    werr_sq = [sq_norm(residual * sqrt_h)] if sqrt_h is not None else err_sq
+    best_score = werr_sq[0].clone()
+    best_iter = torch.zeros(batch, dtype=torch.long, device=device)
+    best_u = torch.zeros(batch, rows, rank, device=device)
+    best_vh = torch.zeros(batch, rank, cols, device=device)
+    best_q_input = q_input if keep_q else None
+    warm = None
+    for step in range(1, iters + 1):
+        target = residual * sqrt_h if sqrt_h is not None else residual
+        if lowrank == "exact":
+            u, s, vh = exact_lowrank(target, rank)
+        else:
+            u, s, vh = randomized_lowrank(
+                target, rank, oversample=oversample, power_iters=power_iters,
+                warm_start=warm, seeds=[x + step for x in seeds],
+            )
+        warm = vh.transpose(-1, -2)
+        u = u * s.sqrt().unsqueeze(-2)
+        vh = vh * s.sqrt().unsqueeze(-1)
+        if sqrt_h is not None:
+            vh = vh / sqrt_h
+        low = u @ vh
+        err = residual - low
+        err_sq.append(sq_norm(err))
+        if sqrt_h is not None:
+            werr_sq.append(sq_norm(err * sqrt_h))
+        improved = werr_sq[-1] < best_score
+        if bool(improved.any()):
+            mask = improved.view(batch, 1, 1)
+            best_score = torch.where(improved, werr_sq[-1], best_score)
+            best_iter = torch.where(improved, torch.full_like(best_iter, step), best_iter)
+            best_u = torch.where(mask, u, best_u)
+            best_vh = torch.where(mask, vh, best_vh)
+            if keep_q:
+                best_q_input = torch.where(mask, q_input, best_q_input)
+        if step < iters:
+            q_input = weight - low
+            residual = weight - fake_quantize(q_input, config)
+
+    scaling = lora_scaling(rank, lora_alpha, use_rslora)
+    root = math.sqrt(scaling)
+    err_table = torch.stack(err_sq, dim=1).cpu()
+    werr_table = torch.stack(werr_sq, dim=1).cpu() if sqrt_h is not None else None
+    norms = weight_sq.cpu()
+    wnorms = weighted_weight_sq.cpu()
+    results = []
+    for i in range(batch):
+        k = int(best_iter[i])
+        rel = (err_table[i] / norms[i]).clamp_min(0).sqrt().tolist()
+        results.append(
+            LoftQResult(
+                config=config,
+                rank=rank,
+                lora_A=(best_vh[i] / root).contiguous(),
+                lora_B=(best_u[i] / root).contiguous(),
+                errors=rel,
+                best_iter=k,
+                error=float(err_table[i, k]),
+                qlora_error=float(err_table[i, 0]),
+                weight_norm_sq=float(norms[i]),
+                scaling=scaling,
+                weighted_error=None if werr_table is None else float(werr_table[i, k]),
+                weighted_errors=None
+                if werr_table is None
+                else (werr_table[i] / wnorms[i]).clamp_min(0).sqrt().tolist(),
+                q_input=best_q_input[i] if keep_q else None,
+            )
+        )
+    return results
+
+
+def loftq(
+    weight: torch.Tensor,
+    config: QuantConfig | str,
+    rank: int = 16,
+    iters: int = 5,
+    lora_alpha: float | None = None,
+    **kwargs,
+) -> LoftQResult:
+    """LoftQ for one (out, in) matrix; see ``loftq_batch`` for the options.
+
+    ``iters=0`` is plain quantization (QLoRA): A = B = 0.
+    """
+    check_matrix(weight)
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D matrix (out, in), got shape {tuple(weight.shape)}")
+    seed = kwargs.pop("seed", None)
+    if seed is not None:
+        kwargs["seeds"] = [seed]
+    column_weights = kwargs.pop("column_weights", None)
+    if column_weights is not None:
+        column_weights = column_weights.reshape(1, -1)
+    return loftq_batch(
+        weight.unsqueeze(0), config, rank, iters, lora_alpha=lora_alpha,
+        column_weights=column_weights, **kwargs,
+    )[0]

