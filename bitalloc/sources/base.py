@@ -1,0 +1,110 @@
+"""The `Source` interface: named weight matrices, read one at a time as float32 (out, in)."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+from ..errors import BitallocError
+
+# content_digest samples at most this many elements of each matrix, in this many spans.
+SAMPLE_ELEMENTS = 4096
+SAMPLE_SPANS = 16
+
+
+def sample_spans(numel: int, itemsize: int) -> list[tuple[int, int]]:
+    """Byte (offset, length) spans of a tensor's raw data that `content_digest` hashes.
+
+    Small tensors are hashed whole; larger ones in SAMPLE_SPANS evenly spaced runs of
+    SAMPLE_ELEMENTS // SAMPLE_SPANS elements, first and last elements included.
+    """
+    if numel <= SAMPLE_ELEMENTS:
+        return [(0, numel * itemsize)]
+    run = SAMPLE_ELEMENTS // SAMPLE_SPANS
+    last = numel - run
+    starts = [k * last // (SAMPLE_SPANS - 1) for k in range(SAMPLE_SPANS)]
+    return [(start * itemsize, run * itemsize) for start in starts]
+
+
+class Source(abc.ABC):
+    """A model's weight matrices, read lazily: nothing but names and shapes stay in memory.
+
+    Subclasses fill `_shapes` (selected module name -> (out, in), in natural order) and
+    implement `_read` (the raw tensor, any float dtype) and `_sample` (dtype + raw bytes
+    for the content digest).
+    """
+
+    name: str
+    _shapes: dict[str, tuple[int, int]]
+
+    def modules(self) -> list[str]:
+        """Selected matrix module names, e.g. "model.layers.0.self_attn.q_proj"."""
+        return list(self._shapes)
+
+    def shape(self, module: str) -> tuple[int, int]:
+        """(out, in) of a selected matrix, without reading its data."""
+        return self._shapes[self._check(module)]
+
+    def read(self, module: str) -> torch.Tensor:
+        """The matrix as a fresh float32 (out, in) CPU tensor; BitallocError on NaN/Inf."""
+        weight = self._read(self._check(module))
+        if weight.dtype != torch.float32:
+            weight = weight.to(torch.float32)
+        if tuple(weight.shape) != self._shapes[module]:
+            raise BitallocError(
+                f"weight {module} in {self.name} has shape {tuple(weight.shape)}, "
+                f"expected {self._shapes[module]}"
+            )
+        if not np.isfinite(weight.numpy()).all():  # numpy: no thread-pool start-up per call
+            raise BitallocError(f"NaN or Inf values in weight {module} of {self.name}")
+        return weight
+
+    def fingerprint(self) -> str:
+        """sha256 of the selected (name, shape) list: the same model gives the same value
+        whatever kind of source it comes from."""
+        listing = [[name, list(shape)] for name, shape in self._shapes.items()]
+        return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+
+    def content_digest(self) -> str:
+        """sha256 over a strided sample of each selected matrix's stored bytes and dtype:
+        cheap (never reads whole tensors) and different for different weights."""
+        digest = hashlib.sha256()
+        for module, shape in self._shapes.items():
+            dtype, data = self._sample(module)
+            digest.update(json.dumps([module, list(shape), dtype]).encode())
+            digest.update(data)
+        return digest.hexdigest()
+
+    def config_dir(self) -> str | None:
+        """A directory with config.json (and tokenizer files), or None."""
+        return None
+
+    def close(self) -> None:
+        """Release open files; the source is unusable afterwards."""
+        self._shapes = {}
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self._shapes)} matrices)"
+
+    def _check(self, module: str) -> str:
+        if module not in self._shapes:
+            raise BitallocError(f"no selected weight matrix {module!r} in {self.name}")
+        return module
+
+    @abc.abstractmethod
+    def _read(self, module: str) -> torch.Tensor:
+        """The raw (out, in) tensor in its stored float dtype (owned, not a view on a file)."""
+
+    @abc.abstractmethod
+    def _sample(self, module: str) -> tuple[str, bytes]:
+        """(dtype name, bytes at `sample_spans` of the stored data) for `content_digest`."""

@@ -1,0 +1,191 @@
+"""Safetensors checkpoints (one file, a directory, sharded with an index), read tensor by tensor.
+
+No memory map stays open (mapped pages count in RSS): the header is parsed here and each
+read seeks to one tensor's bytes and reads exactly those into a fresh torch buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BitallocError
+from .base import Source, sample_spans
+from .selection import module_name, select_modules
+
+# Float dtypes a weight may be stored in (what `read` converts to float32).
+FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies: its file, dtype, shape and absolute byte range."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """Parse and validate a safetensors header; BitallocError naming the file if corrupt."""
+    path = str(path)
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise BitallocError(f"corrupt safetensors file {path}: shorter than its header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(file_size - 8, MAX_HEADER_BYTES):
+            raise BitallocError(
+                f"corrupt or truncated safetensors file {path}: header length {header_len} "
+                f"does not fit in {file_size} bytes"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BitallocError(f"corrupt safetensors file {path}: bad header JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise BitallocError(f"corrupt safetensors file {path}: header is not a JSON object")
+    data_start = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        entries[name] = _entry(path, name, info, data_start, file_size)
+    return entries
+
+
+def _entry(path: str, name: str, info: object, data_start: int, file_size: int) -> TensorEntry:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        shape = tuple(int(d) for d in shape)
+        begin, end = int(begin), int(end)
+    except (TypeError, KeyError, ValueError):
+        raise BitallocError(f"corrupt safetensors file {path}: bad entry for {name}") from None
+    if not 0 <= begin <= end or data_start + end > file_size:
+        raise BitallocError(
+            f"corrupt or truncated safetensors file {path}: tensor {name} lies at bytes "
+            f"{data_start + begin}..{data_start + end} of a {file_size}-byte file"
+        )
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if dtype in ITEMSIZE and end - begin != numel * ITEMSIZE[dtype]:
+        raise BitallocError(
+            f"corrupt safetensors file {path}: tensor {name} has {end - begin} bytes, "
+            f"expected {numel * ITEMSIZE[dtype]} for {dtype} {list(shape)}"
+        )
+    return TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: a single file, the shards an index names,
+    model.safetensors, or else every *.safetensors in the directory."""
+    if path.is_file():
+        return [path]
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise BitallocError(f"corrupt index file {index}") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise BitallocError(f"shard {missing[0]} named in {index} is missing")
+        return [path / s for s in shards]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = ""
+        if ggufs:
+            hint = f" (found {ggufs[0].name}: pass that file)"
+        elif any(path.glob("pytorch_model*.bin")):
+            hint = " (found pytorch_model.bin: convert it to safetensors)"
+        raise BitallocError(f"not a model directory: no *.safetensors files in {path}{hint}")
+    return files
+
+
+class SafetensorsSource(Source):
+    """A safetensors checkpoint: a HF model directory (sharded or not) or one file."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.name = name or str(path)
+        if not self.path.exists():
+            raise BitallocError(f"model not found: {path}")
+        self._entries: dict[str, TensorEntry] = {}
+        for file in checkpoint_files(self.path):
+            for tensor, entry in read_header(file).items():
+                if tensor in self._entries:
+                    raise BitallocError(f"tensor {tensor} appears twice in {self.name}")
+                self._entries[tensor] = entry
+        matrices = {
+            module_name(t): e.shape
+            for t, e in self._entries.items()
+            if t.endswith(".weight") and len(e.shape) == 2
+        }
+        selected = select_modules(matrices, include, exclude, self.name)
+        for module in selected:
+            entry = self._entries[module + ".weight"]
+            if entry.dtype not in FLOAT_DTYPES:
+                raise BitallocError(
+                    f"weight {module} in {entry.file} is stored as {entry.dtype}, not a float "
+                    f"type (already quantized?)"
+                )
+        self._shapes = {m: matrices[m] for m in selected}  # type: ignore[misc]
+
+    def config_dir(self) -> str | None:
+        folder = self.path if self.path.is_dir() else self.path.parent
+        return str(folder) if (folder / "config.json").is_file() else None
+
+    def _read(self, module: str) -> torch.Tensor:
+        entry = self._entries[module + ".weight"]
+        out = torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(entry.file, "rb") as f:
+            f.seek(entry.start)
+            got = f.readinto(buffer)
+        if got != entry.end - entry.start:
+            raise BitallocError(f"truncated safetensors file {entry.file}: cannot read {module}")
+        return out
+
+    def _sample(self, module: str) -> tuple[str, bytes]:
+        entry = self._entries[module + ".weight"]
+        numel = (entry.end - entry.start) // ITEMSIZE[entry.dtype]
+        chunks = []
+        with open(entry.file, "rb") as f:
+            for offset, length in sample_spans(numel, ITEMSIZE[entry.dtype]):
+                f.seek(entry.start + offset)
+                chunks.append(f.read(length))
+        return entry.dtype, b"".join(chunks)
