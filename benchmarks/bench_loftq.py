@@ -49,11 +49,11 @@ def synthetic_weight(size: int, device: str) -> torch.Tensor:
     return weight.to(device)
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    value = fn()
+    value = fn(*args, **kwargs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, value
@@ -68,9 +68,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    print(f"# bench_loftq  {datetime.date.today()}  {platform.machine()}  "
-          f"{os.cpu_count()} cpus  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"device {args.device}")
+    print(
+        f"# bench_loftq  {datetime.date.today()}  {platform.machine()}  "
+        f"{os.cpu_count()} cpus  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+        f"device {args.device}"
+    )
     print(f"# rank {args.rank}, iters {args.iters}")
     header = f"{'size':>6} {'config':>15} {'baseline s':>11} {'bitalloc s':>11} {'speedup':>8} "
     header += f"{'base err':>9} {'ours err':>9} {'err ratio':>9}"
@@ -80,13 +82,14 @@ def main() -> None:
         for text in args.configs.split(","):
             config = QuantConfig.parse(text)
             loftq(weight[:256, :256], config, rank=args.rank, iters=1)  # warm-up
-            base_time, base_err = timed(lambda: baseline_loftq(weight, config, args.rank, args.iters))
-            ours_time, result = timed(
-                lambda: loftq(weight, config, rank=args.rank, iters=args.iters, keep_q=False)
+            base_time, base_err = timed(baseline_loftq, weight, config, args.rank, args.iters)
+            ours_time, result = timed(loftq, weight, config, rank=args.rank, iters=args.iters, keep_q=False)
+            print(
+                f"{size:>6} {text:>15} {base_time:>11.2f} {ours_time:>11.3f} "
+                f"{base_time / ours_time:>7.1f}x {base_err:>9.5f} {result.rel_error:>9.5f} "
+                f"{result.rel_error / base_err:>9.4f}",
+                flush=True,
             )
-            print(f"{size:>6} {text:>15} {base_time:>11.2f} {ours_time:>11.3f} "
-                  f"{base_time / ours_time:>7.1f}x {base_err:>9.5f} {result.rel_error:>9.5f} "
-                  f"{result.rel_error / base_err:>9.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ LQ-LoRA does with Fisher weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +75,44 @@ def _resolve_device(device: str | torch.device | None, fallback: torch.device) -
     return torch.device(device)
 
 
+class _Clock:
+    """Adds the seconds spent in a named step to ``timings`` (no-op when it is None)."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device):
+        self.timings, self.cuda = timings, device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.timings is None:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+# Below this many elements per batch, intra-op threads cost more than they give: a 128x256
+# LoftQ ran 0.9 s with 2 threads on a busy 2-core machine and 6 ms with one.
+SINGLE_THREAD_ELEMENTS = 1 << 20
+
+
+@contextlib.contextmanager
+def _cpu_threads_for(numel: int, device: torch.device):
+    if device.type != "cpu" or numel >= SINGLE_THREAD_ELEMENTS or torch.get_num_threads() == 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def loftq_batch(
     weights: torch.Tensor,
     config: QuantConfig | str,
@@ -88,11 +128,13 @@ def loftq_batch(
     column_weights: torch.Tensor | None = None,
     keep_q: bool = True,
     device: str | torch.device | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[LoftQResult]:
     """LoftQ for a batch of same-shaped matrices (b, out, in), computed in float32.
 
     ``column_weights`` (b, in) or (in,) weight the low-rank step and the best-iterate
     choice (data-aware). ``seeds`` (one per matrix) seed the randomized factorization.
+    ``timings``, if given, accumulates seconds spent in ``quantize`` and ``factorize``.
     """
     config = QuantConfig.parse(config)
     check_matrix(weights)
@@ -111,7 +153,19 @@ def loftq_batch(
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} matrices")
     device = _resolve_device(device, weights.device)
-    weight = weights.to(device=device, dtype=torch.float32)
+    with _cpu_threads_for(weights.numel(), device):
+        return _loftq_batch(
+            weights.to(device=device, dtype=torch.float32), config, rank, iters, lora_alpha,
+            use_rslora, lowrank, oversample, power_iters, seeds, column_weights, keep_q, timings,
+        )  # fmt: skip
+
+
+def _loftq_batch(
+    weight, config, rank, iters, lora_alpha, use_rslora, lowrank, oversample, power_iters,
+    seeds, column_weights, keep_q, timings,
+) -> list[LoftQResult]:  # fmt: skip
+    batch, rows, cols = weight.shape
+    device = weight.device
 
     sqrt_h = None
     if column_weights is not None:
@@ -126,8 +180,10 @@ def loftq_batch(
     weight_sq = sq_norm(weight)
     weighted_weight_sq = sq_norm(weight * sqrt_h) if sqrt_h is not None else weight_sq
     # iterate 0: plain quantization, A = B = 0
+    clock = _Clock(timings, device)
     q_input = weight
-    residual = weight - fake_quantize(weight, config)
+    with clock("quantize"):
+        residual = weight - fake_quantize(weight, config)
     qlora_sq = sq_norm(residual)
     err_sq = [qlora_sq]
     werr_sq = [sq_norm(residual * sqrt_h)] if sqrt_h is not None else err_sq
@@ -139,13 +195,18 @@ def loftq_batch(
     warm = None
     for step in range(1, iters + 1):
         target = residual * sqrt_h if sqrt_h is not None else residual
-        if lowrank == "exact":
-            u, s, vh = exact_lowrank(target, rank)
-        else:
-            u, s, vh = randomized_lowrank(
-                target, rank, oversample=oversample, power_iters=power_iters,
-                warm_start=warm, seeds=[x + step for x in seeds],
-            )
+        with clock("factorize"):
+            if lowrank == "exact":
+                u, s, vh = exact_lowrank(target, rank)
+            else:
+                u, s, vh = randomized_lowrank(
+                    target,
+                    rank,
+                    oversample=oversample,
+                    power_iters=power_iters,
+                    warm_start=warm,
+                    seeds=[x + step for x in seeds],
+                )
         warm = vh.transpose(-1, -2)
         u = u * s.sqrt().unsqueeze(-2)
         vh = vh * s.sqrt().unsqueeze(-1)
@@ -167,7 +228,8 @@ def loftq_batch(
                 best_q_input = torch.where(mask, q_input, best_q_input)
         if step < iters:
             q_input = weight - low
-            residual = weight - fake_quantize(q_input, config)
+            with clock("quantize"):
+                residual = weight - fake_quantize(q_input, config)
 
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     root = math.sqrt(scaling)
@@ -223,6 +285,11 @@ def loftq(
     if column_weights is not None:
         column_weights = column_weights.reshape(1, -1)
     return loftq_batch(
-        weight.unsqueeze(0), config, rank, iters, lora_alpha=lora_alpha,
-        column_weights=column_weights, **kwargs,
+        weight.unsqueeze(0),
+        config,
+        rank,
+        iters,
+        lora_alpha=lora_alpha,
+        column_weights=column_weights,
+        **kwargs,
     )[0]

@@ -21,9 +21,26 @@ def exact_lowrank(residual: torch.Tensor, rank: int):
     return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
-def gaussian_probes(
-    shape: tuple[int, ...], seeds: list[int] | None, device: torch.device
-) -> torch.Tensor:
+def orthonormalize(columns: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of (..., m, k), k small.
+
+    CholeskyQR2 (two passes of Q = Y chol(Y^T Y)^-T) costs two thin matmuls, ~20x less
+    than Householder QR on a CPU; Householder is the fallback if the Gram matrix is
+    numerically singular.
+    """
+    basis = columns
+    for _ in range(2):
+        gram = basis.transpose(-1, -2) @ basis
+        factor, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(columns).Q
+        basis = torch.linalg.solve_triangular(factor.transpose(-1, -2), basis, upper=True, left=False)
+    if not bool(torch.isfinite(basis).all()):
+        return torch.linalg.qr(columns).Q
+    return basis
+
+
+def gaussian_probes(shape: tuple[int, ...], seeds: list[int] | None, device: torch.device) -> torch.Tensor:
     """(len(seeds), *shape) standard normals, each matrix drawn from its own seed."""
     if seeds is None:
         return torch.randn(shape, device=device)
@@ -57,10 +74,10 @@ def randomized_lowrank(
     if warm_start is not None:
         k = min(warm_start.shape[-1], width)
         probes = torch.cat([warm_start[..., :k], probes[..., : width - k]], dim=-1)
-    basis = torch.linalg.qr(residual @ probes).Q
+    basis = orthonormalize(residual @ probes)
     for _ in range(power_iters):
-        basis = torch.linalg.qr(residual.transpose(-1, -2) @ basis).Q
-        basis = torch.linalg.qr(residual @ basis).Q
+        basis = orthonormalize(residual.transpose(-1, -2) @ basis)
+        basis = orthonormalize(residual @ basis)
     small = basis.transpose(-1, -2) @ residual  # (b, width, n)
     u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
     u = basis @ u_small[..., :rank]

@@ -24,3 +24,14 @@ def demo_weights() -> dict[str, torch.Tensor]:
         for name, tensor in state.items()
         if ".layer." in name and name.endswith(".weight") and tensor.dim() == 2
     }
+
+
+DEMO_CONFIGS = [f"nf{bits}-b{block}-s8b256" for bits in (2, 3, 4) for block in (64, 128)]
+
+
+@pytest.fixture(scope="session")
+def demo_profile():
+    """One profile of the demo model (36 matrices x 6 configs, r=16, T=5) per test run."""
+    from bitalloc.profiler import profile
+
+    return profile(None, configs=DEMO_CONFIGS, rank=16, iters=5, quiet=True)

@@ -5,7 +5,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from bitalloc.decomposition import LoftQResult, lora_scaling, loftq, loftq_batch
+from bitalloc.decomposition import LoftQResult, loftq, loftq_batch, lora_scaling
 from bitalloc.lowrank import exact_lowrank, randomized_lowrank
 
 
@@ -77,7 +77,9 @@ def test_lora_scaling(alpha, rslora):
     expected = alpha / (8**0.5 if rslora else 8)
     assert scaled.scaling == pytest.approx(expected) == lora_scaling(8, alpha, rslora)
     # PEFT computes W' = Q + scaling * B @ A: that must equal the low-rank part
-    assert torch.allclose(expected * scaled.lora_B @ scaled.lora_A, unscaled.lora_B @ unscaled.lora_A, atol=1e-5)
+    assert torch.allclose(
+        expected * scaled.lora_B @ scaled.lora_A, unscaled.lora_B @ unscaled.lora_A, atol=1e-5
+    )
     assert scaled.rel_error == pytest.approx(unscaled.rel_error, rel=1e-6)
 
 

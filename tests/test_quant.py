@@ -19,10 +19,22 @@ from bitalloc.quant import (
 )
 
 QLORA_NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 
 
@@ -41,9 +53,7 @@ def test_codebook_shapes(bits):
     assert nf[0] == -1 and nf[-1] == 1 and (nf == 0).sum() == 1
     assert bool((nf[1:] > nf[:-1]).all())
     assert (nf > 0).sum() == 2 ** (bits - 1)  # one more positive level than negative
-    assert codebook("int", bits).tolist() == pytest.approx(
-        torch.linspace(-1, 1, 2**bits).tolist(), abs=1e-7
-    )
+    assert codebook("int", bits).tolist() == pytest.approx(torch.linspace(-1, 1, 2**bits).tolist(), abs=1e-7)
 
 
 def test_nearest_code_matches_dense_argmin():
@@ -76,7 +86,8 @@ def test_config_fields():
 
 
 @pytest.mark.parametrize(
-    "bad", ["nf5-b64-sfp32", "q4-b64-sfp32", "nf4", "nf4-b64", "nf4-b64-sfp8", "nf4-b0-sfp32", "", "nf4-b64-s7b0"]
+    "bad",
+    ["nf5-b64-sfp32", "q4-b64-sfp32", "nf4", "nf4-b64", "nf4-b64-sfp8", "nf4-b0-sfp32", "", "nf4-b64-s7b0"],
 )
 def test_config_rejects_with_grammar(bad):
     with pytest.raises(ValueError) as info:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 NF_OFFSET = 0.9677083
 
 
-@lru_cache(maxsize=None)
+@cache
 def _codebook_cpu(method: str, bits: int) -> torch.Tensor:
     levels = 2**bits
     if method == "int":

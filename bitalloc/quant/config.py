@@ -68,9 +68,7 @@ class QuantConfig:
             if not self.scale_block_size or self.scale_block_size < 1:
                 raise ValueError("quantized scales need a positive scale block size (B1)")
             if self.second_level not in FLOAT_DTYPE_BITS:
-                raise ValueError(
-                    f"unknown second-level dtype {self.second_level!r}: fp32, fp16 or bf16"
-                )
+                raise ValueError(f"unknown second-level dtype {self.second_level!r}: fp32, fp16 or bf16")
 
     # ---- parsing and printing -------------------------------------------------------
     @classmethod
@@ -116,9 +114,7 @@ class QuantConfig:
             return self.bits + FLOAT_DTYPE_BITS[self.scale_dtype] / self.block_size
         second = FLOAT_DTYPE_BITS[self.second_level]
         return (
-            self.bits
-            + self.scale_bits / self.block_size
-            + second / (self.block_size * self.scale_block_size)
+            self.bits + self.scale_bits / self.block_size + second / (self.block_size * self.scale_block_size)
         )
 
     def num_blocks(self, shape: tuple[int, ...] | list[int]) -> int:

@@ -50,9 +50,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ValueError(f"cannot unpack {bits}-bit codes: bits must be 1..8")
     flat = packed.reshape(-1).to(torch.uint8)
     if flat.numel() < packed_size(count, bits):
-        raise ValueError(
-            f"packed buffer too short: {flat.numel()} bytes for {count} {bits}-bit codes"
-        )
+        raise ValueError(f"packed buffer too short: {flat.numel()} bytes for {count} {bits}-bit codes")
     if bits == 8:
         return flat[:count].clone()
     words = math.ceil(count / 8)
