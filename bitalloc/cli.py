@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,23 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--exclude", action="append", default=None, metavar="REGEX")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    group.add_argument(
+        "--objective",
+        choices=["auto", "activation", "weight"],
+        default=None,
+        help="error to minimize: weight ||W - Q - BA||^2, activation (weighted by input second "
+        "moments on calibration text), auto (activation when the model can be run: config and "
+        "tokenizer). Default: auto for plan; for profile activation with --calibration, else weight",
+    )
+    group.add_argument(
+        "--calibration",
+        default=None,
+        metavar="TEXTFILE",
+        help="text to measure activations on ('default': built-in text from pydoc_data)",
+    )
+    group.add_argument(
+        "--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)"
+    )
 
 
 def _profile_kwargs(args: argparse.Namespace) -> dict:
@@ -65,6 +84,9 @@ def _profile_kwargs(args: argparse.Namespace) -> dict:
         bits=args.bits, block_sizes=args.block_sizes, methods=args.method, scales=args.scales,
         configs=args.configs, rank=args.rank, iters=args.iters, lowrank=args.lowrank,
         device=args.device, include=args.include, exclude=args.exclude, quiet=args.quiet,
+        objective=args.objective or ("auto" if args.command == "plan" else None),
+        calibration=args.calibration,
+        calibration_tokens=args.calibration_tokens,
     )  # fmt: skip
 
 
@@ -92,8 +114,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
             raise BitallocError("give a MODEL or --profile, not both")
         table = read_profile(args.profile)
     else:
-        cache = Path(args.output).with_suffix(".profile.parquet")
-        table = profile(args.model, cache, **_profile_kwargs(args))
+        settings = _profile_kwargs(args)
+        table = profile(args.model, _profile_cache(args.output, args.model, settings), **settings)
     constraints = dict(
         solver=args.solver, count_lora=args.count_lora, tie=args.tie or (), min_bits=args.min_bits,
         max_bits=args.max_bits, pin=_pins(args.pin), keep=args.keep or (),
@@ -123,6 +145,28 @@ def cmd_plan(args: argparse.Namespace) -> None:
     result.save(args.output)
     print(summarize(result, table))
     print(f"solved in {elapsed:.2f}s; wrote {args.output}")
+
+
+def cmd_apply(args: argparse.Namespace) -> None:
+    from .artifacts import apply
+
+    start = time.perf_counter()
+    out = apply(
+        args.model, args.plan, args.output, lora_alpha=args.lora_alpha, use_rslora=args.use_rslora,
+        dequantized=args.dequantized, dequantized_dtype=args.dequantized_dtype,
+        device=args.device, quiet=args.quiet,
+    )  # fmt: skip
+    parts = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out} ({parts}) in {time.perf_counter() - start:.1f}s")
+
+
+def _profile_cache(output: str, model: str | None, settings: dict) -> Path:
+    """Where `plan MODEL` caches its profile: beside the plan, named by model and settings,
+    so that changing a setting starts a new profile instead of clashing with the old one."""
+    key = {k: v for k, v in settings.items() if k != "quiet"}
+    key["model"] = str(Path(model).resolve()) if model else None
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(output).with_name(f"{Path(output).stem}.profile-{digest}.parquet")
 
 
 def _pins(items: list[str] | None) -> dict[str, str] | None:
@@ -198,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--keep", action="append", metavar="REGEX", help="leave in 16 bits, outside the budget")
     _add_profile_options(pl)
     pl.set_defaults(func=cmd_plan)
+
+    ap = commands.add_parser("apply", help="build the quantized backbone and LoftQ LoRA adapter of a plan")
+    ap.add_argument(
+        "model", nargs="?", default=None,
+        help="HF model folder, .safetensors or .gguf file (default: the demo model)",
+    )  # fmt: skip
+    ap.add_argument("--plan", required=True, help="plan JSON from `bitalloc plan`")
+    ap.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="default: each matrix's rank (scaling 1)")
+    ap.add_argument("--use-rslora", action="store_true", help="rsLoRA scaling alpha/sqrt(r)")
+    ap.add_argument(
+        "--dequantized", action="store_true",
+        help="also write OUT/dequantized/, a plain checkpoint with Q as 16-bit weights",
+    )  # fmt: skip
+    ap.add_argument("--dequantized-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.set_defaults(func=cmd_apply)
     return parser
 
 

@@ -1,0 +1,367 @@
+"""QuantLinear, a Linear layer that keeps only its packed weight, and loading a quantized model.
+
+`QuantLinear` subclasses `torch.nn.Linear`, so PEFT wraps it with LoRA like any Linear; its
+forward dequantizes the packed codes on the fly inside an autograd Function that saves only
+the packed tensors for backward (the weight is frozen, the gradient flows to the input), so
+training memory stays near the packed size. `load_quantized` rebuilds a transformers model
+from the ``quantized/`` folder that `bitalloc.apply` writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BitallocError
+from .quant import QuantConfig, QuantizedTensor
+from .quant.blockwise import TORCH_DTYPES
+
+QUANT_FILE = "bitalloc_quant.json"  # which modules are packed, with which config
+QUANT_FORMAT = "bitalloc.quantized/v1"
+PACKED_NAMES = ("codes", "scales", "scales2")  # stored as "<module>.weight.<name>"
+# Weight files are named bitalloc-model*.safetensors, not model*.safetensors, so that
+# AutoModel.from_pretrained fails loudly instead of filling the packed layers at random.
+PACKED_STEM = "bitalloc-model"
+
+MERGE_ERROR = (
+    "QuantLinear {} keeps only the packed quantized weight: it has no dense weight to merge "
+    "an adapter into (merge_and_unload, merge_adapter) or to read; rerun `bitalloc apply` "
+    "with --dequantized and merge into OUT/dequantized instead"
+)
+
+_T = torch.Tensor
+# What PEFT and transformers may ask of a Linear's weight without needing its values.
+_METADATA = frozenset(
+    [_T.shape.__get__, _T.dtype.__get__, _T.device.__get__, _T.ndim.__get__, _T.layout.__get__,
+     _T.requires_grad.__get__, _T.is_meta.__get__, _T.is_cuda.__get__, _T.size, _T.dim,
+     _T.numel, _T.nelement, _T.is_floating_point, _T.is_complex, _T.element_size]
+)  # fmt: skip
+
+
+class PackedWeight(torch.Tensor):
+    """Stands in for ``QuantLinear.weight``: shape, dtype and device, but no values.
+
+    Anything that needs the values (``.data``, arithmetic, PEFT's merge) raises a
+    RuntimeError that says why and what to do instead.
+    """
+
+    _layer_name: str = ""
+
+    @classmethod
+    def create(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, name: str):
+        stand_in = torch.zeros((), dtype=dtype, device=device).expand(shape)  # one element
+        weight = torch.Tensor._make_subclass(cls, stand_in)
+        weight._layer_name = name
+        return weight
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        name = next((a._layer_name for a in args if isinstance(a, PackedWeight)), "")
+        raise RuntimeError(MERGE_ERROR.format(name or "(packed)"))
+
+    def __repr__(self, *args, **kwargs) -> str:
+        return f"PackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, no dense values)"
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+
+class _PackedLinear(torch.autograd.Function):
+    """y = x Qᵀ + b with Q dequantized from the packed tensors in forward and again in
+    backward: only the packed tensors are saved, never Q or the input."""
+
+    @staticmethod
+    def forward(ctx, x, bias, config, shape, *packed):
+        weight = _dequantize(config, shape, packed, x.dtype)
+        ctx.config, ctx.shape, ctx.input_dtype = config, shape, x.dtype
+        ctx.save_for_backward(*packed)
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        packed = ctx.saved_tensors
+        grad_input = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _dequantize(ctx.config, ctx.shape, packed, grad_output.dtype)
+            grad_input = (grad_output @ weight).to(ctx.input_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_input, grad_bias, None, None, *([None] * len(packed))
+
+
+def packed_dtype(config: QuantConfig, part: str) -> torch.dtype:
+    """The dtype a packed part is stored in: uint8 codes, float or uint8 scales, float scales2."""
+    if part == "codes" or (part == "scales" and config.quantized_scales):
+        return torch.uint8
+    return TORCH_DTYPES[config.second_level if part == "scales2" else config.scale_dtype]
+
+
+def _dequantize(config: QuantConfig, shape, packed, dtype: torch.dtype) -> torch.Tensor:
+    scales2 = packed[2] if len(packed) > 2 else None
+    return QuantizedTensor(config, shape, packed[0], packed[1], scales2).dequantize(dtype)
+
+
+class QuantLinear(nn.Linear):
+    """A frozen Linear whose weight is stored packed (``codes``, ``scales``[, ``scales2``]).
+
+    ``weight`` is a `PackedWeight` stand-in with the right shape, dtype (the compute dtype)
+    and device; the state dict holds ``weight.codes``, ``weight.scales``[, ``weight.scales2``]
+    and ``bias``. ``.to(dtype)`` changes the compute dtype, never the stored scales.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: QuantConfig | str,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        name: str = "",
+    ) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight is ever allocated
+        self.in_features, self.out_features = in_features, out_features
+        self.config = QuantConfig.parse(config)
+        self.module_name = name
+        # An empty tensor that follows .to(device/dtype): the compute dtype and device.
+        self.register_buffer("compute_ref", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        for part, bits in self.config.storage_bits_parts(self.shape).items():
+            part_dtype = packed_dtype(self.config, part)
+            count = -(-bits // (8 * part_dtype.itemsize))
+            self.register_buffer(part, torch.empty(count, dtype=part_dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_quantized(
+        cls, quantized: QuantizedTensor, bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32, name: str = "",
+    ) -> QuantLinear:  # fmt: skip
+        """A layer holding ``quantized`` (and a copy of ``bias``), on its device."""
+        device = quantized.codes.device
+        out_features, in_features = quantized.shape
+        layer = cls(in_features, out_features, quantized.config, bias is not None, device, dtype, name)
+        for part, tensor in quantized.tensors().items():
+            setattr(layer, part, tensor.reshape(getattr(layer, part).shape).clone())
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.compute_ref.dtype
+
+    @property
+    def weight(self) -> PackedWeight:
+        return PackedWeight.create(self.shape, self.compute_dtype, self.codes.device, self.module_name)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise RuntimeError(MERGE_ERROR.format(self.module_name))
+
+    def packed(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, part) for part in PACKED_NAMES if getattr(self, part, None) is not None)
+
+    def quantized(self) -> QuantizedTensor:
+        """The packed weight as a `QuantizedTensor` (ValueError if a tensor has a wrong size)."""
+        return QuantizedTensor.from_tensors(dict(zip(PACKED_NAMES, self.packed())), self.config, self.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) matrix Q, materialized on demand."""
+        return _dequantize(self.config, self.shape, self.packed(), dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return _PackedLinear.apply(x, bias, self.config, self.shape, *self.packed())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, config={self.config}"
+        )
+
+    # ---- the packed buffers keep their dtype; the state dict names them weight.<part> --
+    def _apply(self, fn, recurse: bool = True):
+        before = {part: self._buffers[part] for part in PACKED_NAMES if part in self._buffers}
+        super()._apply(fn, recurse)
+        for part, tensor in before.items():
+            moved = self._buffers[part]
+            if moved.dtype != tensor.dtype:  # a dtype cast: keep the stored dtype, follow the device
+                self._buffers[part] = tensor.to(moved.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for part in PACKED_NAMES:
+            if prefix + part in destination:
+                destination[prefix + "weight." + part] = destination.pop(prefix + part)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for part in PACKED_NAMES:
+            if prefix + "weight." + part in state_dict:
+                state_dict[prefix + part] = state_dict.pop(prefix + "weight." + part)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def replace_linear(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """Put ``layer`` at dotted path ``name`` in ``model``; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    if not isinstance(old, nn.Linear):
+        kind = "nothing" if old is None else type(old).__name__
+        raise BitallocError(f"cannot pack {name}: the model has {kind} there, not an nn.Linear")
+    setattr(parent, child, layer)
+    return old
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init cost); buffers stay real,
+    so computed non-persistent buffers such as rotary frequencies keep their values."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def model_class(config) -> type:
+    """The transformers class named in ``config.architectures`` (else the base AutoModel's)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    names = list(getattr(config, "architectures", None) or [])
+    names.append(MODEL_MAPPING_NAMES.get(config.model_type, ""))
+    for name in names:
+        cls = getattr(transformers, name, None) if name else None
+        if cls is not None:
+            return cls
+    raise BitallocError(f"no transformers model class for model type {config.model_type!r}")
+
+
+def read_quant_info(path: str | os.PathLike) -> dict:
+    """The ``bitalloc_quant.json`` of a quantized folder; BitallocError if absent or foreign."""
+    file = Path(path) / QUANT_FILE
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BitallocError(f"{path} is not a bitalloc quantized model: no {QUANT_FILE}") from None
+    except (OSError, ValueError) as exc:
+        raise BitallocError(f"cannot read {file}: {exc}") from None
+    found = info.get("format") if isinstance(info, dict) else None
+    if found != QUANT_FORMAT or not isinstance(info.get("modules"), dict):
+        raise BitallocError(f"{file}: unsupported format {found!r}, expected {QUANT_FORMAT!r}")
+    return info
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """The transformers model in ``path`` (an ``OUT/quantized`` folder) with every packed
+    matrix as a `QuantLinear` computing in ``dtype``; other tensors as they were saved,
+    cast to ``dtype``; on ``device`` ("auto": CUDA if available). Attach the LoRA adapter
+    with ``PeftModel.from_pretrained``."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(path)
+    info = read_quant_info(path)
+    config = AutoConfig.from_pretrained(path)
+    with _parameters_on_meta():
+        model = model_class(config)(config)
+    for name, entry in info["modules"].items():
+        rows, cols = entry["shape"]
+        old = model.get_submodule(name) if _has_module(model, name) else None
+        has_bias = getattr(old, "bias", None) is not None
+        layer = QuantLinear(cols, rows, entry["config"], has_bias, dtype=dtype, name=name)
+        old = replace_linear(model, name, layer)
+        if (old.out_features, old.in_features) != (rows, cols):
+            raise BitallocError(
+                f"shape mismatch for {name}: {QUANT_FILE} {rows}x{cols}, "
+                f"model {old.out_features}x{old.in_features}"
+            )
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    buffers = dict(model.named_buffers())  # old checkpoints hold now non-persistent buffers
+    for file in packed_files(path):
+        try:
+            result = model.load_state_dict(load_file(file), strict=False, assign=True)
+        except RuntimeError as exc:  # size mismatches
+            detail = " ".join(str(exc).split("\n", 1)[-1].split())
+            raise BitallocError(f"{file}: tensors do not fit the model: {detail}") from None
+        for key in result.unexpected_keys:
+            if key not in buffers and not any(p.search(key) for p in ignored):
+                raise BitallocError(f"{path}: tensor {key} has no place in the model")
+    model.tie_weights()
+    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise BitallocError(f"{path}: the checkpoint lacks {key}")
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            try:
+                layer.quantized()
+            except ValueError as exc:
+                raise BitallocError(f"{path}: {name}: {exc}") from None
+    model.to(dtype)
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else None
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def packed_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a quantized folder: the shards its index names, or one file."""
+    path = Path(path)
+    index = path / f"{PACKED_STEM}.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise BitallocError(f"corrupt index file {index}") from None
+        missing = [name for name in names if not (path / name).is_file()]
+        if missing:
+            raise BitallocError(f"shard {missing[0]} named in {index} is missing")
+        return [path / name for name in names]
+    single = path / f"{PACKED_STEM}.safetensors"
+    if not single.is_file():
+        raise BitallocError(f"{path} has no {single.name}")
+    return [single]
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
