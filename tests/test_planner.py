@@ -1,0 +1,517 @@
+"""The planner: ILP optimality against brute force, constraints, budgets, the plan file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from fractions import Fraction
+
+import jsonschema
+import numpy as np
+import pandas as pd
+import pytest
+
+from bitalloc.errors import BitallocError
+from bitalloc.plan_format import Plan, plan_schema
+from bitalloc.planner import (
+    feasible_range,
+    first_k_layers_baseline,
+    parse_sweep,
+    plan,
+    summarize,
+    sweep,
+    uniform_baselines,
+)
+from bitalloc.quant import QuantConfig
+
+CONFIGS = ("nf2-b64-s8b256", "nf3-b64-sfp16", "nf4-b64-s8b256", "int4-b128-sfp32")
+KINDS = {  # sizes divisible by the block sizes
+    "self_attn.q_proj": (128, 256),
+    "self_attn.k_proj": (64, 256),
+    "self_attn.v_proj": (64, 256),
+    "mlp.down_proj": (256, 128),
+}
+QKV_PER_LAYER = r"layers\.(\d+)\.self_attn\.(?:q|k|v)_proj"
+
+
+def make_table(seed=0, layers=2, configs=CONFIGS, kinds=KINDS, objective=None, shape_str=False):
+    """A profile-like table: error ~ numel * 2^(-2 bits/param), scaled per matrix, noisy."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for layer in range(layers):
+        for kind, shape in kinds.items():
+            scale = rng.lognormal(0.0, 1.0)
+            numel = shape[0] * shape[1]
+            for text in configs:
+                config = QuantConfig.parse(text)
+                error = scale * numel * 2.0 ** (-2 * config.bits_per_param) * rng.uniform(0.7, 1.3)
+                rows.append(
+                    {
+                        "module": f"model.layers.{layer}.{kind}",
+                        "shape": f"{shape[0]}x{shape[1]}" if shape_str else list(shape),
+                        "numel": numel,
+                        "config": text,
+                        "method": config.method,
+                        "bits": config.bits,
+                        "block_size": config.block_size,
+                        "bits_per_param": config.bits_per_param,
+                        "storage_bits": config.storage_bits(shape),
+                        "error": error,
+                        "rel_error": math.sqrt(error / numel),
+                        "qlora_error": error * 1.5,
+                        "rank": 16,
+                        "iters": 5,
+                        "weighted_error": error * rng.uniform(0.2, 5.0),
+                    }
+                )
+    table = pd.DataFrame(rows)
+    if objective:
+        table.attrs["objective"] = objective
+    return table
+
+
+_COMBOS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def brute_force(
+    table,
+    budget,
+    *,
+    count_lora=False,
+    tie=(),
+    min_bits=None,
+    max_bits=None,
+    pin=None,
+    keep=(),
+    column="error",
+):
+    """Minimum total error over every assignment (numpy enumeration), or None if infeasible."""
+    modules = list(dict.fromkeys(table["module"]))
+    free = [m for m in modules if not any(re.search(p, m) for p in keep)]
+    configs = sorted(set(table["config"]))
+    rows = {(r["module"], r["config"]): r for r in table.to_dict("records")}
+    storage = np.zeros((len(free), len(configs)), dtype=np.int64)
+    error = np.full((len(free), len(configs)), np.inf)
+    for i, module in enumerate(free):
+        for j, config in enumerate(configs):
+            row = rows.get((module, config))
+            pinned = [c for p, c in (pin or {}).items() if re.search(p, module)]
+            if row is None or (pinned and pinned[0] != config):
+                continue
+            if (min_bits is not None and row["bits"] < min_bits) or (
+                max_bits is not None and row["bits"] > max_bits
+            ):
+                continue
+            out, inp = row["shape"]
+            storage[i, j] = row["storage_bits"] + (16 * row["rank"] * (out + inp) if count_lora else 0)
+            error[i, j] = row[column]
+    key = (len(configs), len(free))
+    if key not in _COMBOS:
+        _COMBOS[key] = np.array(list(itertools.product(range(len(configs)), repeat=len(free))))
+    combos = _COMBOS[key]
+    columns = np.arange(len(free))
+    ok = np.ones(len(combos), dtype=bool)
+    for pattern in tie:
+        groups: dict[tuple, list[int]] = {}
+        for i, module in enumerate(free):
+            match = re.search(pattern, module)
+            if match:
+                groups.setdefault(match.groups(), []).append(i)
+        for members in groups.values():
+            for other in members[1:]:
+                ok &= combos[:, members[0]] == combos[:, other]
+    numel = sum(rows[(m, configs[0])]["numel"] for m in free)
+    ok &= storage[columns, combos].sum(axis=1) <= math.floor(Fraction(budget) * numel)
+    totals = error[columns, combos].sum(axis=1)[ok]
+    totals = totals[np.isfinite(totals)]
+    return float(totals.min()) if len(totals) else None
+
+
+def total_storage(result: Plan, count_lora=False) -> int:
+    return sum(
+        e["storage_bits"] + (16 * e["rank"] * sum(e["shape"]) if count_lora else 0)
+        for e in result.modules.values()
+    )
+
+
+def dyadic_budgets(table, fractions=(0.1, 0.45, 0.8), **constraints):
+    """Budgets inside the feasible range, multiples of 1/256 (binary == decimal value)."""
+    lo, hi = feasible_range(table, **constraints)
+    return [math.ceil((lo + t * (hi - lo)) * 256) / 256 for t in fractions]
+
+
+# ---- optimality --------------------------------------------------------------------------
+SOLVERS = ["cbc", "highs", "dp"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_optimum_equals_brute_force(seed, solver):
+    table = make_table(seed)
+    for budget in dyadic_budgets(table):
+        result = plan(table, budget, solver=solver)
+        assert result.solver["objective"] == pytest.approx(brute_force(table, budget), rel=1e-12)
+        assert math.fsum(e["error"] for e in result.modules.values()) == result.total_error
+        assert total_storage(result) <= Fraction(budget) * sum(e["numel"] for e in result.modules.values())
+        assert result.achieved_bits <= budget
+        assert result.solver == {**result.solver, "name": solver, "status": "optimal", "gap": 0.0}
+
+
+CONSTRAINTS = {
+    "tie": {"tie": [QKV_PER_LAYER]},
+    "tie_all_down": {"tie": [r"mlp\.down_proj"]},
+    "pin": {"pin": {r"layers\.0\.mlp": "nf4-b64-s8b256", r"k_proj": "nf2-b64-s8b256"}},
+    "keep": {"keep": [r"layers\.1\.mlp\.down_proj"]},
+    "bits": {"min_bits": 3, "max_bits": 4},
+    "lora": {"count_lora": True},
+    "all": {
+        "tie": [QKV_PER_LAYER],
+        "pin": {r"layers\.1\.mlp": "nf3-b64-sfp16"},
+        "keep": [r"layers\.0\.mlp"],
+        "max_bits": 3,
+        "count_lora": True,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTRAINTS))
+@pytest.mark.parametrize("seed", [4, 5])
+def test_constrained_optimum_equals_brute_force(name, seed):
+    constraints = CONSTRAINTS[name]
+    table = make_table(seed)
+    for budget in dyadic_budgets(table, fractions=(0.2, 0.7), **constraints):
+        for solver in SOLVERS:
+            result = plan(table, budget, solver=solver, **constraints)
+            expected = brute_force(table, budget, **constraints)
+            assert result.total_error == pytest.approx(expected, rel=1e-12), (name, solver, budget)
+            count_lora = constraints.get("count_lora", False)
+            assert result.budget["includes_lora"] is count_lora
+            numel = sum(e["numel"] for e in result.modules.values())
+            assert total_storage(result, count_lora) <= Fraction(budget) * numel
+            check_constraints(result, **constraints)
+
+
+def check_constraints(result, tie=(), pin=None, keep=(), min_bits=None, max_bits=None, **_):
+    for name, entry in result.modules.items():
+        assert (min_bits or 0) <= entry["bits"] <= (max_bits or 99)
+        for pattern, config in (pin or {}).items():
+            if re.search(pattern, name):
+                assert entry["config"] == config
+    kept = [n for n in {r for r in _module_names(result)} if any(re.search(p, n) for p in keep)]
+    assert sorted(result.kept) == sorted(kept) and not set(result.kept) & set(result.modules)
+    for pattern in tie:
+        shared: dict[tuple, set] = {}
+        for name, entry in result.modules.items():
+            if match := re.search(pattern, name):
+                shared.setdefault(match.groups(), set()).add(entry["config"])
+        assert all(len(configs) == 1 for configs in shared.values())
+
+
+def _module_names(result):
+    return [*result.modules, *result.kept]
+
+
+def pareto_optimum(table, budget, column="error"):
+    """Exact optimum by dynamic programming: the (storage, error) Pareto front, matrix by matrix."""
+    capacity = math.floor(Fraction(budget) * table.groupby("module")["numel"].first().sum())
+    storage, error = np.zeros(1, dtype=np.int64), np.zeros(1)
+    for _, rows in table.groupby("module"):
+        storage = (storage[:, None] + rows["storage_bits"].to_numpy()[None, :]).ravel()
+        error = (error[:, None] + rows[column].to_numpy()[None, :]).ravel()
+        fits = storage <= capacity
+        order = np.lexsort((error[fits], storage[fits]))
+        storage, error = storage[fits][order], error[fits][order]
+        front = np.ones(len(error), dtype=bool)
+        front[1:] = error[1:] < np.minimum.accumulate(error)[:-1]
+        storage, error = storage[front], error[front]
+    return float(error.min())
+
+
+def test_solvers_agree_with_dynamic_programming_on_a_larger_problem():
+    configs = [f"{m}{b}-b{bs}-s8b256" for m in ("nf", "int") for b in (2, 3, 4) for bs in (64, 128)]
+    table = make_table(seed=11, layers=8, configs=configs)  # 32 matrices x 12 configs
+    for budget in (2.25, 2.5, 3.0, 3.5, 4.0):
+        expected = pareto_optimum(table, budget)
+        cbc, highs, dp = (plan(table, budget, solver=solver) for solver in SOLVERS)
+        assert cbc.total_error == pytest.approx(highs.total_error, rel=1e-5)
+        for result in (cbc, highs, dp):
+            assert result.total_error == pytest.approx(expected, rel=1e-12)
+            assert result.achieved_bits <= budget
+
+
+def test_weighted_objective_uses_weighted_error():
+    table = make_table(seed=6, objective="fisher")
+    budget = dyadic_budgets(table, fractions=(0.5,))[0]
+    result = plan(table, budget)
+    assert result.objective == "fisher"
+    assert result.total_error == pytest.approx(brute_force(table, budget, column="weighted_error"), rel=1e-12)
+    assert all("weighted_error" in entry for entry in result.modules.values())
+    assert "weighted_error" not in next(iter(plan(make_table(6), budget).modules.values()))
+
+
+def test_beats_uniform_and_first_k_baselines():
+    table = make_table(seed=7, layers=6)
+    for budget in (2.5, 3.0, 3.5, 4.0):
+        result = plan(table, budget)
+        uniform = uniform_baselines(table, budget)
+        assert uniform and all(result.total_error <= b.error * (1 + 1e-12) for b in uniform)
+        assert [b.error for b in uniform] == sorted(b.error for b in uniform)
+        first_k = first_k_layers_baseline(table, budget)
+        assert first_k is not None and result.total_error <= first_k.error
+        assert first_k.achieved_bits <= budget
+        k = int(first_k.name.split()[1])
+        if k < 6:  # one more 4-bit layer would not fit
+            bigger = {
+                m: "nf4-b64-s8b256" if int(m.split(".")[2]) <= k else c
+                for m, c in first_k.assignments.items()
+            }
+            storage = sum(
+                QuantConfig.parse(c).storage_bits(KINDS[m.split(".", 3)[3]]) for m, c in bigger.items()
+            )
+            assert storage > budget * 6 * sum(rows * cols for rows, cols in KINDS.values())
+    assert uniform_baselines(table, 2.0) == [] and first_k_layers_baseline(table, 2.0) is None
+
+
+# ---- budgets -------------------------------------------------------------------------------------
+def test_feasible_range_is_exact_and_reported():
+    table = make_table(seed=8)
+    lo, hi = feasible_range(table)
+    numel = 2 * sum(rows * cols for rows, cols in KINDS.values())
+    storage = table.groupby("module")["storage_bits"]
+    assert Fraction(lo) >= Fraction(int(storage.min().sum()), numel) > Fraction(lo) - 1e-12
+    lowest = plan(table, lo)
+    assert total_storage(lowest) == storage.min().sum()
+    highest = plan(table, hi)  # every matrix gets its most accurate config
+    assert highest.total_error == pytest.approx(table.groupby("module")["error"].min().sum())
+    with pytest.raises(BitallocError) as info:
+        plan(table, 1.5)
+    message = str(info.value)
+    assert message.startswith("budget 1.5 is infeasible: achievable average bits/param")
+    assert f"is {math.ceil(lo * 1e4) / 1e4:g} to {round(hi, 4):g}" in message
+    with pytest.raises(BitallocError, match="infeasible"):
+        plan(table, lo - 1e-6)
+    pinned_lo, _ = feasible_range(table, pin={"q_proj": "nf4-b64-s8b256"})
+    assert pinned_lo > lo
+    plan(table, pinned_lo, pin={"q_proj": "nf4-b64-s8b256"})
+
+
+def test_budget_is_read_as_its_decimal_value():
+    # 2.3 is slightly below 2.3 in binary; 1000 params at exactly 2300 bits must still fit.
+    table = make_table(seed=9, layers=1, kinds={"mlp.down_proj": (10, 100)})
+    table["storage_bits"] = [2300, 3000, 4200, 4300]
+    assert Fraction(2.3) * 1000 < 2300
+    assert total_storage(plan(table, 2.3)) == 2300
+
+
+def test_sweep_parse_and_reuse():
+    assert parse_sweep("2.25:4.5:0.25") == [2.25 + 0.25 * i for i in range(10)]
+    assert parse_sweep("2:3:0.1") == [2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6, 2.7, 2.8, 2.9, 3.0]
+    assert parse_sweep(" 2.5, 3 ") == [2.5, 3.0]
+    for bad in ("", "2:1:0.5", "2:3:0", "2:3", "a,b", "0,1", "2:3:nan"):
+        with pytest.raises(BitallocError, match="bad sweep"):
+            parse_sweep(bad)
+    table = make_table(seed=10)
+    budgets = [2.25, 2.75, 3.5]
+    plans = sweep(table, budgets, solver="highs", tie=[QKV_PER_LAYER])
+    assert [p.to_json() for p in plans] == [
+        plan(table, b, solver="highs", tie=[QKV_PER_LAYER]).to_json() for b in budgets
+    ]
+    errors = [p.total_error for p in plans]
+    assert errors == sorted(errors, reverse=True)
+
+
+# ---- the plan file ----------------------------------------------------------------------
+def test_plan_json_is_valid_deterministic_and_round_trips(tmp_path):
+    table = make_table(seed=12)
+    table.attrs.update(source="tiny-model", fingerprint="abc123")
+    result = plan(table, 3.0, keep=[r"layers\.0\.mlp"])
+    text = result.to_json()
+    data = json.loads(text)
+    jsonschema.Draft202012Validator.check_schema(plan_schema())
+    jsonschema.validate(data, plan_schema(), cls=jsonschema.Draft202012Validator)
+    assert list(data) == [
+        "format",
+        "model",
+        "budget",
+        "objective",
+        "solver",
+        "defaults",
+        "kept",
+        "modules",
+    ]
+    assert data["model"] == {"source": "tiny-model", "fingerprint": "abc123"}
+    assert data["kept"] == ["model.layers.0.mlp.down_proj"]
+    entry = data["modules"]["model.layers.0.self_attn.q_proj"]
+    assert list(entry) == [
+        "config",
+        "method",
+        "bits",
+        "block_size",
+        "scale",
+        "bits_per_param",
+        "storage_bits",
+        "shape",
+        "numel",
+        "rank",
+        "error",
+    ]
+    assert entry["storage_bits"] == QuantConfig.parse(entry["config"]).storage_bits((128, 256))
+    assert text.endswith("}\n") and data["defaults"] == {"rank": 16, "iters": 5}
+    # Same inputs, or the same rows in another order or shape spelling: the same bytes.
+    shuffled = make_table(seed=12, shape_str=True).sample(frac=1.0, random_state=3)
+    shuffled.attrs.update(table.attrs)
+    assert plan(shuffled, 3.0, keep=[r"layers\.0\.mlp"]).to_json() == text
+    assert plan(table, 3.0, keep=[r"layers\.0\.mlp"], source="other").model["source"] == "other"
+    # Round trips: text, path, save/load (atomic: no temporary file left behind).
+    assert Plan.from_json(text) == result
+    path = result.save(tmp_path / "plan.json")
+    assert Plan.load(path) == result and Plan.from_json(str(path)) == result
+    assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    assert result.assignments == {n: e["config"] for n, e in data["modules"].items()}
+
+
+def test_equal_error_ties_are_broken_deterministically():
+    table = make_table(seed=13, layers=1)
+    twin = table[table["module"] == "model.layers.0.self_attn.q_proj"].copy()
+    twin["module"] = "model.layers.0.self_attn.o_proj"  # identical rows: many equal optima
+    table = pd.concat([table, twin], ignore_index=True)
+    for solver in SOLVERS:
+        texts = {plan(table, 2.75, solver=solver).to_json() for _ in range(3)}
+        texts.add(plan(table.iloc[::-1], 2.75, solver=solver).to_json())
+        assert len(texts) == 1
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda d: d.update(format="bitalloc.plan/v2"),
+            "unsupported plan format 'bitalloc.plan/v2'",
+        ),
+        (lambda d: d.pop("solver"), "'solver' is a required property"),
+        (lambda d: d["budget"].update(target_bits=-1), "budget/target_bits"),
+        (lambda d: next(iter(d["modules"].values())).update(bits=5), "bits"),
+        (lambda d: next(iter(d["modules"].values())).update(numel=7), "numel does not match"),
+        (lambda d: next(iter(d["modules"].values())).update(extra=1), "extra"),
+        (lambda d: d["kept"].append(next(iter(d["modules"]))), "both kept and quantized"),
+    ],
+)
+def test_from_json_rejects_bad_plans(mutate, message):
+    data = json.loads(plan(make_table(seed=14), 3.0).to_json())
+    mutate(data)
+    with pytest.raises(BitallocError, match=re.escape(message)):
+        Plan.from_json(json.dumps(data))
+
+
+def test_from_json_bad_text_and_missing_file(tmp_path):
+    with pytest.raises(BitallocError, match="not valid JSON"):
+        Plan.from_json("{not json")
+    with pytest.raises(BitallocError, match="cannot read plan"):
+        Plan.load(tmp_path / "missing.json")
+
+
+# ---- bad input --------------------------------------------------------------------------
+def _without(column):
+    return make_table().drop(columns=[column])
+
+
+def _with(column, index, value):
+    table = make_table()
+    table[column] = table[column].astype(object)
+    table.at[index, column] = value
+    return table
+
+
+BAD_TABLES = [
+    ([1, 2, 3], "not a profile table: expected a pandas DataFrame"),
+    (make_table().iloc[:0], "the profile table is empty"),
+    (_without("storage_bits"), "missing column(s) storage_bits"),
+    (pd.DataFrame({"a": [1]}), "not a profile table: missing column(s) module, shape"),
+    (_with("error", 3, float("nan")), "profile column 'error' has a bad value nan"),
+    (_with("storage_bits", 0, 10.5), "'storage_bits' has a bad value 10.5"),
+    (_with("shape", 0, "128 by 256"), "bad shape '128 by 256'"),
+    (
+        _with("config", 1, "nf5-b64-sfp16"),
+        "profile table: config 'nf5-b64-sfp16': unsupported bits 5",
+    ),
+    (pd.concat([make_table(), make_table().iloc[:1]]), "two rows for 'model.layers.0.self_attn"),
+]
+
+
+@pytest.mark.parametrize("table, message", BAD_TABLES)
+def test_bad_tables(table, message):
+    with pytest.raises(BitallocError, match=re.escape(message)):
+        plan(table, 3.0)
+
+
+def test_weighted_objective_needs_its_column():
+    table = make_table(objective="activation").drop(columns=["weighted_error"])
+    with pytest.raises(BitallocError, match="missing column.*weighted_error"):
+        plan(table)
+    table.attrs["objective"] = "hessian"
+    with pytest.raises(BitallocError, match="unknown objective 'hessian'"):
+        plan(table)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": 0}, "budget must be a positive number"),
+        ({"budget": -2.5}, "budget must be a positive number"),
+        ({"budget": float("nan")}, "budget must be a positive number"),
+        ({"budget": float("inf")}, "budget must be a positive number"),
+        ({"budget": "3"}, "budget must be a number"),
+        ({"solver": "gurobi"}, "unknown solver 'gurobi'"),
+        ({"tie": [r"layers\.(\d+)\.attn"]}, r"tie regex 'layers\\.(\\d+)\\.attn' matches no"),
+        ({"keep": ["lm_head"]}, "keep regex 'lm_head' matches no matrix"),
+        ({"pin": {"nothing": "nf2-b64-s8b256"}}, "pin regex 'nothing' matches no matrix"),
+        ({"tie": ["(unclosed"]}, "bad tie regex '(unclosed'"),
+        ({"pin": {"q_proj": "nf8-b64-sfp16"}}, "config 'nf8-b64-sfp16' is not in the profile"),
+        ({"pin": {"q_proj": "bogus"}}, "unknown config string 'bogus'"),
+        ({"pin": {"q_proj": "nf2-b64-s8b256", "self_attn": "nf3-b64-sfp16"}}, "pinned to both"),
+        ({"pin": {"q_proj": "nf2-b64-s8b256"}, "keep": ["q_proj"]}, "both kept and pinned"),
+        ({"pin": {"q_proj": "nf2-b64-s8b256"}, "min_bits": 3}, "pinned to 'nf2-b64-s8b256'"),
+        ({"min_bits": 4, "max_bits": 3}, "min_bits 4 is above max_bits 3"),
+        ({"min_bits": 8}, "no config left for"),
+        ({"keep": ["layers"]}, "keep leaves no matrix to quantize"),
+        (
+            {
+                "tie": ["k_proj"],
+                "pin": {r"0\.self_attn\.k": "nf2-b64-s8b256", r"1\.self_attn\.k": "nf4-b64-s8b256"},
+            },
+            "no allowed config",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(BitallocError, match=re.escape(message)):
+        plan(make_table(), **{"budget": 3.0, **kwargs})
+
+
+def test_tie_groups_by_all_capture_groups():
+    table = make_table(seed=15)
+    untied = plan(table, 2.75)
+    # Capturing (q|k|v) makes every group a single matrix: no constraint at all.
+    assert plan(table, 2.75, tie=[r"layers\.(\d+)\.self_attn\.(q|k|v)_proj"]) == untied
+    tied = plan(table, 2.75, tie=[QKV_PER_LAYER])
+    for layer in range(2):
+        configs = {tied.assignments[f"model.layers.{layer}.self_attn.{k}_proj"] for k in "qkv"}
+        assert len(configs) == 1
+    assert tied.total_error >= untied.total_error
+
+
+def test_summarize_names_the_best_uniform_config():
+    table = make_table(seed=16, layers=3)
+    result = plan(table, 3.0, keep=[r"layers\.2\.mlp"])
+    text = summarize(result, table)
+    best = uniform_baselines(table, 3.0, keep=[r"layers\.2\.mlp"])[0]
+    assert f"best uniform config within 3 bits: {best.name}" in text
+    assert f"{best.error / result.total_error:.2f}x" in text
+    assert "11 matrices quantized, 1 kept in 16 bits" in text
+    header, *rows = text.split("per layer (bits/block):\n")[1].splitlines()
+    assert header.split() == ["layer", "q", "k", "v", "down"]
+    assert rows[2].split()[0] == "2" and rows[2].split()[-1] == "16bit"
+    cell = result.modules["model.layers.0.self_attn.q_proj"]
+    assert rows[0].split()[1] == f"{cell['method']}{cell['bits']}/{cell['block_size']}"
