@@ -25,7 +25,8 @@ from importlib.metadata import version
 import numpy as np
 import pandas as pd
 
-from bitalloc.planner import first_k_layers_baseline, parse_sweep, plan, sweep, uniform_baselines
+from bitalloc.plan_report import first_k_layers_baseline, uniform_baselines
+from bitalloc.planner import parse_sweep, plan, sweep
 from bitalloc.quant import QuantConfig
 
 LLAMA_70B = {  # (out, in) of each linear layer in one decoder block

@@ -3,53 +3,51 @@
 A multiple-choice knapsack solved as an integer program (LQ-LoRA's ILP; HAWQ-V3's ties):
 binary x[g, c] picks config c for group g (one matrix, or matrices tied to share a config),
 exactly one per group, sum(storage_bits * x) <= budget * sum(numel), minimizing the summed
-error. Dominated configs are dropped first, and an exact Lagrangian reduction (see `_solve`)
-hands the solver only the configs that could still beat a greedy solution. Storage is
-compared in exact integers; the solvers see scaled costs and their answer is re-checked.
-The plan file format lives in `plan_format`.
+error. This module reads and validates the profile table, applies the constraints (ties,
+pins, keeps, bit bounds), drops dominated configs and builds the Plan; the exact solving
+lives in `mckp`, baselines and the human summary in `plan_report`, the plan file format in
+`plan_format`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import os
 import re
-import sys
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from importlib import import_module
 
 import numpy as np
 import pandas as pd
 
 from .errors import BitallocError
+from .mckp import SOLVERS, solve
 from .plan_format import Plan
 from .quant import QuantConfig
 
-__all__ = [
-    "Baseline",
-    "Plan",
-    "feasible_range",
-    "first_k_layers_baseline",
-    "parse_sweep",
-    "plan",
-    "summarize",
-    "sweep",
-    "uniform_baselines",
-]
+__all__ = ["Plan", "feasible_range", "parse_sweep", "plan", "sweep"]
 
 OBJECTIVE_COLUMNS = {"weight": "error", "activation": "weighted_error", "fisher": "weighted_error"}
 REQUIRED_COLUMNS = tuple(
     "module shape numel config method bits block_size bits_per_param storage_bits error "
     "rel_error qlora_error rank iters".split()
 )
-SOLVERS = ("cbc", "highs", "dp")
 LORA_BITS = 16  # LoRA factors are counted at 16 bits when the budget includes them
-KIND_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down")  # summary columns
+_MOVED_TO_PLAN_REPORT = ("Baseline", "first_k_layers_baseline", "summarize", "uniform_baselines")
+
+
+def __getattr__(name: str):
+    """Old imports (``from bitalloc.planner import summarize``) of names now in `plan_report`.
+
+    Resolved on first use: `plan_report` builds on this module, so importing it here would
+    be a cycle.
+    """
+    if name in _MOVED_TO_PLAN_REPORT:
+        return getattr(import_module(".plan_report", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -66,7 +64,6 @@ class _Row:
 
 @dataclass
 class _Matrix:
-    name: str
     shape: tuple[int, int]
     numel: int
     rows: dict[str, _Row]  # config string -> row
@@ -193,100 +190,6 @@ def parse_sweep(text: str) -> list[float]:
     return values
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """A simple allocation to compare a plan with (error in the plan's objective)."""
-
-    name: str
-    error: float
-    achieved_bits: float
-    storage_bits: int  # exact total, LoRA included when counted
-    assignments: dict[str, str]
-
-
-def uniform_baselines(
-    profile_table: pd.DataFrame,
-    budget: float,
-    *,
-    count_lora: bool = False,
-    keep: Iterable[str] = (),
-) -> list[Baseline]:
-    """Every config that, applied to all quantized matrices, fits the budget; best first."""
-    problem = _prepare(profile_table, count_lora=count_lora, keep=keep)
-    capacity = _capacity(budget, problem.numel)
-    names = _quantized(problem)
-    common = set.intersection(*(set(problem.matrices[name].rows) for name in names))
-    baselines = [_baseline(problem, config, dict.fromkeys(names, config)) for config in common]
-    baselines = [b for b in baselines if b.storage_bits <= capacity]
-    return sorted(baselines, key=lambda b: (b.error, b.name))
-
-
-def first_k_layers_baseline(
-    profile_table: pd.DataFrame,
-    budget: float,
-    *,
-    high: str = "nf4-b64-s8b256",
-    low: str = "nf2-b64-s8b256",
-    count_lora: bool = False,
-    keep: Iterable[str] = (),
-) -> Baseline | None:
-    """LoftQ's mix: the first k layers at ``high``, the rest at ``low``, largest k that fits.
-
-    Matrices outside numbered layers get ``low``. None when even k = 0 does not fit.
-    """
-    problem = _prepare(profile_table, count_lora=count_lora, keep=keep)
-    capacity = _capacity(budget, problem.numel)
-    high, low = _canonical_config(high, "high"), _canonical_config(low, "low")
-    names = _quantized(problem)
-    for config in (high, low):
-        for name in names:
-            if config not in problem.matrices[name].rows:
-                raise BitallocError(f"config {config!r} is not in the profile for {name!r}")
-    layers = sorted({_layer_index(name) for name in names} - {None})
-    for k in range(len(layers), -1, -1):
-        first = set(layers[:k])
-        assignments = {n: high if _layer_index(n) in first else low for n in names}
-        baseline = _baseline(problem, f"first {k} layers {high}, rest {low}", assignments)
-        if baseline.storage_bits <= capacity:
-            return baseline
-    return None
-
-
-def summarize(plan: Plan, profile_table: pd.DataFrame) -> str:
-    """A human summary: bits, error vs the best uniform config, config counts, per-layer map."""
-    budget = plan.budget
-    lora = "LoRA counted" if budget["includes_lora"] else "LoRA not counted"
-    lines = [
-        f"target {budget['target_bits']:g} bits/param, achieved {budget['achieved_bits']:g} "
-        f"({lora}); objective {plan.objective}; {plan.solver['name']} {plan.solver['status']}",
-        f"{len(plan.modules)} matrices quantized, {len(plan.kept)} kept in 16 bits",
-    ]
-    keep = [f"^{re.escape(name)}$" for name in plan.kept]
-    uniform = uniform_baselines(
-        profile_table, budget["target_bits"], count_lora=budget["includes_lora"], keep=keep
-    )
-    line = f"total error {plan.total_error:.6g}"
-    if uniform:
-        best = uniform[0]
-        ratio = f"{best.error / plan.total_error:.2f}x" if plan.total_error > 0 else "n/a"
-        line += (
-            f"; best uniform config within {budget['target_bits']:g} bits: {best.name} "
-            f"({best.achieved_bits:g} bits/param), error {best.error:.6g} = {ratio} "
-            "the plan's"
-        )
-    else:
-        line += f"; no uniform config fits {budget['target_bits']:g} bits/param"
-    lines.append(line)
-    lines.append("matrices per config:")
-    counts = Counter(plan.assignments.values())
-    width = max(map(len, counts))
-    for config, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-        lines.append(f"  {config:<{width}}  {count}")
-    lines.append("per layer (bits/block):")
-    lines.extend(_layer_table(plan))
-    return "\n".join(lines)
-
-
 # ---- reading the profile -------------------------------------------------------------------
 def _read_table(profile_table: pd.DataFrame) -> tuple[dict[str, _Matrix], str, dict]:
     if not isinstance(profile_table, pd.DataFrame):
@@ -325,7 +228,7 @@ def _read_table(profile_table: pd.DataFrame) -> tuple[dict[str, _Matrix], str, d
             shape = _parse_shape(shapes[i], name)
             if shape[0] * shape[1] != numel[i]:
                 raise BitallocError(f"profile row for {name!r}: numel {numel[i]} != shape {shape}")
-            matrix = matrices[name] = _Matrix(name, shape, numel[i], {})
+            matrix = matrices[name] = _Matrix(shape, numel[i], {})
         config = canonical[configs[i]]
         if config in matrix.rows:
             raise BitallocError(f"the profile has two rows for {name!r} with config {config!r}")
@@ -496,7 +399,7 @@ def _undominated(options: list[tuple[str, int, float]]) -> list[tuple[str, int, 
     return kept
 
 
-# ---- budget and solving ------------------------------------------------------------------------
+# ---- budget and solving ------------------------------------------------------------------
 def _capacity(budget: float, numel: int) -> int:
     """Largest total storage in bits allowed by ``budget`` bits/param over ``numel`` params.
 
@@ -531,253 +434,12 @@ def _solve_plan(problem: _Problem, budget: float, solver: str, source: str | Non
             f"budget {float(budget)!r} is infeasible: achievable average bits/param for this "
             f"profile and constraints is {math.ceil(lo * 1e4) / 1e4:g} to {round(hi, 4):g}"
         )
-    choice, gap = _solve(problem.groups, capacity, solver)
+    options = [[(storage, error) for _, storage, error in group.options] for group in problem.groups]
+    choice, gap = solve(options, capacity, solver)
     return _build_plan(problem, float(budget), choice, solver, gap, source)
 
 
-def _solve(groups: list[_Group], capacity: int, solver: str) -> tuple[list[int], float]:
-    """Option index per group minimizing the error with storage <= capacity (exact ints).
-
-    Exact core reduction around the ILP: at the LP's budget price λ every solution's error
-    is at least the Lagrangian bound plus the reduced costs e + λ·s − min(e + λ·s) of its
-    options, so a solution better than z uses only options with reduced cost <= z − bound.
-    The ILP is solved on the options below a threshold (a restricted problem, containing
-    the greedy incumbent); once its optimum z satisfies z − bound <= threshold, no option
-    left out can improve it and z is optimal. Otherwise the threshold grows and it re-solves.
-    ``solver="dp"`` instead runs an exact dynamic program over the whole core.
-    """
-    if sum(group.options[-1][1] for group in groups) <= capacity:
-        return [len(group.options) - 1 for group in groups], 0.0
-    width = max(len(group.options) for group in groups)
-    storage = np.full((len(groups), width), np.inf)
-    error = np.full((len(groups), width), np.inf)
-    for index, group in enumerate(groups):
-        storage[index, : len(group.options)] = [option[1] for option in group.options]
-        error[index, : len(group.options)] = [option[2] for option in group.options]
-    price, bound = _lagrangian(storage, error, capacity)
-    reduced = error + price * storage
-    reduced -= reduced.min(axis=1, keepdims=True)
-    margin = 1e-9 * (abs(bound) + price * capacity)  # floating-point safety: keeps more options
-    choice = _greedy(storage, error, price, capacity).tolist()
-    best = math.fsum(error[np.arange(len(groups)), choice])
-    if solver == "dp" and best > 0:
-        core = reduced <= best - bound + margin
-        solution = _solve_dp(groups, error, core, choice, capacity, price, best + margin)
-        if math.fsum(error[np.arange(len(groups)), solution]) <= best:
-            choice = solution
-    threshold, gap = (best - bound) / 16, 0.0
-    while best > 0 and solver != "dp":
-        core = reduced <= threshold + margin
-        solution, gap = _solve_core(groups, storage, error, core, choice, capacity, solver, best)
-        value = math.fsum(error[np.arange(len(groups)), solution])
-        if value < best:
-            choice, best = solution, value
-        if best - bound <= threshold:
-            break  # every option that could beat `best` was in the restricted problem
-        threshold = min(best - bound, 4 * threshold)
-    _top_up(groups, choice, capacity)
-    return choice, gap
-
-
-def _solve_core(groups, storage, error, core, incumbent, capacity, solver, scale):
-    """The ILP restricted to ``core`` options (plus the incumbent's); exact-storage checked."""
-    core = core.copy()
-    core[np.arange(len(groups)), incumbent] = True
-    counts = core.sum(axis=1)
-    solution = list(incumbent)
-    for g in np.flatnonzero(counts == 1):
-        solution[g] = int(np.flatnonzero(core[g])[0])
-    free = [(g, np.flatnonzero(core[g]).tolist()) for g in np.flatnonzero(counts > 1)]
-    slack = capacity - sum(groups[g].options[solution[g]][1] for g in np.flatnonzero(counts == 1))
-    slack -= sum(groups[g].options[options[0]][1] for g, options in free)
-    free = [(g, [i for i in opts if storage[g, i] - storage[g, opts[0]] <= slack]) for g, opts in free]
-    if not free or slack <= 0:
-        return incumbent, 0.0
-    unit = scale * 1e-7  # solver tolerances (~1e-5 absolute) become ~1e-12 of the objective
-    costs = [[(error[g, i] - error[g, options[-1]]) / unit for i in options] for g, options in free]
-    weights = [[(storage[g, i] - storage[g, options[0]]) / slack for i in options] for g, options in free]
-    start = [options.index(incumbent[g]) for g, options in free]  # a MIP start for CBC
-    rhs = 1.0
-    for _attempt in range(4):
-        picks, gap = _BACKENDS[solver](costs, weights, rhs, start)
-        for (g, options), pick in zip(free, picks, strict=True):
-            solution[g] = options[pick]
-        used = sum(group.options[i][1] for group, i in zip(groups, solution, strict=True))
-        if used <= capacity:
-            return solution, gap
-        rhs -= (used - capacity) / slack + 1e-9  # a feasibility tolerance let it overshoot
-    raise RuntimeError(f"{solver}: solution exceeds the budget after 4 tries (numerics)")
-
-
-def _solve_dp(groups, error, core, incumbent, capacity, price, limit) -> list[int]:
-    """Exact dynamic programming over the core options: the Pareto front of (storage, error).
-
-    Groups are added one at a time; a partial choice is dropped when another has no more
-    storage and less error, or when even the Lagrangian bound of the rest, error + λ·(storage
-    − capacity) + sum of min(e + λ·s) over the groups left, exceeds the incumbent (``limit``).
-    Matrices of one shape share storage values, so the front stays small where branch and
-    bound would enumerate near-ties.
-    """
-    core = core.copy()
-    core[np.arange(len(groups)), incumbent] = True
-    free = [g for g in range(len(groups)) if core[g].sum() > 1]
-    fixed = [g for g in range(len(groups)) if core[g].sum() == 1]
-    room = capacity - sum(groups[g].options[incumbent[g]][1] for g in fixed)
-    limit -= math.fsum(error[g, incumbent[g]] for g in fixed)
-    lagrangian = [min(e + price * s for _, s, e in groups[g].options) for g in free]
-    rest = math.fsum(lagrangian)
-    storage, total, steps = np.zeros(1, dtype=np.int64), np.zeros(1), []
-    for g, minimum in zip(free, lagrangian, strict=True):
-        rest -= minimum
-        options = np.flatnonzero(core[g])
-        sizes = np.array([groups[g].options[i][1] for i in options], dtype=np.int64)
-        new_storage = (storage[:, None] + sizes).ravel()
-        new_total = (total[:, None] + error[g, options]).ravel()
-        keep = (new_storage <= room) & (new_total + price * (new_storage - room) + rest <= limit)
-        parent = np.repeat(np.arange(len(storage)), len(options))[keep]
-        option = np.tile(options, len(storage))[keep]
-        new_storage, new_total = new_storage[keep], new_total[keep]
-        order = np.lexsort((new_total, new_storage))
-        front = np.ones(len(order), dtype=bool)
-        front[1:] = new_total[order][1:] < np.minimum.accumulate(new_total[order])[:-1]
-        order = order[front]
-        storage, total = new_storage[order], new_total[order]
-        steps.append((parent[order], option[order]))
-    solution = list(incumbent)
-    if len(total) == 0:  # only possible through rounding in the bound: keep the incumbent
-        return solution
-    state = int(np.argmin(total))
-    for g, (parent, option) in zip(reversed(free), reversed(steps), strict=True):
-        solution[g] = int(option[state])
-        state = int(parent[state])
-    return solution
-
-
-def _lagrangian(storage: np.ndarray, error: np.ndarray, capacity: int) -> tuple[float, float]:
-    """The LP's budget price λ (bisection) and the Lagrangian lower bound at that price."""
-    rows = np.arange(len(storage))
-
-    def used(price: float) -> float:
-        return storage[rows, np.argmin(error + price * storage, axis=1)].sum()
-
-    finite = np.isfinite(storage)
-    spans_e = np.where(finite, error[:, :1] - error, 0.0)
-    spans_s = np.where(finite, storage - storage[:, :1], 1.0)
-    low, high = 0.0, float(np.max(spans_e / np.maximum(spans_s, 1.0))) * 2 + 1.0
-    for _ in range(200):
-        middle = (low + high) / 2
-        if middle in (low, high):
-            break
-        low, high = (low, middle) if used(middle) <= capacity else (middle, high)
-    bound = float((error + high * storage).min(axis=1).sum() - high * capacity)
-    return high, bound
-
-
-def _greedy(storage: np.ndarray, error: np.ndarray, price: float, capacity: int) -> np.ndarray:
-    """A feasible start: the Lagrangian choice at ``price``, then the upgrades that fit, best
-    error reduction per bit first."""
-    rows = np.arange(len(storage))
-    choice = np.argmin(error + price * storage, axis=1)
-    while True:
-        extra = storage - storage[rows, choice][:, None]
-        gain = error[rows, choice][:, None] - error
-        room = capacity - storage[rows, choice].sum()
-        fits = (extra <= room) & (gain > 0)
-        if not fits.any():
-            return choice
-        score = np.where(fits, gain / np.where(fits, extra, 1.0), -np.inf)
-        best = np.unravel_index(np.argmax(score), score.shape)
-        choice[best[0]] = best[1]
-
-
-def _top_up(groups: list[_Group], choice: list[int], capacity: int) -> None:
-    """Give each group, in order, its most accurate option that still fits (exact storage)."""
-    used = sum(group.options[i][1] for group, i in zip(groups, choice, strict=True))
-    changed = True
-    while changed:
-        changed = False
-        for index, group in enumerate(groups):
-            current = choice[index]
-            room = capacity - used + group.options[current][1]
-            better = [i for i in range(current + 1, len(group.options)) if group.options[i][1] <= room]
-            if better:
-                used += group.options[better[-1]][1] - group.options[current][1]
-                choice[index] = better[-1]
-                changed = True
-
-
-def _solve_cbc(costs: list[list[float]], weights: list[list[float]], rhs: float, start: list[int]):
-    import pulp
-
-    model = pulp.LpProblem("bitalloc", pulp.LpMinimize)
-    add_variable = getattr(model, "add_variable", None)  # PuLP >= 3.3; LpVariable before
-    if add_variable is None:
-        add_variable = lambda name, low, up, cat: pulp.LpVariable(name, low, up, cat)  # noqa: E731
-    variables, objective, storage = [], [], []
-    for g, (group_costs, group_weights) in enumerate(zip(costs, weights, strict=True)):
-        row = [add_variable(f"x_{g}_{i}", 0, 1, cat=pulp.LpBinary) for i in range(len(group_costs))]
-        for i, variable in enumerate(row):
-            variable.setInitialValue(1 if i == start[g] else 0)
-        variables.append(row)
-        objective.extend(zip(row, group_costs, strict=True))
-        storage.extend(zip(row, group_weights, strict=True))
-        model += pulp.LpAffineExpression([(var, 1) for var in row]) == 1, f"one_{g}"
-    model.setObjective(pulp.LpAffineExpression(objective))
-    model += pulp.LpAffineExpression(storage) <= rhs, "budget"
-    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC for PuLP 4.0
-        warnings.filterwarnings("ignore", "PULP_CBC_CMD is deprecated", DeprecationWarning)
-        command = getattr(pulp, "PULP_CBC_CMD", None) or pulp.COIN_CMD
-        model.solve(command(msg=False, gapRel=0, gapAbs=0, warmStart=True))
-    if model.status != pulp.LpStatusOptimal or model.sol_status != pulp.LpSolutionOptimal:
-        raise RuntimeError(f"CBC did not prove optimality: {pulp.LpStatus[model.status]}")
-    picks = [max(range(len(row)), key=lambda i, row=row: row[i].varValue or 0.0) for row in variables]
-    return picks, 0.0  # optimal with gapRel = gapAbs = 0
-
-
-def _solve_highs(costs: list[list[float]], weights: list[list[float]], rhs: float, start=None):
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_array
-
-    sizes = [len(group) for group in costs]
-    n = sum(sizes)
-    group_of = np.repeat(np.arange(len(sizes)), sizes)
-    one_each = csr_array((np.ones(n), (group_of, np.arange(n))), shape=(len(sizes), n))
-    storage = np.concatenate([np.asarray(w, dtype=float) for w in weights])[None, :]
-    # mip_abs_gap is passed to HiGHS verbatim, with a warning; some HiGHS builds printf
-    # debug lines to fd 1 even with output off, so fd 1 is pointed at /dev/null meanwhile.
-    with warnings.catch_warnings(), _stdout_to_devnull():
-        warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
-        result = milp(
-            np.concatenate([np.asarray(c, dtype=float) for c in costs]),
-            integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(storage, -np.inf, rhs)],
-            options={"disp": False, "mip_rel_gap": 0.0, "mip_abs_gap": 0.0},
-        )
-    if result.status != 0:
-        raise RuntimeError(f"HiGHS did not prove optimality: {result.message}")
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    picks = [int(np.argmax(result.x[a:b])) for a, b in zip(starts[:-1], starts[1:], strict=True)]
-    return picks, max(0.0, float(result.mip_gap or 0.0))
-
-
-@contextlib.contextmanager
-def _stdout_to_devnull():
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-_BACKENDS = {"cbc": _solve_cbc, "highs": _solve_highs}
-
-
-# ---- results -----------------------------------------------------------------------------------
+# ---- building the plan --------------------------------------------------------------------
 def _build_plan(
     problem: _Problem, budget: float, choice: list[int], solver: str, gap: float, source: str | None
 ) -> Plan:
@@ -834,44 +496,3 @@ def _build_plan(
 
 def _most_common(counts: Counter) -> int:
     return min(counts, key=lambda value: (-counts[value], value))
-
-
-def _quantized(problem: _Problem) -> list[str]:
-    return [name for name in problem.matrices if name not in set(problem.kept)]
-
-
-def _baseline(problem: _Problem, name: str, assignments: dict[str, str]) -> Baseline:
-    errors, storage = [], 0
-    for module, config in assignments.items():
-        matrix = problem.matrices[module]
-        errors.append(matrix.rows[config].objective_error)
-        storage += matrix.storage(config, problem.count_lora)
-    achieved = float(round(Fraction(storage, problem.numel), 6))
-    return Baseline(name, math.fsum(errors), achieved, storage, assignments)
-
-
-def _layer_index(name: str) -> int | None:
-    """The first dotted component that is a number (``model.layers.7.mlp.up_proj`` -> 7)."""
-    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return int(match.group(1)) if match else None
-
-
-def _layer_table(plan: Plan) -> list[str]:
-    """Rows = layer index, columns = short matrix kind (q, k, ..., down), cells = nf2/64."""
-    cells = {n: f"{e['method']}{e['bits']}/{e['block_size']}" for n, e in plan.modules.items()}
-    cells.update(dict.fromkeys(plan.kept, "16bit"))
-    names = sorted(cells, key=_natural_key)
-    kinds = {name: name.rsplit(".", 1)[-1].removesuffix("_proj") for name in names}
-    if max(Counter((_layer_index(n), kinds[n]) for n in names).values()) > 1:
-        kinds = {n: re.split(r"(?:^|\.)\d+\.", n, maxsplit=1)[-1] for n in names}
-    columns = list(dict.fromkeys(kinds[name] for name in names))
-    columns.sort(key=lambda kind: KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER))
-    layers = list(dict.fromkeys(_layer_index(name) for name in names))
-    grid = {(_layer_index(name), kinds[name]): cells[name] for name in names}
-    rows = [["layer", *columns]]
-    rows += [
-        ["-" if layer is None else str(layer), *(grid.get((layer, c), "") for c in columns)]
-        for layer in layers
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

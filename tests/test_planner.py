@@ -15,15 +15,8 @@ import pytest
 
 from bitalloc.errors import BitallocError
 from bitalloc.plan_format import Plan, plan_schema
-from bitalloc.planner import (
-    feasible_range,
-    first_k_layers_baseline,
-    parse_sweep,
-    plan,
-    summarize,
-    sweep,
-    uniform_baselines,
-)
+from bitalloc.plan_report import first_k_layers_baseline, summarize, uniform_baselines
+from bitalloc.planner import feasible_range, parse_sweep, plan, sweep
 from bitalloc.quant import QuantConfig
 
 CONFIGS = ("nf2-b64-s8b256", "nf3-b64-sfp16", "nf4-b64-s8b256", "int4-b128-sfp32")
