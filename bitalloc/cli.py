@@ -106,7 +106,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .planner import parse_sweep, plan, summarize, sweep
+    from .plan_report import summarize
+    from .planner import parse_sweep, plan, sweep
     from .profiler import profile, read_profile
 
     if args.profile is not None:
@@ -228,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--profile", default=None, help="an existing profile table (Parquet or CSV)")
     pl.add_argument("-o", "--output", default="plan.json", help="plan to write (default plan.json)")
-    pl.add_argument("--solver", choices=["cbc", "highs"], default="cbc")
+    pl.add_argument(
+        "--solver",
+        choices=["cbc", "highs", "dp"],
+        default="cbc",
+        help="cbc (PuLP), highs (scipy) or dp (exact dynamic program); all prove optimality",
+    )
     pl.add_argument("--count-lora", action="store_true", help="count the 16-bit LoRA factors in the budget")
     pl.add_argument(
         "--tie",

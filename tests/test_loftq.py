@@ -1,7 +1,5 @@
 """The LoftQ core: error reduction, best iterate, scaling, factorization backends, batching."""
 
-from collections import defaultdict
-
 import pytest
 import torch
 
@@ -14,21 +12,13 @@ def reconstruction_rel_error(weight: torch.Tensor, result: LoftQResult) -> float
     return float((weight - approx).norm() / weight.norm())
 
 
-def by_shape(weights: dict[str, torch.Tensor]) -> dict[tuple, list[str]]:
-    groups = defaultdict(list)
-    for name, tensor in weights.items():
-        groups[tuple(tensor.shape)].append(name)
-    return groups
-
-
 @pytest.mark.parametrize("config, ceiling", [("nf2-b64-sfp32", 0.86), ("nf4-b64-sfp32", 0.88)])
 def test_demo_matrices_error_drops(demo_weights, config, ceiling):
     assert len(demo_weights) == 36
     ratios = {}
-    for names in by_shape(demo_weights).values():
-        batch = torch.stack([demo_weights[n] for n in names])
-        for name, result in zip(names, loftq_batch(batch, config, rank=16, iters=5, keep_q=False)):
-            ratios[name] = result.rel_error / result.errors[0]
+    for name, weight in demo_weights.items():  # one at a time: the small-matrix single-thread path
+        result = loftq(weight, config, rank=16, iters=5, keep_q=False)
+        ratios[name] = result.rel_error / result.errors[0]
     worst = max(ratios, key=ratios.get)
     assert ratios[worst] <= 0.9, (worst, ratios[worst])
     assert ratios[worst] <= ceiling + 0.005  # the paper's algorithm measured 0.86 / 0.88
