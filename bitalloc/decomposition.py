@@ -96,7 +96,9 @@ class _Clock:
 
 
 # Below this many elements per batch, intra-op threads cost more than they give: a 128x256
-# LoftQ ran 0.9 s with 2 threads on a busy 2-core machine and 6 ms with one.
+# LoftQ ran 0.9 s with 2 threads on a busy 2-core machine and 6 ms with one. The
+# randomized factorization works on thin (n x 32) matrices and always runs on one thread:
+# on a 2048^2 matrix it took 0.3 s with one thread and 4-6 s with two on a busy machine.
 SINGLE_THREAD_ELEMENTS = 1 << 20
 
 
@@ -195,7 +197,7 @@ def _loftq_batch(
     warm = None
     for step in range(1, iters + 1):
         target = residual * sqrt_h if sqrt_h is not None else residual
-        with clock("factorize"):
+        with clock("factorize"), _cpu_threads_for(0, device):  # thin matrices: one thread is faster
             if lowrank == "exact":
                 u, s, vh = exact_lowrank(target, rank)
             else:
