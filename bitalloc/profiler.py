@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .calibration import DEFAULT_TOKENS, calibration_settings, prepare_calibration, resolve_objective
 from .decomposition import loftq_batch
 from .errors import BitallocError
 from .fileio import atomic_path
@@ -87,11 +88,23 @@ def profile(
     overwrite: bool = False,
     quiet: bool = False,
     stats: dict | None = None,
+    objective: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    calibration_tokens: int = DEFAULT_TOKENS,
+    calibration_ids: torch.Tensor | None = None,
+    column_weights: dict[str, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
     """Profile ``model`` (a path, an nn.Module, a Source, or None for the demo model).
 
     With ``output`` the table is also written there as Parquet, and an interrupted run
     resumes where it stopped. ``stats``, if given, receives read/quantize/factorize times.
+
+    Data-aware (``objective="activation"``, implied by any calibration argument; "auto":
+    whenever the model can be run): h = per-input-channel activation second moments over
+    ``calibration_tokens`` of ``calibration`` (a text file, or "default"/None: the built-in
+    text), or over ``calibration_ids``, or given as ``column_weights`` {module: h}; every
+    decomposition then minimizes the weighted error, reported as ``weighted_error``, and h
+    is saved beside ``output`` (see `bitalloc.calibration`).
     """
     grid = (
         [QuantConfig.parse(c) for c in configs]
@@ -117,6 +130,12 @@ def profile(
         "settings": settings,
         "modules": len(source.modules()),
     }
+    objective = resolve_objective(model, objective, calibration, calibration_ids, column_weights)
+    if objective != "weight":
+        settings["calibration"] = calibration_settings(
+            calibration, calibration_tokens, calibration_ids, column_weights
+        )
+        meta["objective"] = objective
     for module in source.modules():
         if rank > min(source.shape(module)):
             raise BitallocError(f"rank {rank} exceeds the size of {module} {source.shape(module)}")
@@ -127,11 +146,26 @@ def profile(
             if not quiet and dist.rank == 0:
                 print(f"profile {output} is up to date ({len(finished)} rows)")
             return finished
+    weights_by_module = None
+    if objective != "weight":
+        start = time.perf_counter()
+        shapes = {m: source.shape(m) for m in source.modules()}
+        identity = {k: meta[k] for k in ("fingerprint", "content_digest")}
+        calibrated = dist.first(
+            lambda: prepare_calibration(
+                model, shapes, output, identity, text=calibration, tokens=calibration_tokens,
+                input_ids=calibration_ids, column_weights=column_weights, quiet=quiet,
+            )
+        )  # fmt: skip
+        meta["calibration"] = calibrated.info
+        weights_by_module = calibrated.column_weights
+        if stats is not None:
+            stats["calibration"] = stats.get("calibration", 0.0) + time.perf_counter() - start
     done = store.done_modules() if store is not None else {}
     todo = [m for m in source.modules() if m not in done]
     mine = split_by_cost(todo, source, len(grid), dist.world)[dist.rank]
     timings = stats if stats is not None else {}
-    new_rows = _run(source, mine, grid, settings, device, store, dist.rank, quiet, timings)
+    new_rows = _run(source, mine, grid, settings, device, store, dist.rank, quiet, timings, weights_by_module)
     dist.barrier()  # every rank's matrices are in the logs
     table = None
     if dist.rank == 0:
@@ -183,7 +217,7 @@ def _batches(modules: list[str], source: Source, device: torch.device) -> list[l
     return batches
 
 
-def _run(source, modules, grid, settings, device, store, rank, quiet, timings) -> dict[str, list[dict]]:
+def _run(source, modules, grid, settings, device, store, rank, quiet, timings, column_weights=None):
     from tqdm.auto import tqdm
 
     results: dict[str, list[dict]] = {}
@@ -209,11 +243,12 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings) -
             if index + 1 < len(batches):
                 pending = reader.submit(read, batches[index + 1])
             rows = {m: [] for m in batch}
+            h = torch.stack([column_weights[m] for m in batch]) if column_weights is not None else None
             for config in grid:
                 seeds = [module_seed(m, config) for m in batch]
                 outcome = loftq_batch(
                     weights, config, settings["rank"], settings["iters"], lowrank=settings["lowrank"],
-                    seeds=seeds, keep_q=False, device=device, timings=timings,
+                    seeds=seeds, column_weights=h, keep_q=False, device=device, timings=timings,
                 )  # fmt: skip
                 for module, result in zip(batch, outcome):
                     rows[module].append(_row(module, tuple(weights.shape[1:]), config, result, settings))
@@ -323,8 +358,9 @@ class _ProfileStore:
         elif theirs["content_digest"] != mine["content_digest"]:
             reason = "a profile of other weights with the same shapes"
         elif theirs != mine:
+            other = theirs["settings"] or {}
             changed = sorted(
-                k for k in mine["settings"] if mine["settings"].get(k) != (theirs["settings"] or {}).get(k)
+                k for k in {*mine["settings"], *other} if mine["settings"].get(k) != other.get(k)
             )
             reason = f"a profile with other settings ({', '.join(changed) or 'format'})"
         else:
