@@ -56,6 +56,7 @@ def apply(
     device: str = "auto",
     quiet: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    calibration: str | os.PathLike | None = None,
 ) -> Path:
     """Run LoftQ for every matrix of ``plan`` on ``source`` and write ``out_dir`` (see above).
 
@@ -65,8 +66,14 @@ def apply(
     with Q in ``dequantized_dtype`` (bf16, fp16 or fp32) for trainers that cannot load
     `QuantLinear`; loading that with bitsandbytes quantizes Q a second time. Raises
     BitallocError when ``out_dir`` exists or the plan does not fit the model.
+
+    A data-aware plan (objective ``activation``) is decomposed with the activation moments
+    h it was planned with: ``calibration`` (a file), by default ``PLAN.calibration.safetensors``
+    beside the plan file; its sha256 must match the plan's record.
     """
+    plan_path = None if isinstance(plan, Plan) else Path(plan)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    column_weights = _plan_column_weights(plan, plan_path, calibration)
     out = Path(out_dir)
     if out.exists():
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
@@ -83,9 +90,10 @@ def apply(
         "weights": matrices.content_digest(),
         "lora_alpha": lora_alpha,
         "use_rslora": use_rslora,
+        "calibration": (plan.calibration or {}).get("digest"),
     }
     work = _WorkDir(Path(f"{out}.partial"), identity)
-    _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet)
+    _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet, column_weights)
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
     _write_quantized(build / "quantized", backbone, plan, ranks, work, max_shard_bytes)
@@ -181,7 +189,26 @@ class _WorkDir:
         return QuantizedTensor.from_tensors(parts, entry["config"], tuple(entry["shape"]))
 
 
-def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quiet) -> None:
+def _plan_column_weights(plan: Plan, plan_path: Path | None, calibration) -> dict[str, torch.Tensor] | None:
+    """h for a data-aware plan (digest-checked), None for a weight-only one."""
+    from .calibration import plan_calibration_path, read_calibration
+
+    if plan.objective == "weight":
+        return None
+    if not plan.calibration:
+        raise BitallocError(f"the {plan.objective} plan has no calibration record to rebuild it from")
+    if calibration is None:
+        if plan_path is None:
+            raise BitallocError("a data-aware plan needs its calibration file: pass calibration=PATH")
+        calibration = plan_calibration_path(plan_path)
+    column_weights = read_calibration(calibration, plan.calibration["digest"])
+    missing = [name for name in plan.modules if name not in column_weights]
+    if missing:
+        raise BitallocError(f"calibration file {calibration} has no h for {missing[0]}")
+    return column_weights
+
+
+def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quiet, column_weights=None):
     """LoftQ for each planned matrix not yet done, one at a time, saved as it finishes."""
     from tqdm.auto import tqdm
 
@@ -196,6 +223,7 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
             matrices.read(name), config, rank=rank, iters=plan.defaults["iters"],
             lora_alpha=rank if lora_alpha is None else lora_alpha, use_rslora=use_rslora,
             seed=module_seed(name, config), device=device,
+            column_weights=None if column_weights is None else column_weights[name],
         )  # fmt: skip
         tensors = {f"weight.{part}": t.cpu().contiguous() for part, t in result.q.tensors().items()}
         tensors["lora_A"] = result.lora_A.float().cpu().contiguous()

@@ -271,6 +271,12 @@ def read_calibration(path: str | os.PathLike, digest: str | None = None) -> dict
         raise BitallocError(f"{path} is not a calibration file: {exc}") from None
 
 
+def plan_calibration_path(plan_path: str | os.PathLike) -> Path:
+    """Where a data-aware plan's h lives: ``plan.json`` -> ``plan.calibration.safetensors``."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(f"{plan_path.stem}.calibration.safetensors")
+
+
 def load_column_weights(profile_table_or_path) -> dict[str, torch.Tensor]:
     """The h a data-aware profile was measured with, by module (for `apply`), digest-checked.
 

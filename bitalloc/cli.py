@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from .errors import BitallocError
+from .fileio import atomic_path
 
 
 def _ints(text: str) -> list[int]:
@@ -131,6 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         for budget, result in zip(budgets, plans):
             target = stem.with_name(f"{stem.stem}-{budget:g}{stem.suffix}")
             result.save(target)
+            _keep_calibration(table, target)
             used = ", ".join(f"{c}x{n}" for c, n in _config_counts(result))
             print(f"{budget:>7g} {result.achieved_bits:>9.4f} {result.total_error:>12.5g}  {used}")
         print(
@@ -144,6 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     result = plan(table, args.budget, **constraints)
     elapsed = time.perf_counter() - start
     result.save(args.output)
+    _keep_calibration(table, args.output)
     print(summarize(result, table))
     print(f"solved in {elapsed:.2f}s; wrote {args.output}")
 
@@ -155,10 +159,20 @@ def cmd_apply(args: argparse.Namespace) -> None:
     out = apply(
         args.model, args.plan, args.output, lora_alpha=args.lora_alpha, use_rslora=args.use_rslora,
         dequantized=args.dequantized, dequantized_dtype=args.dequantized_dtype,
-        device=args.device, quiet=args.quiet,
+        device=args.device, quiet=args.quiet, calibration=args.calibration,
     )  # fmt: skip
     parts = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out} ({parts}) in {time.perf_counter() - start:.1f}s")
+
+
+def _keep_calibration(table, plan_path: str | Path) -> None:
+    """A data-aware plan's h goes beside it (``PLAN.calibration.safetensors``) for `apply`."""
+    from .calibration import plan_calibration_path
+
+    record = table.attrs.get("calibration") or {}
+    if table.attrs.get("objective", "weight") != "weight" and record.get("path"):
+        with atomic_path(plan_calibration_path(plan_path)) as temp:
+            shutil.copyfile(record["path"], temp)
 
 
 def _profile_cache(output: str, model: str | None, settings: dict) -> Path:
@@ -263,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write OUT/dequantized/, a plain checkpoint with Q as 16-bit weights",
     )  # fmt: skip
     ap.add_argument("--dequantized-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument(
+        "--calibration", default=None, metavar="FILE",
+        help="data-aware plans: the h file (default: PLAN.calibration.safetensors beside the plan)",
+    )  # fmt: skip
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.set_defaults(func=cmd_apply)

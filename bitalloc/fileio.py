@@ -20,6 +20,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:
+        # mkstemp makes 0600 files: keep an existing file's mode, else the usual 0644
+        os.chmod(temp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
         yield Path(temp)
         os.replace(temp, target)
     except BaseException:
@@ -31,4 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
     with atomic_path(path) as temp:
-        temp.write_text(text, encoding="utf-8")
+        with open(temp, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())

@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from .errors import BitallocError
+from .fileio import write_text_atomic
 from .quant import QuantConfig
 
 PLAN_FORMAT = "bitalloc.plan/v1"
@@ -94,6 +94,7 @@ class Plan:
     model: dict = field(default_factory=lambda: {"source": None, "fingerprint": None})
     budget: dict
     objective: str = "weight"
+    calibration: dict | None = None  # data-aware plans: the h they were measured with
     solver: dict
     defaults: dict
     kept: list[str] = field(default_factory=list)
@@ -133,6 +134,7 @@ class Plan:
             },
             "budget": {key: self.budget[key] for key in ("target_bits", "achieved_bits", "includes_lora")},
             "objective": self.objective,
+            **({"calibration": dict(self.calibration)} if self.calibration else {}),
             "solver": {key: self.solver[key] for key in ("name", "status", "objective", "gap")},
             "defaults": {key: self.defaults[key] for key in ("rank", "iters")},
             "kept": list(self.kept),
@@ -163,22 +165,8 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan atomically: a temporary file in the same folder, then os.replace."""
-        path = Path(path)
-        text = self.to_json()
-        directory = path.parent if str(path.parent) else Path(".")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
-            mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-            os.chmod(tmp_name, mode)
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        return path
+        write_text_atomic(path, self.to_json())
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

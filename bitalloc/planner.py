@@ -482,6 +482,7 @@ def _build_plan(
             "includes_lora": problem.count_lora,
         },
         objective=problem.objective,
+        calibration=_calibration_record(problem),
         solver={
             "name": solver,
             "status": "optimal",
@@ -492,6 +493,14 @@ def _build_plan(
         kept=list(problem.kept),
         modules=modules,
     )
+
+
+def _calibration_record(problem: _Problem) -> dict | None:
+    """What a data-aware plan keeps of the profile's calibration (no machine-specific path)."""
+    record = problem.attrs.get("calibration")
+    if problem.objective == "weight" or not record:
+        return None
+    return {key: value for key, value in sorted(record.items()) if key != "path"}
 
 
 def _most_common(counts: Counter) -> int:

@@ -297,8 +297,38 @@ def test_cli_profile_and_plan_with_calibration_text(tmp_path, capsys):
     attrs = read_profile(out).attrs
     assert attrs["objective"] == "activation"
     assert (attrs["calibration"]["text"], attrs["calibration"]["tokens"]) == ("notes.txt", 1024)
-    assert main(["plan", "--profile", str(out), "--budget", "3", "-o", str(tmp_path / "plan.json")]) == 0
-    assert json.loads((tmp_path / "plan.json").read_text())["objective"] == "activation"
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", "--profile", str(out), "--budget", "3", "-o", str(plan_path)]) == 0
+    plan_data = json.loads(plan_path.read_text())
+    assert plan_data["objective"] == "activation"
+    # the plan records h's digest and keeps h beside it; apply rebuilds the weighted decomposition
+    h_file = tmp_path / "plan.calibration.safetensors"
+    assert plan_data["calibration"]["digest"] == attrs["calibration"]["digest"]
+    assert hashlib.sha256(h_file.read_bytes()).hexdigest() == attrs["calibration"]["digest"]
+    assert (
+        main(["apply", str(model_dir), "--plan", str(plan_path), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    )
+    from safetensors.torch import load_file
+
+    from bitalloc.profiler import module_seed
+    from bitalloc.sources import open_source
+
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    h = load_column_weights(out)
+    module = "model.layers.1.mlp.down_proj"
+    config = plan_data["modules"][module]["config"]
+    with open_source(model_dir) as source:
+        weight = source.read(module)
+    direct = loftq(weight, config, rank=4, iters=1, lora_alpha=4, seed=module_seed(module, config),
+                   column_weights=h[module])  # fmt: skip
+    key = f"base_model.model.{module}.lora_B.weight"
+    assert torch.allclose(adapter[key], direct.lora_B, atol=1e-6)
+    plain = loftq(weight, config, rank=4, iters=1, seed=module_seed(module, config))
+    assert not torch.allclose(adapter[key], plain.lora_B, atol=1e-3)
+    # a wrong h file is refused before anything is written
+    h_file.write_bytes(h_file.read_bytes()[:-8] + b"\0" * 8)
+    assert main(["apply", str(model_dir), "--plan", str(plan_path), "-o", str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "out2").exists()
     weight_plan = tmp_path / "weight.json"
     assert (
         main(
