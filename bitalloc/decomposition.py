@@ -96,14 +96,14 @@ class _Clock:
 
 
 # Below this many elements per batch, intra-op threads cost more than they give: a 128x256
-# LoftQ ran 0.9 s with 2 threads on a busy 2-core machine and 6 ms with one. The
-# randomized factorization works on thin (n x 32) matrices and always runs on one thread:
-# on a 2048^2 matrix it took 0.3 s with one thread and 4-6 s with two on a busy machine.
+# LoftQ ran 0.9 s with 2 threads on a busy 2-core machine and 6 ms with one. The thin
+# (n x 32) steps of the randomized factorization always run on one thread (lowrank.py).
 SINGLE_THREAD_ELEMENTS = 1 << 20
 
 
 @contextlib.contextmanager
-def _cpu_threads_for(numel: int, device: torch.device):
+def cpu_threads_for(numel: int, device: torch.device):
+    """One intra-op thread on the CPU for work on fewer than SINGLE_THREAD_ELEMENTS."""
     if device.type != "cpu" or numel >= SINGLE_THREAD_ELEMENTS or torch.get_num_threads() == 1:
         yield
         return
@@ -155,7 +155,7 @@ def loftq_batch(
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} matrices")
     device = _resolve_device(device, weights.device)
-    with _cpu_threads_for(weights.numel(), device):
+    with cpu_threads_for(weights.numel(), device):
         return _loftq_batch(
             weights.to(device=device, dtype=torch.float32), config, rank, iters, lora_alpha,
             use_rslora, lowrank, oversample, power_iters, seeds, column_weights, keep_q, timings,
@@ -177,7 +177,8 @@ def _loftq_batch(
         sqrt_h = h.sqrt().unsqueeze(1)  # (b, 1, in)
 
     def sq_norm(x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64) ** 2
+        # fp32 pairwise reduction (accurate to ~1e-6 relative), squared in fp64
+        return torch.linalg.vector_norm(x, dim=(-2, -1)).double() ** 2
 
     weight_sq = sq_norm(weight)
     weighted_weight_sq = sq_norm(weight * sqrt_h) if sqrt_h is not None else weight_sq
@@ -197,15 +198,16 @@ def _loftq_batch(
     warm = None
     for step in range(1, iters + 1):
         target = residual * sqrt_h if sqrt_h is not None else residual
-        with clock("factorize"), _cpu_threads_for(0, device):  # thin matrices: one thread is faster
+        with clock("factorize"):
             if lowrank == "exact":
                 u, s, vh = exact_lowrank(target, rank)
             else:
+                # warm-started from the previous subspace, later iterations need fewer passes
                 u, s, vh = randomized_lowrank(
                     target,
                     rank,
                     oversample=oversample,
-                    power_iters=power_iters,
+                    power_iters=power_iters if warm is None else max(1, power_iters // 2),
                     warm_start=warm,
                     seeds=[x + step for x in seeds],
                 )

@@ -108,12 +108,12 @@ def fake_quantize(weight: torch.Tensor, config: QuantConfig | str) -> torch.Tens
     config = QuantConfig.parse(config)
     cols = weight.shape[-1]
     blocks = _blocks(weight, config.block_size)
-    absmax = blocks.abs().amax(dim=-1)
-    scales = quantize_scales(absmax, config)[0]
+    low, high = torch.aminmax(blocks, dim=-1)  # one pass, no |blocks| temporary
+    scales = quantize_scales(torch.maximum(high, low.neg_()), config)[0]
     levels = codebook(config.method, config.bits, blocks.device)
     inverse = torch.where(scales > 0, 1.0 / scales.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    normalized = (blocks * inverse.unsqueeze(-1)).clamp_(-1.0, 1.0)
-    index = nearest_index(normalized, levels)
+    # no clamp to [-1, 1]: the binary search already sends |x| > 1 to the end levels
+    index = nearest_index(blocks * inverse.unsqueeze(-1), levels)
     values = levels.index_select(0, index.reshape(-1)).reshape(index.shape)
     values.mul_(scales.unsqueeze(-1))
     return values.reshape(*values.shape[:-2], -1)[..., :cols]
