@@ -49,11 +49,7 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
 
 def llama_module_names(num_layers: int = 2) -> list[str]:
     """The selected matrix names of a llama with `num_layers` blocks, in natural order."""
-    return [
-        f"model.layers.{layer}.{linear}"
-        for layer in range(num_layers)
-        for linear in LLAMA_BLOCK_LINEARS
-    ]
+    return [f"model.layers.{layer}.{linear}" for layer in range(num_layers) for linear in LLAMA_BLOCK_LINEARS]
 
 
 def make_tiny_llama(
@@ -132,9 +128,7 @@ def make_tiny_gguf(
                 array = llama_cpp_permute(array, config.num_key_value_heads)
         qtype = (quantize or {}).get(module)
         if qtype is not None:
-            writer.add_tensor(
-                f"{gguf_name}.weight", gguf.quants.quantize(array, qtype), raw_dtype=qtype
-            )
+            writer.add_tensor(f"{gguf_name}.weight", gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(f"{gguf_name}.weight", np.ascontiguousarray(array))
     writer.write_header_to_file()
@@ -143,9 +137,7 @@ def make_tiny_gguf(
     writer.close()
 
 
-def write_repeated_safetensors(
-    path: str | os.PathLike, names: Iterable[str], tensor: torch.Tensor
-) -> int:
+def write_repeated_safetensors(path: str | os.PathLike, names: Iterable[str], tensor: torch.Tensor) -> int:
     """Stream a safetensors file holding `tensor` under every name (builds a large file
     without holding it in memory); returns the file size."""
     names = list(names)

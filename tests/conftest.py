@@ -35,3 +35,12 @@ def demo_profile():
     from bitalloc.profiler import profile
 
     return profile(None, configs=DEMO_CONFIGS, rank=16, iters=5, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small matrices: one intra-op thread, so OpenMP does not spin-wait on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,13 +34,7 @@ CONFIGS = ["nf2-b64-s8b256", "nf4-b64-s8b256"]
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread, so OpenMP does not spin-wait when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def safetensors_header(path: Path) -> dict:

@@ -10,14 +10,7 @@ from torch import nn
 from bitalloc.nn import PackedWeight, QuantLinear
 from bitalloc.quant import QuantizedTensor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread, so OpenMP does not spin-wait when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def packed_layer(rows=96, cols=200, config="nf4-b64-s8b256", bias=True, seed=0):

@@ -27,6 +27,7 @@ from bitalloc.sources import open_source
 
 CONFIGS = ["nf2-b64-s8b256", "nf4-b128-sfp16"]
 FAST = dict(configs=CONFIGS, rank=4, iters=2, quiet=True)
+CLI_FAST = ["--configs", ",".join(CONFIGS), "--rank", "4", "--iters", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +101,7 @@ def test_rerun_is_up_to_date_and_settings_change_is_refused(tiny_table, tiny_dir
                 str(tiny_dir),
                 "-o",
                 str(output),
-                "--configs",
-                ",".join(CONFIGS),
-                "--rank",
-                "4",
-                "--iters",
-                "2",
-                "--quiet",
+                *CLI_FAST,
             ]
         )
         == 0
@@ -142,7 +137,7 @@ def test_other_model_or_weights_are_refused(tiny_table, tmp_path, capsys):
     make_tiny_llama(other_shapes, intermediate_size=384)
     other_weights = tmp_path / "reseeded"
     make_tiny_llama(other_weights, seed=7)
-    args = ["-o", str(output), "--configs", ",".join(CONFIGS), "--rank", "4", "--iters", "2", "--quiet"]
+    args = ["-o", str(output), *CLI_FAST]
     assert main(["profile", str(other_shapes), *args]) == 2
     assert "another model" in capsys.readouterr().err
     assert main(["profile", str(other_weights), *args]) == 2
@@ -172,13 +167,7 @@ def test_resume_after_sigkill_gives_the_same_table(tmp_path):
         str(model_dir),
         "-o",
         str(output),
-        "--configs",
-        ",".join(CONFIGS),
-        "--rank",
-        "4",
-        "--iters",
-        "2",
-        "--quiet",
+        *CLI_FAST,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, env=env)
@@ -215,13 +204,7 @@ def test_torchrun_two_ranks_equal_one(tiny_table, tiny_dir, tmp_path):
         str(tiny_dir),
         "-o",
         str(output),
-        "--configs",
-        ",".join(CONFIGS),
-        "--rank",
-        "4",
-        "--iters",
-        "2",
-        "--quiet",
+        *CLI_FAST,
         "--device",
         "cpu",
     ]

@@ -243,9 +243,7 @@ def test_corrupt_safetensors_files(llama_dir):
     with pytest.raises(BitallocError, match=f"corrupt or truncated .*{shard.name}"):
         open_source(directory)
     shard.write_bytes((16).to_bytes(8, "little") + b"{not json}      " + data[24:])
-    with pytest.raises(
-        BitallocError, match=f"corrupt safetensors file .*{shard.name}: bad header JSON"
-    ):
+    with pytest.raises(BitallocError, match=f"corrupt safetensors file .*{shard.name}: bad header JSON"):
         open_source(directory)
     shard.write_bytes(b"")
     with pytest.raises(BitallocError, match=f"corrupt safetensors file .*{shard.name}"):
@@ -363,9 +361,7 @@ def test_reading_a_large_checkpoint_keeps_memory_small(tmp_path):
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(16)]
-    size = write_repeated_safetensors(
-        tmp_path / "model.safetensors", names, torch.randn(4096, 1024)
-    )
+    size = write_repeated_safetensors(tmp_path / "model.safetensors", names, torch.randn(4096, 1024))
     script = textwrap.dedent(
         f"""
         import re
@@ -383,11 +379,7 @@ def test_reading_a_large_checkpoint_keeps_memory_small(tmp_path):
         print(len(source.modules()), (kib("VmHWM") - before) * 1024)
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     count, growth = map(int, result.stdout.split())
     assert count == 16
-    assert growth < size / 4, (
-        f"peak RSS grew {growth / 2**20:.0f} MiB reading {size / 2**20:.0f} MiB"
-    )
+    assert growth < size / 4, f"peak RSS grew {growth / 2**20:.0f} MiB reading {size / 2**20:.0f} MiB"
