@@ -508,3 +508,18 @@ def test_summarize_names_the_best_uniform_config():
     assert rows[2].split()[0] == "2" and rows[2].split()[-1] == "16bit"
     cell = result.modules["model.layers.0.self_attn.q_proj"]
     assert rows[0].split()[1] == f"{cell['method']}{cell['bits']}/{cell['block_size']}"
+
+
+@pytest.mark.parametrize("budget", [2.25, 2.5, 3.0, 3.5, 4.0])
+def test_demo_plan_beats_uniform_and_first_k(demo_profile, budget):
+    """On the real demo profile, the optimum is never worse than any baseline that fits."""
+    result = plan(demo_profile, budget)
+    assert result.achieved_bits <= budget
+    baselines = uniform_baselines(demo_profile, budget)
+    assert baselines, "some uniform config fits every tested budget"
+    for baseline in baselines:
+        assert result.total_error <= baseline.error * (1 + 1e-12), baseline.name
+    for high, low in [("nf4-b64-s8b256", "nf2-b64-s8b256"), ("nf3-b64-s8b256", "nf2-b128-s8b256")]:
+        mix = first_k_layers_baseline(demo_profile, budget, high=high, low=low)
+        if mix is not None:
+            assert result.total_error <= mix.error * (1 + 1e-12), mix.name
