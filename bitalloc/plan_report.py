@@ -17,8 +17,9 @@ from fractions import Fraction
 import pandas as pd
 
 from .errors import BitallocError
+from .names import natural_key
 from .plan_format import Plan
-from .planner import _canonical_config, _capacity, _natural_key, _prepare, _Problem
+from .planner import _canonical_config, _capacity, _prepare, _Problem
 
 __all__ = ["Baseline", "first_k_layers_baseline", "summarize", "uniform_baselines"]
 
@@ -143,7 +144,7 @@ def _layer_table(plan: Plan) -> list[str]:
     """Rows = layer index, columns = short matrix kind (q, k, ..., down), cells = nf2/64."""
     cells = {n: f"{e['method']}{e['bits']}/{e['block_size']}" for n, e in plan.modules.items()}
     cells.update(dict.fromkeys(plan.kept, "16bit"))
-    names = sorted(cells, key=_natural_key)
+    names = sorted(cells, key=natural_key)
     kinds = {name: name.rsplit(".", 1)[-1].removesuffix("_proj") for name in names}
     if max(Counter((_layer_index(n), kinds[n]) for n in names).values()) > 1:
         kinds = {n: re.split(r"(?:^|\.)\d+\.", n, maxsplit=1)[-1] for n in names}

@@ -25,6 +25,7 @@ import pandas as pd
 
 from .errors import BitallocError
 from .mckp import SOLVERS, solve
+from .names import compile_patterns, natural_key
 from .plan_format import Plan
 from .quant import QuantConfig
 
@@ -233,7 +234,7 @@ def _read_table(profile_table: pd.DataFrame) -> tuple[dict[str, _Matrix], str, d
         if config in matrix.rows:
             raise BitallocError(f"the profile has two rows for {name!r} with config {config!r}")
         matrix.rows[config] = _Row(storage[i], error[i], objective_error[i], bits[i], rank[i], iters[i])
-    ordered = {name: matrices[name] for name in sorted(matrices, key=_natural_key)}
+    ordered = {name: matrices[name] for name in sorted(matrices, key=natural_key)}
     return ordered, objective, attrs
 
 
@@ -276,25 +277,7 @@ def _canonical_config(text: str, where: str) -> str:
         raise BitallocError(f"{where}: {message}") from None
 
 
-def _natural_key(name: str) -> tuple:
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name))
-
-
 # ---- constraints -----------------------------------------------------------------------------
-def _patterns(patterns: Iterable[str] | str | None, what: str) -> list[tuple[str, re.Pattern]]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append((pattern, re.compile(pattern)))
-        except (re.error, TypeError) as exc:
-            raise BitallocError(f"bad {what} regex {pattern!r}: {exc}") from None
-    return compiled
-
-
 def _matching(pattern: str, regex: re.Pattern, names: Sequence[str], what: str) -> list[str]:
     matched = [name for name in names if regex.search(name)]
     if not matched:
@@ -309,7 +292,7 @@ def _prepare(
     matrices, objective, attrs = _read_table(profile_table)
     names = list(matrices)
     kept: set[str] = set()
-    for pattern, regex in _patterns(keep, "keep"):
+    for pattern, regex in compile_patterns("keep", keep):
         kept.update(_matching(pattern, regex, names, "keep"))
     quantized = [name for name in names if name not in kept]
     if not quantized:
@@ -330,7 +313,7 @@ def _prepare(
     pinned: dict[str, str] = {}
     if pin is not None and not isinstance(pin, dict):
         raise BitallocError(f"pin must be a dict {{regex: config}}, got {type(pin).__name__}")
-    for pattern, regex in _patterns(list(pin or {}), "pin"):
+    for pattern, regex in compile_patterns("pin", list(pin or {})):
         config = _canonical_config(pin[pattern], f"pin {pattern!r}")
         for name in _matching(pattern, regex, names, "pin"):
             if name in kept:
@@ -375,7 +358,7 @@ def _tie_components(tie, names: list[str], quantized: list[str]) -> list[list[st
             name = parent[name]
         return name
 
-    for pattern, regex in _patterns(tie, "tie"):
+    for pattern, regex in compile_patterns("tie", tie):
         buckets: dict[tuple, list[str]] = {}
         for name in _matching(pattern, regex, names, "tie"):
             if name in parent:  # kept matrices are outside the allocation

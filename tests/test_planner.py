@@ -460,7 +460,7 @@ def test_weighted_objective_needs_its_column():
         ({"tie": [r"layers\.(\d+)\.attn"]}, r"tie regex 'layers\\.(\\d+)\\.attn' matches no"),
         ({"keep": ["lm_head"]}, "keep regex 'lm_head' matches no matrix"),
         ({"pin": {"nothing": "nf2-b64-s8b256"}}, "pin regex 'nothing' matches no matrix"),
-        ({"tie": ["(unclosed"]}, "bad tie regex '(unclosed'"),
+        ({"tie": ["(unclosed"]}, "invalid tie regex '(unclosed'"),
         ({"pin": {"q_proj": "nf8-b64-sfp16"}}, "config 'nf8-b64-sfp16' is not in the profile"),
         ({"pin": {"q_proj": "bogus"}}, "unknown config string 'bogus'"),
         ({"pin": {"q_proj": "nf2-b64-s8b256", "self_attn": "nf3-b64-sfp16"}}, "pinned to both"),

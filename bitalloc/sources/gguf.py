@@ -86,9 +86,7 @@ class GGUFSource(Source):
         self._permuted = SUPPORTED_ARCHITECTURES[architecture]
         if self._permuted:
             self._n_head = self._int_field(f"{architecture}.attention.head_count")
-            self._n_head_kv = self._int_field(
-                f"{architecture}.attention.head_count_kv", default=self._n_head
-            )
+            self._n_head_kv = self._int_field(f"{architecture}.attention.head_count_kv", default=self._n_head)
         self._tensors = {}
         matrices = {}
         for tensor in self._reader.tensors:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from ..errors import BitallocError
+from ..names import compile_patterns, natural_key
 
 # A block index in the name: "model.layers.3.", "encoder.layer.3.", "h.3.", "blocks.3.", ...
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|blk)\.\d+\.")
@@ -41,28 +42,7 @@ def is_block_linear(name: str, shape: Sequence[int]) -> bool:
 
 def default_selection(names_and_shapes: Iterable[tuple[str, Sequence[int]]]) -> list[str]:
     """The module names the default rule selects, in natural order."""
-    return sorted(
-        (module_name(n) for n, s in names_and_shapes if is_block_linear(n, s)), key=natural_key
-    )
-
-
-def natural_key(name: str) -> list[str | int]:
-    """Sort key that orders "layers.2" before "layers.10" (the order every source uses)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _patterns(kind: str, regexes: str | Sequence[str] | None) -> list[re.Pattern[str]]:
-    if regexes is None:
-        return []
-    if isinstance(regexes, str):
-        regexes = [regexes]
-    compiled = []
-    for regex in regexes:
-        try:
-            compiled.append(re.compile(regex))
-        except re.error as err:
-            raise BitallocError(f"invalid {kind} regex {regex!r}: {err}") from None
-    return compiled
+    return sorted((module_name(n) for n, s in names_and_shapes if is_block_linear(n, s)), key=natural_key)
 
 
 def select_modules(
@@ -76,13 +56,14 @@ def select_modules(
     `matrices` maps module names of 2-D weights to their shapes. Every regex must match at
     least one of them (a typo otherwise goes unnoticed); an empty selection is an error.
     """
-    includes, excludes = _patterns("include", include), _patterns("exclude", exclude)
+    includes, excludes = (
+        [regex for _, regex in compile_patterns(kind, given)]
+        for kind, given in (("include", include), ("exclude", exclude))
+    )
     for kind, patterns in (("include", includes), ("exclude", excludes)):
         for pattern in patterns:
             if not any(pattern.search(name) for name in matrices):
-                raise BitallocError(
-                    f"{kind} regex {pattern.pattern!r} matches no weight matrix in {where}"
-                )
+                raise BitallocError(f"{kind} regex {pattern.pattern!r} matches no weight matrix in {where}")
     if includes:
         chosen = [n for n in matrices if any(p.search(n) for p in includes)]
     else:
