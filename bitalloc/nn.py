@@ -22,6 +22,7 @@ from torch import nn
 from .errors import BitallocError
 from .quant import QuantConfig, QuantizedTensor
 from .quant.blockwise import TORCH_DTYPES
+from .sources.safetensors import index_shards
 
 QUANT_FILE = "bitalloc_quant.json"  # which modules are packed, with which config
 QUANT_FORMAT = "bitalloc.quantized/v1"
@@ -345,14 +346,7 @@ def packed_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     index = path / f"{PACKED_STEM}.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise BitallocError(f"corrupt index file {index}") from None
-        missing = [name for name in names if not (path / name).is_file()]
-        if missing:
-            raise BitallocError(f"shard {missing[0]} named in {index} is missing")
-        return [path / name for name in names]
+        return index_shards(index)
     single = path / f"{PACKED_STEM}.safetensors"
     if not single.is_file():
         raise BitallocError(f"{path} has no {single.name}")

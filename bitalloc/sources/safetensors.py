@@ -100,6 +100,18 @@ def _entry(path: str, name: str, info: object, data_start: int, file_size: int) 
     return TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
 
 
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names (sorted); BitallocError if any is missing."""
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise BitallocError(f"corrupt index file {index}") from None
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise BitallocError(f"shard {missing[0]} named in {index} is missing")
+    return [index.parent / s for s in shards]
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: a single file, the shards an index names,
     model.safetensors, or else every *.safetensors in the directory."""
@@ -107,15 +119,7 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [path]
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise BitallocError(f"corrupt index file {index}") from None
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise BitallocError(f"shard {missing[0]} named in {index} is missing")
-        return [path / s for s in shards]
+        return index_shards(index)
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
     files = sorted(path.glob("*.safetensors"))
