@@ -86,7 +86,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from bitalloc import apply, load_quantized, plan, profile
-    from bitalloc.nn import QuantLinear
+    from bitalloc.artifacts.nn import QuantLinear
 
     hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)

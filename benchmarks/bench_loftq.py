@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bitalloc.decomposition import loftq
+from bitalloc.loftq import loftq
 from bitalloc.quant import QuantConfig, codebook
 
 

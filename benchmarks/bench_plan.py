@@ -25,8 +25,8 @@ from importlib.metadata import version
 import numpy as np
 import pandas as pd
 
-from bitalloc.plan_report import first_k_layers_baseline, uniform_baselines
-from bitalloc.planner import parse_sweep, plan, sweep
+from bitalloc.planning.planner import parse_sweep, plan, sweep
+from bitalloc.planning.report import first_k_layers_baseline, uniform_baselines
 from bitalloc.quant import QuantConfig
 
 LLAMA_70B = {  # (out, in) of each linear layer in one decoder block

@@ -134,14 +134,17 @@ def main() -> None:
           f"{ours_time:>8.1f}")  # fmt: skip
     print(f"{'baseline: load_file every shard':<34} {naive_peak / 2**30:>9.2f} "
           f"{naive_peak / fp32_bytes:>10.1%} {naive_time:>8.1f}")  # fmt: skip
-    print(f"ratio ours/baseline peak: {ours_peak / naive_peak:.3f}; target peak <= 25% of fp32 "
-          f"({fp32_bytes / 4 / 2**30:.2f} GiB): {'met' if ours_peak <= fp32_bytes / 4 else 'MISSED'}")
+    print(
+        f"ratio ours/baseline peak: {ours_peak / naive_peak:.3f}; target peak <= 25% of fp32 "
+        f"({fp32_bytes / 4 / 2**30:.2f} GiB): {'met' if ours_peak <= fp32_bytes / 4 else 'MISSED'}"
+    )
 
     # (2) throughput on the first layer(s), default grid, T=5, vs the paper's algorithm
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_loftq import baseline_loftq
 
-    from bitalloc.profiler import config_grid, profile
+    from bitalloc.profiling.profiler import profile
+    from bitalloc.profiling.settings import ProfileSettings
     from bitalloc.quant import QuantConfig
 
     stats: dict[str, float] = {}
@@ -150,11 +153,11 @@ def main() -> None:
     table = profile(model, include=include, device="cpu", quiet=True, stats=stats)
     elapsed = time.perf_counter() - start
     n = len(table)
-    print(f"\n## throughput: {table['module'].nunique()} matrices x {len(config_grid())} configs "
+    print(f"\n## throughput: {table['module'].nunique()} matrices x {len(ProfileSettings().grid())} configs "
           f"(default grid), r=16, T=5")  # fmt: skip
     print(f"bitalloc: {elapsed:.1f}s = {n / elapsed:.2f} matrix-configs/s  (" +
           ", ".join(f"{k} {v:.1f}s" for k, v in sorted(stats.items())) + ")")  # fmt: skip
-    from bitalloc.sources import open_source
+    from bitalloc.checkpoints import open_source
 
     with open_source(model, include=r"layers\.0\.self_attn\.q_proj") as source:
         weight = source.read(source.modules()[0])
@@ -164,12 +167,14 @@ def main() -> None:
     base = time.perf_counter() - start
     ours_row = table[(table.module == "model.layers.0.self_attn.q_proj") & (table.config == str(config))]
     start = time.perf_counter()
-    from bitalloc.decomposition import loftq
+    from bitalloc.loftq import loftq
 
     loftq(weight, config, keep_q=False)
     ours = time.perf_counter() - start
-    print(f"one 2048x2048 {config}: paper's algorithm {base:.2f}s, bitalloc {ours:.2f}s, "
-          f"ratio {base / ours:.1f}x (rel error {float(ours_row.rel_error.iloc[0]):.4f})")
+    print(
+        f"one 2048x2048 {config}: paper's algorithm {base:.2f}s, bitalloc {ours:.2f}s, "
+        f"ratio {base / ours:.1f}x (rel error {float(ours_row.rel_error.iloc[0]):.4f})"
+    )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

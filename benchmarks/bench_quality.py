@@ -62,7 +62,7 @@ class Cache:
 
 
 def timed_profile(model, output: Path, cache: Cache, key: str, **kwargs):
-    from bitalloc.profiler import profile
+    from bitalloc.profiling.profiler import profile
 
     stats: dict[str, float] = {}
     start = time.perf_counter()
@@ -93,8 +93,7 @@ class Builder:
         self.cache: dict[tuple[str, str, bool], tuple[torch.Tensor, float]] = {}
 
     def weight(self, module: str, config: str, weighted: bool) -> tuple[torch.Tensor, float]:
-        from bitalloc.decomposition import loftq
-        from bitalloc.profiler import module_seed
+        from bitalloc.loftq import loftq, module_seed
 
         key = (module, config, weighted)
         if key not in self.cache:
@@ -144,10 +143,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    from bitalloc.calibration import load_column_weights
-    from bitalloc.evaluate import evaluation_text, perplexity, text_digest, text_name, tokenize
-    from bitalloc.plan_report import first_k_layers_baseline, uniform_baselines
-    from bitalloc.planner import plan
+    from bitalloc.evaluation import perplexity
+    from bitalloc.planning.planner import plan
+    from bitalloc.planning.report import first_k_layers_baseline, uniform_baselines
+    from bitalloc.profiling.calibration import load_column_weights
+    from bitalloc.texts import evaluation_text, text_digest, text_name, tokenize
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from bitalloc.nn import QuantLinear
+from bitalloc.artifacts.nn import QuantLinear
 from bitalloc.quant import QuantizedTensor
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

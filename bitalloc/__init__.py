@@ -1,8 +1,10 @@
 """bitalloc: choose how to quantize every weight matrix under a bit budget, then build it.
 
 Public names (DESIGN.md): ``QuantConfig``, ``storage_bits``, ``loftq``, ``LoftQResult``,
-``profile``, ``plan``, ``Plan``, ``apply``, ``load_quantized``, ``open_source``.
-Heavy modules (pandas, PuLP, transformers) load on first use, not on import.
+``profile``, ``ProfileSettings``, ``CalibrationSettings``, ``plan``, ``sweep``, ``Plan``,
+``PlanConstraints``, ``plan_files``, ``apply``, ``LoraSettings``, ``load_quantized``,
+``open_source``, ``read_profile``. Heavy modules (pandas, PuLP, transformers) load on
+first use, not on import.
 """
 
 from importlib import import_module
@@ -13,17 +15,26 @@ from .quant import QuantConfig, storage_bits
 __version__ = "0.1.0"
 
 _LAZY = {
-    "loftq": "decomposition",
-    "loftq_batch": "decomposition",
-    "LoftQResult": "decomposition",
-    "profile": "profiler",
-    "read_profile": "profiler",
-    "plan": "planner",
-    "sweep": "planner",
-    "Plan": "plan_format",
-    "apply": "artifacts",
-    "load_quantized": "nn",
-    "open_source": "sources",
+    "loftq": "loftq",
+    "loftq_batch": "loftq",
+    "LoftQResult": "loftq",
+    "open_source": "checkpoints",
+    "ProfileSettings": "profiling.settings",
+    "CalibrationSettings": "profiling.settings",
+    "profile": "profiling.profiler",
+    "read_profile": "profiling.table",
+    "plan": "planning.planner",
+    "sweep": "planning.planner",
+    "feasible_range": "planning.planner",
+    "Plan": "planning.plan_file",
+    "PlanConstraints": "planning.pipeline",
+    "plan_files": "planning.pipeline",
+    "summarize": "planning.report",
+    "apply": "artifacts.writer",
+    "LoraSettings": "artifacts.writer",
+    "load_quantized": "artifacts.nn",
+    "QuantLinear": "artifacts.nn",
+    "perplexity": "evaluation",
 }
 
 __all__ = ["BitallocError", "QuantConfig", "storage_bits", "__version__", *_LAZY]

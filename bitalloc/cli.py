@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from .errors import BitallocError
-from .fileio import atomic_path
 
 
 def _ints(text: str) -> list[int]:
@@ -25,79 +21,69 @@ def _strs(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _add_profile_options(parser: argparse.ArgumentParser) -> None:
-    from .profiler import DEFAULT_BITS, DEFAULT_BLOCK_SIZES, DEFAULT_METHODS, DEFAULT_SCALES
+# CLI option -> keyword option of `bitalloc.profile` (None when the user did not give it)
+PROFILE_FLAGS = {
+    "bits": "bits", "block_sizes": "block_sizes", "method": "methods", "scales": "scales",
+    "configs": "configs", "rank": "rank", "iters": "iters", "lowrank": "lowrank", "device": "device",
+    "include": "include", "exclude": "exclude", "objective": "objective",
+    "calibration_tokens": "calibration_tokens",
+}  # fmt: skip
 
-    group = parser.add_argument_group("profile settings")
-    group.add_argument("--bits", type=_ints, default=list(DEFAULT_BITS), help="code bits (default 2,3,4,8)")
+
+def _add_profile_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("profile settings (defaults: bitalloc.ProfileSettings)")
+    group.add_argument("--bits", type=_ints, help="code bits (default 2,3,4,8)")
+    group.add_argument("--block-sizes", type=_ints, help="block sizes B0 (default 32,64,128)")
+    group.add_argument("--method", type=_strs, help="nf,int (default nf)")
     group.add_argument(
-        "--block-sizes",
-        type=_ints,
-        default=list(DEFAULT_BLOCK_SIZES),
-        help="block sizes B0 (default 32,64,128)",
-    )
-    group.add_argument("--method", type=_strs, default=list(DEFAULT_METHODS), help="nf,int (default nf)")
-    group.add_argument(
-        "--scales",
-        type=_strs,
-        default=list(DEFAULT_SCALES),
-        help="scale storage: fp32, fp16, bf16 or b0bB1 like 8b256 (default 8b256)",
+        "--scales", type=_strs, help="scale storage: fp32, fp16, bf16 or b0bB1 like 8b256 (default 8b256)"
     )
     group.add_argument(
         "--configs",
         type=_strs,
-        default=None,
         help="explicit config strings instead of the grid, e.g. nf2-b64-s8b256,nf4-b64-sfp32",
     )
-    group.add_argument("--rank", type=int, default=16, help="LoRA rank r (default 16)")
-    group.add_argument("--iters", type=int, default=5, help="LoftQ iterations T (default 5)")
-    group.add_argument("--lowrank", choices=["randomized", "exact"], default="randomized")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    group.add_argument("--rank", type=int, help="LoRA rank r (default 16)")
+    group.add_argument("--iters", type=int, help="LoftQ iterations T (default 5)")
+    group.add_argument("--lowrank", choices=["randomized", "exact"])
+    group.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     group.add_argument(
         "--include",
         action="append",
-        default=None,
         metavar="REGEX",
         help="profile only matrices whose names match (repeatable)",
     )
-    group.add_argument("--exclude", action="append", default=None, metavar="REGEX")
-    group.add_argument("--quiet", action="store_true", help="no progress bar")
+    group.add_argument("--exclude", action="append", metavar="REGEX")
     group.add_argument(
         "--objective",
         choices=["auto", "activation", "weight"],
-        default=None,
         help="error to minimize: weight ||W - Q - BA||^2, activation (weighted by input second "
         "moments on calibration text), auto (activation when the model can be run: config and "
         "tokenizer). Default: auto for plan; for profile activation with --calibration, else weight",
     )
     group.add_argument(
-        "--calibration",
-        default=None,
-        metavar="TEXTFILE",
-        help="text to measure activations on ('default': built-in text from pydoc_data)",
+        "--calibration", metavar="TEXTFILE", help="text to measure activations on ('default': built-in text)"
     )
-    group.add_argument(
-        "--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)"
-    )
+    group.add_argument("--calibration-tokens", type=int, help="calibration tokens (default 8192)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _profile_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        bits=args.bits, block_sizes=args.block_sizes, methods=args.method, scales=args.scales,
-        configs=args.configs, rank=args.rank, iters=args.iters, lowrank=args.lowrank,
-        device=args.device, include=args.include, exclude=args.exclude, quiet=args.quiet,
-        objective=args.objective or ("auto" if args.command == "plan" else None),
-        calibration=args.calibration,
-        calibration_tokens=args.calibration_tokens,
-    )  # fmt: skip
+def _profile_options(args: argparse.Namespace) -> dict:
+    """Only the profile options the user gave: the library owns every default."""
+    return {
+        key: getattr(args, flag) for flag, key in PROFILE_FLAGS.items() if getattr(args, flag) is not None
+    }
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from .profiler import profile
+    from .profiling.profiler import profile
 
     stats: dict[str, float] = {}
     start = time.perf_counter()
-    table = profile(args.model, args.output, overwrite=args.overwrite, stats=stats, **_profile_kwargs(args))
+    table = profile(
+        args.model, args.output, calibration=args.calibration, overwrite=args.overwrite, quiet=args.quiet,
+        stats=stats, **_profile_options(args),
+    )  # fmt: skip
     elapsed = time.perf_counter() - start
     if not args.quiet:
         steps = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(stats.items()))
@@ -108,56 +94,36 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .plan_report import summarize
-    from .planner import parse_sweep, plan, sweep
-    from .profiler import profile, read_profile
+    from .planning.pipeline import PlanConstraints, plan_files
+    from .planning.report import config_counts, summarize
 
-    if args.profile is not None:
-        if args.model is not None:
-            raise BitallocError("give a MODEL or --profile, not both")
-        table = read_profile(args.profile)
-    else:
-        settings = _profile_kwargs(args)
-        table = profile(args.model, _profile_cache(args.output, args.model, settings), **settings)
-    constraints = dict(
-        solver=args.solver, count_lora=args.count_lora, tie=args.tie or (), min_bits=args.min_bits,
-        max_bits=args.max_bits, pin=_pins(args.pin), keep=args.keep or (),
-        source=table.attrs.get("source"),
+    constraints = PlanConstraints(
+        solver=args.solver, count_lora=args.count_lora, tie=tuple(args.tie or ()), min_bits=args.min_bits,
+        max_bits=args.max_bits, pin=_pins(args.pin), keep=tuple(args.keep or ()),
     )  # fmt: skip
-    if args.sweep is not None:
-        budgets = parse_sweep(args.sweep)
-        start = time.perf_counter()
-        plans = sweep(table, budgets, **constraints)
-        print(f"{'budget':>7} {'achieved':>9} {'total error':>12}  configs used")
-        stem = Path(args.output)
-        for budget, result in zip(budgets, plans):
-            target = stem.with_name(f"{stem.stem}-{budget:g}{stem.suffix}")
-            result.save(target)
-            _keep_calibration(table, target)
-            used = ", ".join(f"{c}x{n}" for c, n in _config_counts(result))
-            print(f"{budget:>7g} {result.achieved_bits:>9.4f} {result.total_error:>12.5g}  {used}")
-        print(
-            f"solved {len(budgets)} budgets in {time.perf_counter() - start:.2f}s; "
-            f"wrote {stem.stem}-<budget>{stem.suffix}"
-        )
+    options = _profile_options(args)
+    run = plan_files(
+        args.model, profile_path=args.profile, budget=args.budget, budgets=args.sweep, output=args.output,
+        calibration=args.calibration, constraints=constraints, quiet=args.quiet, **options,
+    )  # fmt: skip
+    if args.sweep is None:
+        print(summarize(run.plans[0], run.table))
+        print(f"solved in {run.seconds:.2f}s; wrote {run.paths[0]}")
         return
-    if args.budget is None:
-        raise BitallocError("give --budget BITS (e.g. --budget 2.5) or --sweep START:STOP:STEP")
-    start = time.perf_counter()
-    result = plan(table, args.budget, **constraints)
-    elapsed = time.perf_counter() - start
-    result.save(args.output)
-    _keep_calibration(table, args.output)
-    print(summarize(result, table))
-    print(f"solved in {elapsed:.2f}s; wrote {args.output}")
+    print(f"{'budget':>7} {'achieved':>9} {'total error':>12}  configs used")
+    for budget, result in zip(run.budgets, run.plans):
+        used = ", ".join(f"{c}x{n}" for c, n in config_counts(result))
+        print(f"{budget:>7g} {result.achieved_bits:>9.4f} {result.total_error:>12.5g}  {used}")
+    stem = Path(args.output)
+    print(f"solved {len(run.plans)} budgets in {run.seconds:.2f}s; wrote {stem.stem}-<budget>{stem.suffix}")
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    from .artifacts import apply
+    from .artifacts.writer import LoraSettings, apply
 
     start = time.perf_counter()
     out = apply(
-        args.model, args.plan, args.output, lora_alpha=args.lora_alpha, use_rslora=args.use_rslora,
+        args.model, args.plan, args.output, LoraSettings(args.lora_alpha, args.use_rslora),
         dequantized=args.dequantized, dequantized_dtype=args.dequantized_dtype,
         device=args.device, quiet=args.quiet, calibration=args.calibration,
     )  # fmt: skip
@@ -165,23 +131,16 @@ def cmd_apply(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({parts}) in {time.perf_counter() - start:.1f}s")
 
 
-def _keep_calibration(table, plan_path: str | Path) -> None:
-    """A data-aware plan's h goes beside it (``PLAN.calibration.safetensors``) for `apply`."""
-    from .calibration import plan_calibration_path
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export
 
-    record = table.attrs.get("calibration") or {}
-    if table.attrs.get("objective", "weight") != "weight" and record.get("path"):
-        with atomic_path(plan_calibration_path(plan_path)) as temp:
-            shutil.copyfile(record["path"], temp)
-
-
-def _profile_cache(output: str, model: str | None, settings: dict) -> Path:
-    """Where `plan MODEL` caches its profile: beside the plan, named by model and settings,
-    so that changing a setting starts a new profile instead of clashing with the old one."""
-    key = {k: v for k, v in settings.items() if k != "quiet"}
-    key["model"] = str(Path(model).resolve()) if model else None
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(output).with_name(f"{Path(output).stem}.profile-{digest}.parquet")
+    result = export(args.plan, args.to, args.output, imatrix=args.imatrix)
+    for note in result.notes:
+        print(f"bitalloc: note: {note}", file=sys.stderr)
+    if args.output is None:
+        sys.stdout.write(result.text)
+    else:
+        print(f"wrote {result.path} ({args.to}, {result.target_bits:.4g} bits/param in its accounting)")
 
 
 def _pins(items: list[str] | None) -> dict[str, str] | None:
@@ -194,13 +153,6 @@ def _pins(items: list[str] | None) -> dict[str, str] | None:
             raise BitallocError(f"bad --pin {item!r}: expected REGEX=CONFIG, e.g. 'down_proj=nf4-b64-s8b256'")
         pins[regex] = config
     return pins
-
-
-def _config_counts(result) -> list[tuple[str, int]]:
-    counts: dict[str, int] = {}
-    for config in result.assignments.values():
-        counts[config] = counts.get(config, 0) + 1
-    return sorted(counts.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="START:STOP:STEP",
         help="many budgets from one profile; writes plan-<budget>.json",
     )
-    pl.add_argument("--profile", default=None, help="an existing profile table (Parquet or CSV)")
+    pl.add_argument(
+        "--profile",
+        default=None,
+        help="an existing profile table (Parquet or CSV); profile settings do not apply",
+    )
     pl.add_argument("-o", "--output", default="plan.json", help="plan to write (default plan.json)")
     pl.add_argument(
         "--solver",
@@ -284,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.set_defaults(func=cmd_apply)
+
+    ex = commands.add_parser("export", help="write the plan as another quantizer's config")
+    ex.add_argument("plan", help="plan JSON from `bitalloc plan` (best from a --rank 0 profile)")
+    ex.add_argument("--to", required=True, metavar="TARGET",
+                    help="gptqmodel, autoround, llamacpp, compressed-tensors, torchao or hqq")  # fmt: skip
+    ex.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
+    ex.add_argument("--imatrix", action="store_true", help="llamacpp: an importance matrix will be given")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 

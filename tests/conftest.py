@@ -32,7 +32,7 @@ DEMO_CONFIGS = [f"nf{bits}-b{block}-s8b256" for bits in (2, 3, 4) for block in (
 @pytest.fixture(scope="session")
 def demo_profile():
     """One profile of the demo model (36 matrices x 6 configs, r=16, T=5) per test run."""
-    from bitalloc.profiler import profile
+    from bitalloc.profiling.profiler import profile
 
     return profile(None, configs=DEMO_CONFIGS, rank=16, iters=5, quiet=True)
 

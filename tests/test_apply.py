@@ -20,15 +20,15 @@ from _models import make_tiny_gguf, make_tiny_llama, tiny_llama
 from peft import PeftModel
 from transformers import AutoModel, AutoModelForCausalLM
 
-import bitalloc.artifacts as artifacts
+import bitalloc.artifacts.writer as artifacts
 from bitalloc import BitallocError, QuantConfig
-from bitalloc.artifacts import apply
+from bitalloc.artifacts.nn import QuantLinear, load_quantized
+from bitalloc.artifacts.writer import apply
+from bitalloc.checkpoints import demo_model_path
 from bitalloc.cli import main
-from bitalloc.decomposition import loftq
-from bitalloc.nn import QuantLinear, load_quantized
-from bitalloc.planner import plan as make_plan
-from bitalloc.profiler import module_seed, profile
-from bitalloc.sources import demo_model_path
+from bitalloc.loftq import loftq, module_seed
+from bitalloc.planning.planner import plan as make_plan
+from bitalloc.profiling.profiler import profile
 
 CONFIGS = ["nf2-b64-s8b256", "nf4-b64-s8b256"]
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -8,20 +8,22 @@ import pytest
 import torch
 from _models import llama_module_names, make_tiny_gguf, make_tiny_llama
 
-import bitalloc.calibration as calibration_module
-from bitalloc.calibration import (
+import bitalloc.profiling.calibration as calibration_module
+from bitalloc.cli import main
+from bitalloc.errors import BitallocError
+from bitalloc.evaluation import perplexity
+from bitalloc.loftq import loftq
+from bitalloc.planning.planner import plan
+from bitalloc.profiling.calibration import (
     calibrate,
     calibration_path,
-    can_calibrate,
     collect_column_weights,
     load_column_weights,
 )
-from bitalloc.cli import main
-from bitalloc.decomposition import loftq
-from bitalloc.errors import BitallocError
-from bitalloc.evaluate import calibration_text, evaluation_text, perplexity, windows
-from bitalloc.planner import plan
-from bitalloc.profiler import profile, read_profile
+from bitalloc.checkpoints.runnable import can_run
+from bitalloc.profiling.profiler import profile
+from bitalloc.profiling.table import read_profile
+from bitalloc.texts import calibration_text, evaluation_text, windows
 
 NAMES = llama_module_names()
 CONFIGS = ["nf2-b64-s8b256", "nf4-b128-s8b256"]
@@ -93,13 +95,13 @@ def test_only_one_block_is_ever_in_memory(tiny_dir):
     the LM head (never needed) is never read."""
     from safetensors.torch import load_file
 
-    from bitalloc.nn import _parameters_on_meta
+    from bitalloc.checkpoints.runnable import parameters_on_meta
 
     directory, model = tiny_dir
     state = {}
     for file in sorted(directory.glob("*.safetensors")):
         state.update(load_file(file))
-    with _parameters_on_meta():
+    with parameters_on_meta():
         net = type(model)(model.config)
     reads, resident = [], []
 
@@ -149,8 +151,8 @@ def test_profile_with_calibration(calibrated_profile):
 
 
 def test_weighted_errors_agree_with_the_core(calibrated_profile, tiny_dir):
-    from bitalloc.profiler import module_seed
-    from bitalloc.sources import open_source
+    from bitalloc.checkpoints import open_source
+    from bitalloc.loftq import module_seed
 
     table, output = calibrated_profile
     weights = load_column_weights(output)
@@ -165,7 +167,7 @@ def test_weighted_errors_agree_with_the_core(calibrated_profile, tiny_dir):
 
 
 def test_calibrated_profile_resumes_and_reuses_h(calibrated_profile, tiny_dir, tmp_path, monkeypatch):
-    import bitalloc.profiler as profiler_module
+    import bitalloc.profiling.profiler as profiler_module
 
     reference, _ = calibrated_profile
     output = tmp_path / "profile.parquet"
@@ -246,7 +248,7 @@ def test_unit_h_is_exactly_plain_loftq(tiny_dir):
 
 def test_objective_resolution(tiny_dir, tmp_path):
     directory, model = tiny_dir
-    assert not can_calibrate(model) and not can_calibrate(directory)  # no tokenizer files
+    assert not can_run(model) and not can_run(directory)  # no tokenizer files
     table = profile(directory, include=r"layers\.0\.mlp\.up_proj", objective="auto", **FAST)
     assert table.attrs["objective"] == "weight"
     output = tmp_path / "profile.parquet"
@@ -278,7 +280,7 @@ def test_cli_profile_and_plan_with_calibration_text(tmp_path, capsys):
     model_dir = tmp_path / "model"
     make_tiny_llama(model_dir, seed=2)
     byte_tokenizer(model_dir)
-    assert can_calibrate(model_dir)
+    assert can_run(model_dir)
     text = tmp_path / "notes.txt"
     text.write_text(calibration_text()[:4000], encoding="utf-8")
     common = ["--configs", ",".join(CONFIGS), "--rank", "4", "--iters", "1", "--quiet"]
@@ -310,8 +312,8 @@ def test_cli_profile_and_plan_with_calibration_text(tmp_path, capsys):
     )
     from safetensors.torch import load_file
 
-    from bitalloc.profiler import module_seed
-    from bitalloc.sources import open_source
+    from bitalloc.checkpoints import open_source
+    from bitalloc.loftq import module_seed
 
     adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
     h = load_column_weights(out)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bitalloc.decomposition import LoftQResult, loftq, loftq_batch, lora_scaling
-from bitalloc.lowrank import exact_lowrank, randomized_lowrank
+from bitalloc.loftq import LoftQResult, loftq, loftq_batch, lora_scaling
+from bitalloc.loftq.lowrank import exact_lowrank, randomized_lowrank
 
 
 def reconstruction_rel_error(weight: torch.Tensor, result: LoftQResult) -> float:

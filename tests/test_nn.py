@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from bitalloc.nn import PackedWeight, QuantLinear
+from bitalloc.artifacts.nn import PackedWeight, QuantLinear
 from bitalloc.quant import QuantizedTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from bitalloc.errors import BitallocError
-from bitalloc.plan_format import Plan, plan_schema
-from bitalloc.plan_report import first_k_layers_baseline, summarize, uniform_baselines
-from bitalloc.planner import feasible_range, parse_sweep, plan, sweep
+from bitalloc.planning.plan_file import Plan, plan_schema
+from bitalloc.planning.planner import feasible_range, parse_sweep, plan, sweep
+from bitalloc.planning.report import first_k_layers_baseline, summarize, uniform_baselines
 from bitalloc.quant import QuantConfig
 
 CONFIGS = ("nf2-b64-s8b256", "nf3-b64-sfp16", "nf4-b64-s8b256", "int4-b128-sfp32")
@@ -235,13 +235,15 @@ def test_solvers_agree_with_dynamic_programming_on_a_larger_problem():
 
 
 def test_weighted_objective_uses_weighted_error():
-    table = make_table(seed=6, objective="fisher")
+    table = make_table(seed=6, objective="activation")
     budget = dyadic_budgets(table, fractions=(0.5,))[0]
     result = plan(table, budget)
-    assert result.objective == "fisher"
+    assert result.objective == "activation"
     assert result.total_error == pytest.approx(brute_force(table, budget, column="weighted_error"), rel=1e-12)
     assert all("weighted_error" in entry for entry in result.modules.values())
     assert "weighted_error" not in next(iter(plan(make_table(6), budget).modules.values()))
+    with pytest.raises(BitallocError, match="unknown objective 'fisher'"):  # not implemented: refused
+        plan(make_table(seed=6, objective="fisher"), budget)
 
 
 def test_beats_uniform_and_first_k_baselines():

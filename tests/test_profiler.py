@@ -12,18 +12,14 @@ import pytest
 import torch
 from _models import llama_module_names, make_tiny_gguf, make_tiny_llama, tiny_llama
 
+from bitalloc.checkpoints import open_source
 from bitalloc.cli import main
-from bitalloc.decomposition import loftq
 from bitalloc.errors import BitallocError
-from bitalloc.profiler import (
-    REQUIRED_COLUMNS,
-    config_grid,
-    module_seed,
-    profile,
-    read_profile,
-    split_by_cost,
-)
-from bitalloc.sources import open_source
+from bitalloc.loftq import loftq, module_seed
+from bitalloc.profiling.distributed import split_by_cost
+from bitalloc.profiling.profiler import profile
+from bitalloc.profiling.settings import ProfileSettings
+from bitalloc.profiling.table import REQUIRED_COLUMNS, read_profile
 
 CONFIGS = ["nf2-b64-s8b256", "nf4-b128-sfp16"]
 FAST = dict(configs=CONFIGS, rank=4, iters=2, quiet=True)
@@ -223,9 +219,12 @@ def test_split_by_cost_balances(tiny_dir):
 
 
 def test_default_grid():
-    grid = [str(c) for c in config_grid()]
+    grid = [str(c) for c in ProfileSettings().grid()]
     assert len(grid) == 12 and "nf2-b64-s8b256" in grid and "nf8-b128-s8b256" in grid
-    assert [str(c) for c in config_grid([3], [64], ["nf", "int"], ["fp16"])] == [
+    assert [
+        str(c)
+        for c in ProfileSettings(bits=[3], block_sizes=[64], methods=["nf", "int"], scales=["fp16"]).grid()
+    ] == [
         "int3-b64-sfp16",
         "nf3-b64-sfp16",
     ]
@@ -277,5 +276,5 @@ def test_bad_settings():
     with pytest.raises(BitallocError, match="rank 300 exceeds"):
         profile(tiny_llama(), configs=CONFIGS, rank=300, quiet=True)
     with pytest.raises(ValueError, match="unsupported bits"):
-        config_grid([5], [64])
+        ProfileSettings(bits=[5], block_sizes=[64]).grid()
     assert json.loads(json.dumps(module_seed("a", "nf2-b64-s8b256"))) == module_seed("a", "nf2-b64-s8b256")

@@ -24,7 +24,7 @@ from _models import (
 )
 
 from bitalloc import BitallocError
-from bitalloc.sources import (
+from bitalloc.checkpoints import (
     GGUFSource,
     ModuleSource,
     SafetensorsSource,
@@ -365,7 +365,7 @@ def test_reading_a_large_checkpoint_keeps_memory_small(tmp_path):
     script = textwrap.dedent(
         f"""
         import re
-        from bitalloc.sources import open_source
+        from bitalloc.checkpoints import open_source
 
         def kib(field):
             return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read())[1])

@@ -5,50 +5,36 @@ binary x[g, c] picks config c for group g (one matrix, or matrices tied to share
 exactly one per group, sum(storage_bits * x) <= budget * sum(numel), minimizing the summed
 error. This module reads and validates the profile table, applies the constraints (ties,
 pins, keeps, bit bounds), drops dominated configs and builds the Plan; the exact solving
-lives in `mckp`, baselines and the human summary in `plan_report`, the plan file format in
-`plan_format`.
+lives in `mckp`, baselines and the human summary in `report`, the plan file format in
+`plan_file`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from importlib import import_module
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import BitallocError
+from ..errors import BitallocError
+from ..names import compile_patterns, natural_key
+from ..profiling.table import REQUIRED_COLUMNS, read_profile
+from ..quant import QuantConfig
 from .mckp import SOLVERS, solve
-from .names import compile_patterns, natural_key
-from .plan_format import Plan
-from .quant import QuantConfig
+from .plan_file import Plan, most_common
 
 __all__ = ["Plan", "feasible_range", "parse_sweep", "plan", "sweep"]
 
-OBJECTIVE_COLUMNS = {"weight": "error", "activation": "weighted_error", "fisher": "weighted_error"}
-REQUIRED_COLUMNS = tuple(
-    "module shape numel config method bits block_size bits_per_param storage_bits error "
-    "rel_error qlora_error rank iters".split()
-)
+OBJECTIVE_COLUMNS = {"weight": "error", "activation": "weighted_error"}
 LORA_BITS = 16  # LoRA factors are counted at 16 bits when the budget includes them
-_MOVED_TO_PLAN_REPORT = ("Baseline", "first_k_layers_baseline", "summarize", "uniform_baselines")
-
-
-def __getattr__(name: str):
-    """Old imports (``from bitalloc.planner import summarize``) of names now in `plan_report`.
-
-    Resolved on first use: `plan_report` builds on this module, so importing it here would
-    be a cycle.
-    """
-    if name in _MOVED_TO_PLAN_REPORT:
-        return getattr(import_module(".plan_report", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -88,7 +74,7 @@ class _Group:
 
 
 @dataclass
-class _Problem:
+class Problem:
     """A profile after constraints: what `plan` solves for any number of budgets."""
 
     matrices: dict[str, _Matrix]  # every profiled matrix, natural name order
@@ -119,7 +105,7 @@ def plan(
     The budget is the average storage_bits per parameter over the quantized matrices
     (``count_lora`` adds r·(out+in)·16 bits of LoRA factors per matrix). The error is the
     profile's ``error``, or ``weighted_error`` when its metadata says the objective is
-    ``activation`` or ``fisher``. Constraints (regexes are searched in module names):
+    ``activation``. Constraints (regexes are searched in module names):
 
     - ``tie``: matrices matched by one regex are grouped by the tuple of *all* its capture
       groups and share a config. To tie q/k/v within each layer write
@@ -134,7 +120,7 @@ def plan(
     faster on hard budgets). Raises BitallocError for bad input and for an infeasible budget
     (with the achievable range).
     """
-    problem = _prepare(
+    problem = prepare_problem(
         profile_table,
         count_lora=count_lora,
         tie=tie,
@@ -158,7 +144,7 @@ def sweep(
     budgets = list(budgets)
     if not budgets:
         raise BitallocError("no budgets to sweep")
-    problem = _prepare(profile_table, **constraints)
+    problem = prepare_problem(profile_table, **constraints)
     return [_solve_plan(problem, budget, solver, source) for budget in budgets]
 
 
@@ -168,7 +154,7 @@ def feasible_range(profile_table: pd.DataFrame, **constraints) -> tuple[float, f
     Both are rounded up to the next float, so ``plan(table, budget=lo)`` is feasible and
     ``plan(table, budget=hi)`` gives every matrix its most accurate config.
     """
-    return _feasible_range(_prepare(profile_table, **constraints))
+    return _feasible_range(prepare_problem(profile_table, **constraints))
 
 
 def parse_sweep(text: str) -> list[float]:
@@ -192,7 +178,9 @@ def parse_sweep(text: str) -> list[float]:
 
 
 # ---- reading the profile -------------------------------------------------------------------
-def _read_table(profile_table: pd.DataFrame) -> tuple[dict[str, _Matrix], str, dict]:
+def _read_table(profile_table) -> tuple[dict[str, _Matrix], str, dict]:
+    if isinstance(profile_table, (str, os.PathLike)):
+        profile_table = read_profile(profile_table)
     if not isinstance(profile_table, pd.DataFrame):
         raise BitallocError(
             f"not a profile table: expected a pandas DataFrame, got {type(profile_table).__name__}"
@@ -200,9 +188,7 @@ def _read_table(profile_table: pd.DataFrame) -> tuple[dict[str, _Matrix], str, d
     attrs = dict(profile_table.attrs)
     objective = attrs.get("objective") or "weight"
     if objective not in OBJECTIVE_COLUMNS:
-        raise BitallocError(
-            f"unknown objective {objective!r} in the profile: expected weight, activation or fisher"
-        )
+        raise BitallocError(f"unknown objective {objective!r} in the profile: expected weight or activation")
     needed = (*REQUIRED_COLUMNS, OBJECTIVE_COLUMNS[objective])
     missing = [column for column in dict.fromkeys(needed) if column not in profile_table.columns]
     if missing:
@@ -219,7 +205,7 @@ def _read_table(profile_table: pd.DataFrame) -> tuple[dict[str, _Matrix], str, d
     error = _column(profile_table, "error", names, integer=False, minimum=0)
     objective_error = _column(profile_table, OBJECTIVE_COLUMNS[objective], names, integer=False, minimum=0)
     configs = profile_table["config"].astype(str).to_numpy()
-    canonical = {text: _canonical_config(text, "profile table") for text in set(configs)}
+    canonical = {text: canonical_config(text, "profile table") for text in set(configs)}
     shapes = profile_table["shape"].to_numpy()
 
     matrices: dict[str, _Matrix] = {}
@@ -269,7 +255,7 @@ def _parse_shape(shape, name: str) -> tuple[int, int]:
     return dims
 
 
-def _canonical_config(text: str, where: str) -> str:
+def canonical_config(text: str, where: str) -> str:
     try:
         return str(QuantConfig.parse(text))
     except ValueError as exc:
@@ -285,9 +271,9 @@ def _matching(pattern: str, regex: re.Pattern, names: Sequence[str], what: str) 
     return matched
 
 
-def _prepare(
+def prepare_problem(
     profile_table, *, count_lora=False, tie=(), min_bits=None, max_bits=None, pin=None, keep=()
-) -> _Problem:
+) -> Problem:
     """Read the table, apply keep/pin/bit bounds/ties, and drop dominated configs."""
     matrices, objective, attrs = _read_table(profile_table)
     names = list(matrices)
@@ -314,7 +300,7 @@ def _prepare(
     if pin is not None and not isinstance(pin, dict):
         raise BitallocError(f"pin must be a dict {{regex: config}}, got {type(pin).__name__}")
     for pattern, regex in compile_patterns("pin", list(pin or {})):
-        config = _canonical_config(pin[pattern], f"pin {pattern!r}")
+        config = canonical_config(pin[pattern], f"pin {pattern!r}")
         for name in _matching(pattern, regex, names, "pin"):
             if name in kept:
                 raise BitallocError(f"{name!r} is both kept and pinned to {config!r}")
@@ -343,7 +329,7 @@ def _prepare(
             options.append((config, storage, error))
         groups.append(_Group(members, _undominated(options)))
     numel = sum(matrices[name].numel for name in quantized)
-    return _Problem(
+    return Problem(
         matrices, groups, [n for n in names if n in kept], numel, objective, bool(count_lora), attrs
     )
 
@@ -383,7 +369,7 @@ def _undominated(options: list[tuple[str, int, float]]) -> list[tuple[str, int, 
 
 
 # ---- budget and solving ------------------------------------------------------------------
-def _capacity(budget: float, numel: int) -> int:
+def capacity_bits(budget: float, numel: int) -> int:
     """Largest total storage in bits allowed by ``budget`` bits/param over ``numel`` params.
 
     Exact: the budget is read both as its binary value and as the decimal it prints as,
@@ -397,7 +383,7 @@ def _capacity(budget: float, numel: int) -> int:
     return max(math.floor(Fraction(value) * numel), math.floor(Fraction(repr(value)) * numel))
 
 
-def _feasible_range(problem: _Problem) -> tuple[float, float]:
+def _feasible_range(problem: Problem) -> tuple[float, float]:
     def at_least(value: Fraction) -> float:
         result = float(value)
         return math.nextafter(result, math.inf) if Fraction(result) < value else result
@@ -407,10 +393,10 @@ def _feasible_range(problem: _Problem) -> tuple[float, float]:
     return at_least(Fraction(lowest, problem.numel)), at_least(Fraction(highest, problem.numel))
 
 
-def _solve_plan(problem: _Problem, budget: float, solver: str, source: str | None) -> Plan:
+def _solve_plan(problem: Problem, budget: float, solver: str, source: str | None) -> Plan:
     if solver not in SOLVERS:
         raise BitallocError(f"unknown solver {solver!r}: expected one of {', '.join(SOLVERS)}")
-    capacity = _capacity(budget, problem.numel)
+    capacity = capacity_bits(budget, problem.numel)
     if sum(group.options[0][1] for group in problem.groups) > capacity:
         lo, hi = _feasible_range(problem)
         raise BitallocError(
@@ -424,7 +410,7 @@ def _solve_plan(problem: _Problem, budget: float, solver: str, source: str | Non
 
 # ---- building the plan --------------------------------------------------------------------
 def _build_plan(
-    problem: _Problem, budget: float, choice: list[int], solver: str, gap: float, source: str | None
+    problem: Problem, budget: float, choice: list[int], solver: str, gap: float, source: str | None
 ) -> Plan:
     assignment = {
         name: group.options[i][0]
@@ -472,19 +458,24 @@ def _build_plan(
             "objective": math.fsum(errors),
             "gap": round(gap, 9),
         },
-        defaults={"rank": _most_common(ranks), "iters": _most_common(iters)},
+        defaults={"rank": most_common(ranks), "iters": most_common(iters)},
         kept=list(problem.kept),
         modules=modules,
+        calibration_file=_calibration_file(problem),
     )
 
 
-def _calibration_record(problem: _Problem) -> dict | None:
+def _calibration_file(problem: Problem) -> Path | None:
+    """Where the profile saved its h (a data-aware profile written to a file), else None."""
+    record = problem.attrs.get("calibration") or {}
+    if problem.objective == "weight" or not record.get("path"):
+        return None
+    return Path(record["path"])
+
+
+def _calibration_record(problem: Problem) -> dict | None:
     """What a data-aware plan keeps of the profile's calibration (no machine-specific path)."""
     record = problem.attrs.get("calibration")
     if problem.objective == "weight" or not record:
         return None
     return {key: value for key, value in sorted(record.items()) if key != "path"}
-
-
-def _most_common(counts: Counter) -> int:
-    return min(counts, key=lambda value: (-counts[value], value))

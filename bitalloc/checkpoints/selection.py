@@ -50,12 +50,19 @@ def select_modules(
     include: str | Sequence[str] | None,
     exclude: str | Sequence[str] | None,
     where: str,
+    modules: Sequence[str] | None = None,
 ) -> list[str]:
-    """Apply the default rule, or `include` regexes instead of it, then `exclude` regexes.
+    """Apply the default rule, or `include` regexes instead of it, then `exclude` regexes;
+    or take exactly ``modules`` (a plan's names) when given.
 
     `matrices` maps module names of 2-D weights to their shapes. Every regex must match at
     least one of them (a typo otherwise goes unnoticed); an empty selection is an error.
     """
+    if modules is not None:
+        missing = [name for name in modules if name not in matrices]
+        if missing:
+            raise BitallocError(f"{missing[0]} is not a weight matrix of {where}")
+        return sorted(dict.fromkeys(modules), key=natural_key)
     includes, excludes = (
         [regex for _, regex in compile_patterns(kind, given)]
         for kind, given in (("include", include), ("exclude", exclude))

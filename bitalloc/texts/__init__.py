@@ -1,4 +1,4 @@
-"""Perplexity on local text, and the built-in calibration / evaluation texts.
+"""The built-in calibration and evaluation texts, reading user texts, tokenization and windowing.
 
 The built-in texts come from the Python standard library (``pydoc_data.topics``: the
 language reference and library topics as English prose), so nothing is downloaded. Its
@@ -11,12 +11,15 @@ calibration text: the two share no paragraph.
 from __future__ import annotations
 
 import hashlib
-import math
 import platform
+from pathlib import Path
 
 import torch
 
+from ..errors import BitallocError
+
 SEPARATOR = "\n\n"
+DEFAULT_TEXT = "default"  # names the built-in text wherever a text file may be given
 
 
 def _topic_halves() -> tuple[list[str], list[str]]:
@@ -82,30 +85,23 @@ def windows(ids: torch.Tensor, context: int) -> torch.Tensor:
     return ids[: count * context].reshape(count, context)
 
 
-@torch.inference_mode()
-def perplexity(
-    model: torch.nn.Module,
-    tokenizer,
-    text: str | torch.Tensor,
-    context: int = 512,
-    max_tokens: int | None = None,
-) -> float:
-    """exp(mean next-token NLL) of a causal LM over non-overlapping ``context``-token windows.
+def is_default(text) -> bool:
+    return text is None or str(text) == DEFAULT_TEXT
 
-    ``text`` is a string (tokenized with ``tokenizer``, no special tokens) or token ids (then
-    ``tokenizer`` may be None). Only whole windows count, except a text shorter than one.
-    Each window predicts its tokens 2..n from the ones before (no state across windows).
-    """
-    ids = text if isinstance(text, torch.Tensor) else tokenize(tokenizer, text)
-    ids = ids.reshape(-1)[:max_tokens] if max_tokens is not None else ids.reshape(-1)
-    if ids.numel() < 2:
-        raise ValueError("perplexity needs at least two tokens")
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for window in windows(ids, context):
-        window = window.unsqueeze(0).to(device)
-        logits = model(window, use_cache=False).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum")
-        total_nll += float(nll)
-        total_tokens += window.shape[1] - 1
-    return math.exp(total_nll / total_tokens)
+
+def read_text(text, which: str = "calibration") -> str:
+    """The text of a file, or the built-in ``which`` text for None/"default"."""
+    if is_default(text):
+        return calibration_text() if which == "calibration" else evaluation_text()
+    path = Path(text)
+    if not path.is_file():
+        raise BitallocError(f"{which} text not found: {text}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BitallocError(f"cannot read {which} text {text}: {exc}") from None
+
+
+def describe_text(text, which: str = "calibration") -> str:
+    """A readable name: the built-in text's description, or the file's name."""
+    return text_name(which) if is_default(text) else Path(text).name

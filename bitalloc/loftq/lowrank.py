@@ -10,9 +10,9 @@ that is still ~30x cheaper than one full SVD of a 2048^2 matrix.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from ..devices import one_cpu_thread
 
 LOWRANK_METHODS = ("exact", "randomized")
 
@@ -24,23 +24,8 @@ def exact_lowrank(residual: torch.Tensor, rank: int):
 
 
 def orthonormalize(columns: torch.Tensor) -> torch.Tensor:
-    with _one_cpu_thread(columns):
+    with one_cpu_thread(columns.device):
         return _orthonormalize(columns)
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(tensor: torch.Tensor):
-    """Thin (n x 32) work runs on one thread: on a busy 2-core machine two threads made the
-    factorization of a 2048^2 LoftQ residual 15x slower (4-6 s instead of 0.3 s)."""
-    previous = torch.get_num_threads()
-    if tensor.device.type != "cpu" or previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _orthonormalize(columns: torch.Tensor) -> torch.Tensor:
@@ -101,7 +86,7 @@ def randomized_lowrank(
         basis = orthonormalize(residual.transpose(-1, -2) @ basis)
         basis = orthonormalize(residual @ basis)
     small = basis.transpose(-1, -2) @ residual  # (b, width, n)
-    with _one_cpu_thread(small):
+    with one_cpu_thread(small.device):
         u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
     u = basis @ u_small[..., :rank]
     return u, s[..., :rank], vh[..., :rank, :]

@@ -10,15 +10,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import BitallocError
-from .fileio import write_text_atomic
-from .quant import QuantConfig
+from ..errors import BitallocError
+from ..fileio import atomic_path, write_text_atomic
+from ..profiling.calibration import calibration_path, read_verified
+from ..quant import QuantConfig
 
 PLAN_FORMAT = "bitalloc.plan/v1"
+
 
 # Key order of a per-module entry in the file (DESIGN.md); `weighted_error` only in
 # data-aware plans.
@@ -41,7 +45,7 @@ MODULE_KEYS = (
 @functools.lru_cache(maxsize=1)
 def plan_schema() -> dict:
     """The plan's JSON Schema (draft 2020-12), shipped as ``bitalloc/plan.schema.json``."""
-    text = resources.files("bitalloc").joinpath("plan.schema.json").read_text(encoding="utf-8")
+    text = resources.files("bitalloc.planning").joinpath("plan.schema.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -99,6 +103,9 @@ class Plan:
     defaults: dict
     kept: list[str] = field(default_factory=list)
     modules: dict[str, dict]
+    # data-aware plans: where their activation statistics are (not part of the JSON; `save`
+    # copies the file beside the plan, `load` finds it there)
+    calibration_file: Path | None = field(default=None, compare=False, repr=False)
 
     # ---- convenient views -----------------------------------------------------------
     @property
@@ -164,11 +171,40 @@ class Plan:
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan atomically: a temporary file in the same folder, then os.replace."""
+        """Write the plan atomically (a temporary file in the same folder, then os.replace).
+
+        A data-aware plan's activation statistics travel with it: they are copied (checked by
+        digest) to ``PLAN.calibration.safetensors`` beside the plan, where `load` and
+        `bitalloc.apply` find them, so the plan can be moved with its side file."""
+        path = Path(path)
+        if self.objective != "weight" and self.calibration:
+            self._save_calibration(calibration_path(path))
         write_text_atomic(path, self.to_json())
-        return Path(path)
+        return path
+
+    def _save_calibration(self, target: Path) -> None:
+        if self.calibration_file is None:
+            raise BitallocError(
+                "this data-aware plan has no calibration file to keep beside it: profile with an "
+                "output file (profile(model, 'profile.parquet', ...)) so the statistics are saved"
+            )
+        source = Path(self.calibration_file)
+        data = read_verified(source, self.calibration.get("digest"))
+        if target.exists() and target.resolve() == source.resolve():
+            return
+        with atomic_path(target) as temp:
+            temp.write_bytes(data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        """Read and validate a plan file."""
-        return cls.from_json(Path(path))
+        """Read and validate a plan file (a data-aware plan's statistics are beside it)."""
+        plan = cls.from_json(Path(path))
+        if plan.objective != "weight":
+            plan.calibration_file = calibration_path(path)
+        return plan
+
+
+def most_common(values: Iterable) -> object:
+    """The most frequent value (the smallest among equally frequent ones)."""
+    counts = Counter(values)
+    return min(counts, key=lambda value: (-counts[value], value))

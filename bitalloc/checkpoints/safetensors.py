@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitallocError
-from .base import Source, sample_spans
+from .base import CONFIG_FILES, Source, sample_spans
 from .selection import module_name, select_modules
 
 # Float dtypes a weight may be stored in (what `read` converts to float32).
@@ -27,10 +28,11 @@ FLOAT_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+TORCH_DTYPES = {
+    **FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -74,7 +76,23 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         entries[name] = _entry(path, name, info, data_start, file_size)
+    _check_coverage(path, entries, data_start, file_size)
     return entries
+
+
+def _check_coverage(path: str, entries: dict[str, TensorEntry], data_start: int, file_size: int) -> None:
+    """The tensors tile the data section exactly, as the safetensors format requires: no
+    shared or overlapping byte ranges, no gaps, no trailing bytes."""
+    position = data_start
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start != position:
+            problem = "overlaps another tensor" if entry.start < position else "leaves a gap before it"
+            raise BitallocError(f"corrupt safetensors file {path}: tensor {name} {problem}")
+        position = entry.end
+    if position != file_size:
+        raise BitallocError(
+            f"corrupt safetensors file {path}: {file_size - position} bytes after the last tensor"
+        )
 
 
 def _entry(path: str, name: str, info: object, data_start: int, file_size: int) -> TensorEntry:
@@ -143,23 +161,25 @@ class SafetensorsSource(Source):
         include: str | list[str] | None = None,
         exclude: str | list[str] | None = None,
         name: str | None = None,
+        modules: list[str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.name = name or str(path)
         if not self.path.exists():
             raise BitallocError(f"model not found: {path}")
+        self._folder = self.path if self.path.is_dir() else self.path.parent
         self._entries: dict[str, TensorEntry] = {}
         for file in checkpoint_files(self.path):
             for tensor, entry in read_header(file).items():
                 if tensor in self._entries:
                     raise BitallocError(f"tensor {tensor} appears twice in {self.name}")
                 self._entries[tensor] = entry
-        matrices = {
+        self.all_matrices = {
             module_name(t): e.shape
             for t, e in self._entries.items()
             if t.endswith(".weight") and len(e.shape) == 2
         }
-        selected = select_modules(matrices, include, exclude, self.name)
+        selected = select_modules(self.all_matrices, include, exclude, self.name, modules)
         for module in selected:
             entry = self._entries[module + ".weight"]
             if entry.dtype not in FLOAT_DTYPES:
@@ -167,22 +187,56 @@ class SafetensorsSource(Source):
                     f"weight {module} in {entry.file} is stored as {entry.dtype}, not a float "
                     f"type (already quantized?)"
                 )
-        self._shapes = {m: matrices[m] for m in selected}  # type: ignore[misc]
+        self._shapes = {m: self.all_matrices[m] for m in selected}  # type: ignore[misc]
+        self.is_causal_lm = any(a.endswith("ForCausalLM") for a in self._config().get("architectures") or [])
+
+    def _config(self) -> dict:
+        """config.json beside the weights ({} when there is none); BitallocError if corrupt."""
+        file = self._folder / "config.json"
+        if not file.is_file():
+            return {}
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BitallocError(f"corrupt {file}: {exc}") from None
+        if not isinstance(config, dict):
+            raise BitallocError(f"corrupt {file}: not a JSON object")
+        return config
 
     def config_dir(self) -> str | None:
-        folder = self.path if self.path.is_dir() else self.path.parent
-        return str(folder) if (folder / "config.json").is_file() else None
+        return str(self._folder) if (self._folder / "config.json").is_file() else None
 
     def _read(self, module: str) -> torch.Tensor:
-        entry = self._entries[module + ".weight"]
-        out = torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
-        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        return self.load_tensor(module + ".weight")
+
+    def tensor_names(self) -> list[str]:
+        return list(self._entries)
+
+    def tensor_nbytes(self, name: str) -> int:
+        entry = self._entries[name]
+        return entry.end - entry.start
+
+    def load_tensor(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else bytearray()
         with open(entry.file, "rb") as f:
             f.seek(entry.start)
             got = f.readinto(buffer)
         if got != entry.end - entry.start:
-            raise BitallocError(f"truncated safetensors file {entry.file}: cannot read {module}")
+            raise BitallocError(f"truncated safetensors file {entry.file}: cannot read {name}")
         return out
+
+    def require_config(self) -> None:
+        if not (self._folder / "config.json").is_file():
+            raise BitallocError(f"{self._folder} has no config.json: the model cannot be rebuilt without it")
+
+    def write_config(self, folder: Path) -> None:
+        self.require_config()
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in sorted(self._folder.iterdir()):
+            if file.is_file() and CONFIG_FILES.match(file.name):
+                shutil.copyfile(file, folder / file.name)
 
     def _sample(self, module: str) -> tuple[str, bytes]:
         entry = self._entries[module + ".weight"]

@@ -9,20 +9,19 @@ from the ``quantized/`` folder that `bitalloc.apply` writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import BitallocError
-from .quant import QuantConfig, QuantizedTensor
-from .quant.blockwise import TORCH_DTYPES
-from .sources.safetensors import index_shards
+from ..checkpoints.runnable import model_class, parameters_on_meta
+from ..checkpoints.safetensors import index_shards
+from ..errors import BitallocError
+from ..quant import QuantConfig, QuantizedTensor
+from ..quant.blockwise import TORCH_DTYPES
 
 QUANT_FILE = "bitalloc_quant.json"  # which modules are packed, with which config
 QUANT_FORMAT = "bitalloc.quantized/v1"
@@ -236,39 +235,6 @@ def replace_linear(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
     return old
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost); buffers stay real,
-    so computed non-persistent buffers such as rotary frequencies keep their values."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
-            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def model_class(config) -> type:
-    """The transformers class named in ``config.architectures`` (else the base AutoModel's)."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    names = list(getattr(config, "architectures", None) or [])
-    names.append(MODEL_MAPPING_NAMES.get(config.model_type, ""))
-    for name in names:
-        cls = getattr(transformers, name, None) if name else None
-        if cls is not None:
-            return cls
-    raise BitallocError(f"no transformers model class for model type {config.model_type!r}")
-
-
 def read_quant_info(path: str | os.PathLike) -> dict:
     """The ``bitalloc_quant.json`` of a quantized folder; BitallocError if absent or foreign."""
     file = Path(path) / QUANT_FILE
@@ -299,7 +265,7 @@ def load_quantized(
     path = Path(path)
     info = read_quant_info(path)
     config = AutoConfig.from_pretrained(path)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = model_class(config)(config)
     for name, entry in info["modules"].items():
         rows, cols = entry["shape"]

@@ -13,30 +13,30 @@ is done, so an interrupted run resumes there. ``OUT.partial/`` is renamed to ``O
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .backbones import CONFIG_FILES, Backbone, open_backbone
-from .decomposition import loftq
-from .errors import BitallocError
-from .fileio import atomic_path
+from ..checkpoints import CONFIG_FILES, Source, open_source
+from ..devices import resolve_device
+from ..errors import BitallocError
+from ..fileio import atomic_path
+from ..loftq import loftq, module_seed
+from ..planning.plan_file import Plan, most_common
+from ..profiling.calibration import read_calibration
+from ..quant import QuantConfig, QuantizedTensor
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT
-from .plan_format import Plan
-from .profiler import module_seed, resolve_device
-from .quant import QuantConfig, QuantizedTensor
-from .sources import Source, open_source
 
 PLAN_FILE = "bitalloc_plan.json"
 WORK_FORMAT = "bitalloc.apply-work/v1"
@@ -44,44 +44,54 @@ MAX_SHARD_BYTES = 2 * 1024**3
 DEQUANTIZED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """How the adapter scales its factors: ``lora_alpha`` (None: each matrix's rank, so
+    scaling 1) and rsLoRA (alpha/sqrt(r) instead of alpha/r)."""
+
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+
+
 def apply(
     source: str | os.PathLike | torch.nn.Module | Source | None,
     plan: Plan | str | os.PathLike,
     out_dir: str | os.PathLike,
+    lora: LoraSettings | None = None,
     *,
-    lora_alpha: float | None = None,
-    use_rslora: bool = False,
     dequantized: bool = False,
     dequantized_dtype: str = "bf16",
     device: str = "auto",
     quiet: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     calibration: str | os.PathLike | None = None,
+    **options,
 ) -> Path:
     """Run LoftQ for every matrix of ``plan`` on ``source`` and write ``out_dir`` (see above).
 
     Each matrix gets its plan config and rank and the plan's iterations, seeded as the
-    profiler seeded it, so the decomposition is the profiled one. ``lora_alpha`` defaults
-    to each matrix's rank (scaling 1). ``dequantized`` also writes ``OUT/dequantized/``
-    with Q in ``dequantized_dtype`` (bf16, fp16 or fp32) for trainers that cannot load
-    `QuantLinear`; loading that with bitsandbytes quantizes Q a second time. Raises
-    BitallocError when ``out_dir`` exists or the plan does not fit the model.
+    profiler seeded it, so the decomposition is the profiled one. ``lora`` (or the options
+    ``lora_alpha=``, ``use_rslora=``) sets the adapter's scaling. ``dequantized`` also
+    writes ``OUT/dequantized/`` with Q in ``dequantized_dtype`` (bf16, fp16 or fp32) for
+    trainers that cannot load `QuantLinear`; loading that with bitsandbytes quantizes Q a
+    second time. Raises BitallocError when ``out_dir`` exists or the plan does not fit the
+    model.
 
     A data-aware plan (objective ``activation``) is decomposed with the activation moments
-    h it was planned with: ``calibration`` (a file), by default ``PLAN.calibration.safetensors``
-    beside the plan file; its sha256 must match the plan's record.
+    h it was planned with: ``calibration`` (a file), by default the one the plan carries
+    (``PLAN.calibration.safetensors`` beside a saved plan); its sha256 must match the plan's
+    record.
     """
-    plan_path = None if isinstance(plan, Plan) else Path(plan)
+    lora = dataclasses.replace(lora or LoraSettings(), **options)
+    lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    column_weights = _plan_column_weights(plan, plan_path, calibration)
+    column_weights = _plan_column_weights(plan, calibration)
     out = Path(out_dir)
     if out.exists():
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
     if dequantized_dtype not in DEQUANTIZED_DTYPES:
         raise BitallocError(f"unknown dequantized dtype {dequantized_dtype!r}: bf16, fp16 or fp32")
     torch_device = resolve_device(device)
-    backbone = open_backbone(source)
-    check_plan(plan, backbone)
     matrices = _open_matrices(source, plan)
     ranks = {name: int(entry.get("rank", plan.defaults["rank"])) for name, entry in plan.modules.items()}
     identity = {
@@ -96,12 +106,12 @@ def apply(
     _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet, column_weights)
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
-    _write_quantized(build / "quantized", backbone, plan, ranks, work, max_shard_bytes)
+    _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes)
     base = str((out / "quantized").resolve())  # what the adapter was made for: Q, not W
-    _write_adapter(build / "adapter", base, backbone, plan, ranks, work, lora_alpha, use_rslora)
+    _write_adapter(build / "adapter", base, matrices, plan, ranks, work, lora_alpha, use_rslora)
     if dequantized:
         dtype = DEQUANTIZED_DTYPES[dequantized_dtype]
-        items = _items(backbone, plan, lambda module: _dequantized_item(work, plan, module, dtype))
+        items = _items(matrices, plan, lambda module: _dequantized_item(work, plan, module, dtype))
         _write_checkpoint(build / "dequantized", items, max_shard_bytes)
         for file in (build / "quantized").iterdir():  # config and tokenizer, built once
             if CONFIG_FILES.match(file.name):
@@ -112,13 +122,13 @@ def apply(
     return out
 
 
-def check_plan(plan: Plan, backbone: Backbone) -> None:
+def check_plan(plan: Plan, source: Source) -> None:
     """BitallocError naming the first plan module the model lacks or whose shape differs."""
     for name in [*plan.modules, *plan.kept]:
-        if name not in backbone.matrices:
-            raise BitallocError(f"plan module {name} not in model {backbone.name}")
+        if name not in source.all_matrices:
+            raise BitallocError(f"plan module {name} not in model {source.name}")
     for name, entry in plan.modules.items():
-        planned, actual = tuple(entry["shape"]), backbone.matrices[name]
+        planned, actual = tuple(entry["shape"]), source.all_matrices[name]
         if planned != actual:
             raise BitallocError(
                 f"shape mismatch for {name}: plan {planned[0]}x{planned[1]}, model {actual[0]}x{actual[1]}"
@@ -129,12 +139,12 @@ def check_plan(plan: Plan, backbone: Backbone) -> None:
 
 
 def _open_matrices(source, plan: Plan) -> Source:
-    """A Source selecting exactly the plan's matrices (quantized and kept); warns when its
-    fingerprint differs from the plan's (the names and shapes were checked already)."""
-    if isinstance(source, Source):
-        source = getattr(source, "path", None)
-    names = [*plan.modules, *plan.kept]
-    matrices = open_source(source, include=[f"^{re.escape(name)}$" for name in names])
+    """The model's reader selecting exactly the plan's matrices (quantized and kept), after
+    checking names and shapes; warns when its fingerprint differs from the plan's."""
+    reader = open_source(source, modules=[])
+    reader.require_config()
+    check_plan(plan, reader)
+    matrices = reader.with_modules([*plan.modules, *plan.kept])
     expected = plan.model.get("fingerprint")
     if expected is not None and matrices.fingerprint() != expected:
         warnings.warn(
@@ -189,18 +199,17 @@ class _WorkDir:
         return QuantizedTensor.from_tensors(parts, entry["config"], tuple(entry["shape"]))
 
 
-def _plan_column_weights(plan: Plan, plan_path: Path | None, calibration) -> dict[str, torch.Tensor] | None:
+def _plan_column_weights(plan: Plan, calibration) -> dict[str, torch.Tensor] | None:
     """h for a data-aware plan (digest-checked), None for a weight-only one."""
-    from .calibration import plan_calibration_path, read_calibration
-
     if plan.objective == "weight":
         return None
     if not plan.calibration:
         raise BitallocError(f"the {plan.objective} plan has no calibration record to rebuild it from")
+    calibration = calibration if calibration is not None else plan.calibration_file
     if calibration is None:
-        if plan_path is None:
-            raise BitallocError("a data-aware plan needs its calibration file: pass calibration=PATH")
-        calibration = plan_calibration_path(plan_path)
+        raise BitallocError(
+            "this data-aware plan carries no calibration file: save it (Plan.save) or give calibration=PATH"
+        )
     column_weights = read_calibration(calibration, plan.calibration["digest"])
     missing = [name for name in plan.modules if name not in column_weights]
     if missing:
@@ -240,15 +249,15 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
 Item = tuple[str, int, Callable[[], torch.Tensor]]  # (tensor name, bytes, loader)
 
 
-def _items(backbone: Backbone, plan: Plan, planned: Callable[[str], list[Item]]) -> list[Item]:
+def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]]) -> list[Item]:
     """Every backbone tensor in order, each planned weight replaced by ``planned(module)``."""
     items: list[Item] = []
-    for name in backbone.tensor_names():
+    for name in source.tensor_names():
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in plan.modules:
             items += planned(module)
         else:
-            items.append((name, backbone.nbytes(name), lambda name=name: backbone.load(name)))
+            items.append((name, source.tensor_nbytes(name), lambda name=name: source.load_tensor(name)))
     return items
 
 
@@ -294,10 +303,10 @@ def _write_checkpoint(folder: Path, items: list[Item], max_shard_bytes: int, ste
         (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_quantized(folder, backbone, plan, ranks, work, max_shard_bytes) -> None:
-    items = _items(backbone, plan, lambda module: _packed_items(work, plan, module))
+def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes) -> None:
+    items = _items(source, plan, lambda module: _packed_items(work, plan, module))
     _write_checkpoint(folder, items, max_shard_bytes, stem=PACKED_STEM)
-    backbone.save_config(folder)
+    source.write_config(folder)
     info = {
         "format": QUANT_FORMAT,
         "modules": {
@@ -314,7 +323,7 @@ def _write_quantized(folder, backbone, plan, ranks, work, max_shard_bytes) -> No
     (folder / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
 
 
-def _write_adapter(folder, base, backbone, plan, ranks, work, lora_alpha, use_rslora) -> None:
+def _write_adapter(folder, base, source, plan, ranks, work, lora_alpha, use_rslora) -> None:
     """A PEFT LoRA adapter: A, B per planned matrix, rank_pattern/alpha_pattern when ranks differ."""
     from peft import LoraConfig
 
@@ -322,7 +331,7 @@ def _write_adapter(folder, base, backbone, plan, ranks, work, lora_alpha, use_rs
     if not targets:
         warnings.warn("every planned rank is 0: no LoRA adapter written", stacklevel=3)
         return
-    rank = _most_common(ranks[name] for name in targets)
+    rank = most_common(ranks[name] for name in targets)
     differ = {name: ranks[name] for name in targets if ranks[name] != rank}
     config = LoraConfig(
         r=rank,
@@ -333,7 +342,7 @@ def _write_adapter(folder, base, backbone, plan, ranks, work, lora_alpha, use_rs
         use_rslora=use_rslora,
         lora_dropout=0.0,
         bias="none",
-        task_type="CAUSAL_LM" if backbone.is_causal_lm else None,
+        task_type="CAUSAL_LM" if source.is_causal_lm else None,
         base_model_name_or_path=base,
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -347,8 +356,3 @@ def _write_adapter(folder, base, backbone, plan, ranks, work, lora_alpha, use_rs
         for part in ("lora_A", "lora_B"):
             tensors[f"base_model.model.{name}.{part}.weight"] = work.load(name, part)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def _most_common(values: Iterable[int]) -> int:
-    counts = Counter(values)
-    return min(counts, key=lambda value: (-counts[value], value))

@@ -1,10 +1,18 @@
-"""The `Source` interface: named weight matrices, read one at a time as float32 (out, in)."""
+"""The `Source` interface: one reader per checkpoint format.
+
+A source lists and reads every tensor of a model lazily, one at a time (what `apply`
+writes back), selects the weight matrices to quantize (what `profile` measures), and
+writes the files that describe the model (config, tokenizer).
+"""
 
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +22,12 @@ from ..errors import BitallocError
 # content_digest samples at most this many elements of each matrix, in this many spans.
 SAMPLE_ELEMENTS = 4096
 SAMPLE_SPANS = 16
+# Files copied beside the weights: the config, generation settings and tokenizer files.
+CONFIG_FILES = re.compile(
+    r"^(?:config\.json|generation_config\.json|.*tokeni[sz]er.*|special_tokens_map\.json|"
+    r"added_tokens\.json|vocab\.\w+|merges\.txt|.*\.model|.*\.tiktoken|chat_template\.\w+|"
+    r"preprocessor_config\.json)$"
+)
 
 
 def sample_spans(numel: int, itemsize: int) -> list[tuple[int, int]]:
@@ -34,12 +48,16 @@ class Source(abc.ABC):
     """A model's weight matrices, read lazily: nothing but names and shapes stay in memory.
 
     Subclasses fill `_shapes` (selected module name -> (out, in), in natural order) and
-    implement `_read` (the raw tensor, any float dtype) and `_sample` (dtype + raw bytes
-    for the content digest).
+    `all_matrices` (every 2-D weight by module name), and implement `_read` (the raw
+    matrix, any float dtype), `_sample` (dtype + raw bytes for the content digest),
+    `tensor_names`/`tensor_nbytes`/`load_tensor` (every tensor, for writing a checkpoint)
+    and `write_config`.
     """
 
     name: str
     _shapes: dict[str, tuple[int, int]]
+    all_matrices: dict[str, tuple[int, int]]
+    is_causal_lm: bool = False
 
     def modules(self) -> list[str]:
         """Selected matrix module names, e.g. "model.layers.0.self_attn.q_proj"."""
@@ -63,6 +81,15 @@ class Source(abc.ABC):
             raise BitallocError(f"NaN or Inf values in weight {module} of {self.name}")
         return weight
 
+    def with_modules(self, modules: list[str]) -> Source:
+        """A copy of this source selecting exactly ``modules`` (e.g. a plan's matrices)."""
+        from .selection import select_modules
+
+        selected = select_modules(self.all_matrices, None, None, self.name, modules)
+        other = copy.copy(self)
+        other._shapes = {name: self.all_matrices[name] for name in selected}
+        return other
+
     def fingerprint(self) -> str:
         """sha256 of the selected (name, shape) list: the same model gives the same value
         whatever kind of source it comes from."""
@@ -82,6 +109,27 @@ class Source(abc.ABC):
     def config_dir(self) -> str | None:
         """A directory with config.json (and tokenizer files), or None."""
         return None
+
+    # ---- every tensor (for writing a checkpoint) -----------------------------------------
+    @abc.abstractmethod
+    def tensor_names(self) -> list[str]:
+        """Checkpoint names of every tensor, in checkpoint order."""
+
+    @abc.abstractmethod
+    def tensor_nbytes(self, name: str) -> int:
+        """Bytes of ``name`` as `load_tensor` returns it."""
+
+    @abc.abstractmethod
+    def load_tensor(self, name: str) -> torch.Tensor:
+        """A fresh CPU tensor by checkpoint name, in its stored dtype (float32 for GGUF)."""
+
+    def require_config(self) -> None:  # noqa: B027 (most formats always can)
+        """BitallocError unless `write_config` can work (checked before any long work)."""
+
+    @abc.abstractmethod
+    def write_config(self, folder: Path) -> None:
+        """Write config.json (architectures set) and the tokenizer files into ``folder``;
+        BitallocError when the model has no config to build it from."""
 
     def close(self) -> None:
         """Release open files; the source is unusable afterwards."""

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..devices import one_cpu_thread, resolve_device
+from ..quant import QuantConfig, QuantizedTensor, fake_quantize
+from ..quant.blockwise import check_matrix
 from .lowrank import LOWRANK_METHODS, exact_lowrank, randomized_lowrank
-from .quant import QuantConfig, QuantizedTensor, fake_quantize
-from .quant.blockwise import check_matrix
 
 
 @dataclass
@@ -67,14 +68,6 @@ def lora_scaling(rank: int, lora_alpha: float | None, use_rslora: bool = False) 
     return float(lora_alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
-def _resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
-    if device is None:
-        return fallback
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class _Clock:
     """Adds the seconds spent in a named step to ``timings`` (no-op when it is None)."""
 
@@ -95,24 +88,8 @@ class _Clock:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
-# Below this many elements per batch, intra-op threads cost more than they give: a 128x256
-# LoftQ ran 0.9 s with 2 threads on a busy 2-core machine and 6 ms with one. The thin
-# (n x 32) steps of the randomized factorization always run on one thread (lowrank.py).
+# Below this many elements per batch, intra-op threads cost more than they give (docs/benchmarks.md).
 SINGLE_THREAD_ELEMENTS = 1 << 20
-
-
-@contextlib.contextmanager
-def cpu_threads_for(numel: int, device: torch.device):
-    """One intra-op thread on the CPU for work on fewer than SINGLE_THREAD_ELEMENTS."""
-    if device.type != "cpu" or numel >= SINGLE_THREAD_ELEMENTS or torch.get_num_threads() == 1:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def loftq_batch(
@@ -154,8 +131,8 @@ def loftq_batch(
     seeds = [0] * batch if seeds is None else list(seeds)
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for {batch} matrices")
-    device = _resolve_device(device, weights.device)
-    with cpu_threads_for(weights.numel(), device):
+    device = resolve_device(device, fallback=weights.device)
+    with one_cpu_thread(device, when=weights.numel() < SINGLE_THREAD_ELEMENTS):
         return _loftq_batch(
             weights.to(device=device, dtype=torch.float32), config, rank, iters, lora_alpha,
             use_rslora, lowrank, oversample, power_iters, seeds, column_weights, keep_q, timings,

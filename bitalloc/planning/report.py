@@ -1,7 +1,7 @@
 """Comparing and describing plans: simple baseline allocations and a human summary.
 
 `uniform_baselines` (one config everywhere) and `first_k_layers_baseline` (LoftQ's mix) are
-scored in the same objective and budget as `planner.plan`; `summarize` prints a plan against
+scored in the same objective and budget as `bitalloc.plan`; `summarize` prints a plan against
 the best uniform config with a per-layer map of the chosen configs.
 """
 
@@ -16,10 +16,10 @@ from fractions import Fraction
 
 import pandas as pd
 
-from .errors import BitallocError
-from .names import natural_key
-from .plan_format import Plan
-from .planner import _canonical_config, _capacity, _prepare, _Problem
+from ..errors import BitallocError
+from ..names import natural_key
+from .plan_file import Plan
+from .planner import Problem, canonical_config, capacity_bits, prepare_problem
 
 __all__ = ["Baseline", "first_k_layers_baseline", "summarize", "uniform_baselines"]
 
@@ -45,8 +45,8 @@ def uniform_baselines(
     keep: Iterable[str] = (),
 ) -> list[Baseline]:
     """Every config that, applied to all quantized matrices, fits the budget; best first."""
-    problem = _prepare(profile_table, count_lora=count_lora, keep=keep)
-    capacity = _capacity(budget, problem.numel)
+    problem = prepare_problem(profile_table, count_lora=count_lora, keep=keep)
+    capacity = capacity_bits(budget, problem.numel)
     names = _quantized(problem)
     common = set.intersection(*(set(problem.matrices[name].rows) for name in names))
     baselines = [_baseline(problem, config, dict.fromkeys(names, config)) for config in common]
@@ -67,9 +67,9 @@ def first_k_layers_baseline(
 
     Matrices outside numbered layers get ``low``. None when even k = 0 does not fit.
     """
-    problem = _prepare(profile_table, count_lora=count_lora, keep=keep)
-    capacity = _capacity(budget, problem.numel)
-    high, low = _canonical_config(high, "high"), _canonical_config(low, "low")
+    problem = prepare_problem(profile_table, count_lora=count_lora, keep=keep)
+    capacity = capacity_bits(budget, problem.numel)
+    high, low = canonical_config(high, "high"), canonical_config(low, "low")
     names = _quantized(problem)
     for config in (high, low):
         for name in names:
@@ -120,11 +120,11 @@ def summarize(plan: Plan, profile_table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _quantized(problem: _Problem) -> list[str]:
+def _quantized(problem: Problem) -> list[str]:
     return [name for name in problem.matrices if name not in set(problem.kept)]
 
 
-def _baseline(problem: _Problem, name: str, assignments: dict[str, str]) -> Baseline:
+def _baseline(problem: Problem, name: str, assignments: dict[str, str]) -> Baseline:
     errors, storage = [], 0
     for module, config in assignments.items():
         matrix = problem.matrices[module]
@@ -159,3 +159,8 @@ def _layer_table(plan: Plan) -> list[str]:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def config_counts(plan: Plan) -> list[tuple[str, int]]:
+    """(config, number of matrices) of a plan, by config name."""
+    return sorted(Counter(plan.assignments.values()).items())

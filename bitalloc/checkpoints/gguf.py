@@ -1,0 +1,199 @@
+"""GGUF files (llama.cpp): tensors renamed to their transformers names, dequantized one at a time.
+
+llama.cpp stores each matrix with its shape reversed (ne0 = in) and, for llama, permutes
+the rows of attn_q / attn_k for its rotary layout; both are undone here exactly as
+transformers does when it loads a GGUF file, so `read` returns the HF (out, in) weight.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BitallocError
+from .base import Source, sample_spans
+from .selection import select_modules
+
+# llama.cpp tensor names -> transformers module names, per architecture family.
+_LLAMA_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LLAMA_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# Architectures whose names follow the llama layout; True where attn_q/attn_k are permuted.
+SUPPORTED_ARCHITECTURES = {"llama": True}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
+
+
+def hf_module_name(gguf_name: str) -> str | None:
+    """transformers module name of a llama-layout GGUF weight, or None if it has none."""
+    match = _BLOCK.fullmatch(gguf_name)
+    if match:
+        layer, part = match.groups()
+        hf_part = _LLAMA_BLOCK_NAMES.get(part)
+        return f"model.layers.{layer}.{hf_part}" if hf_part else None
+    if gguf_name.endswith(".weight"):
+        return _LLAMA_TOP_NAMES.get(gguf_name.removesuffix(".weight"))
+    return None
+
+
+def reverse_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's rotary row permutation of a q/k matrix with `n_head` heads
+    (transformers' `LlamaTensorProcessor._reverse_permute_weights`)."""
+    dim = weight.shape[0] // n_head // 2
+    return weight.reshape(n_head, dim, 2, *weight.shape[1:]).swapaxes(2, 1).reshape(weight.shape)
+
+
+class GGUFSource(Source):
+    """A GGUF file of a llama-architecture model (any quantization gguf can dequantize).
+
+    Every tensor with a transformers name is readable (dequantized to float32, q/k
+    un-permuted); the config and tokenizer are rebuilt by transformers from the metadata.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        modules: list[str] | None = None,
+    ) -> None:
+        import gguf
+
+        self.path = str(path)
+        self.name = str(path)
+        if not os.path.isfile(self.path):
+            raise BitallocError(f"model not found: {path}")
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+        except Exception as err:  # gguf raises ValueError, struct.error, IndexError, ...
+            raise BitallocError(f"corrupt or unreadable GGUF file {path}: {err}") from None
+        self._architecture = self._field("general.architecture")
+        if self._architecture not in SUPPORTED_ARCHITECTURES:
+            raise BitallocError(
+                f"unsupported GGUF architecture {self._architecture!r} in {path} "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        self._permuted = SUPPORTED_ARCHITECTURES[self._architecture]
+        if self._permuted:
+            self._n_head = self._int_field(f"{self._architecture}.attention.head_count")
+            self._n_head_kv = self._int_field(
+                f"{self._architecture}.attention.head_count_kv", default=self._n_head
+            )
+        self._tensors = {}  # transformers tensor name -> gguf tensor
+        self._unnamed = []  # GGUF tensors with no transformers name (not written by apply)
+        self.all_matrices = {}
+        for tensor in self._reader.tensors:
+            module = hf_module_name(tensor.name)
+            if module is None:
+                self._unnamed.append(tensor.name)
+                module = tensor.name.removesuffix(".weight")
+            self._tensors[module + ".weight"] = tensor
+            if len(tensor.shape) == 2:
+                self.all_matrices[module] = (int(tensor.shape[1]), int(tensor.shape[0]))  # ne is (in, out)
+        selected = select_modules(self.all_matrices, include, exclude, self.name, modules)
+        self._shapes = {m: self.all_matrices[m] for m in selected}  # type: ignore[misc]
+        self.is_causal_lm = True
+
+    def _field(self, key: str, default: object = None) -> object:
+        field = self._reader.get_field(key)
+        if field is None:
+            if default is None:
+                raise BitallocError(f"GGUF file {self.path} lacks metadata {key}")
+            return default
+        try:
+            return field.contents()
+        except Exception as err:  # a corrupt field
+            raise BitallocError(f"corrupt GGUF file {self.path}: metadata {key} ({err})") from None
+
+    def _int_field(self, key: str, default: int | None = None) -> int:
+        value = self._field(key, default)
+        if not isinstance(value, int):  # e.g. per-layer head counts
+            raise BitallocError(f"GGUF file {self.path}: unsupported {key} = {value!r}")
+        return value
+
+    def _tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[name].shape))  # ne is innermost first
+
+    def _read(self, module: str) -> torch.Tensor:
+        return self.load_tensor(module + ".weight")
+
+    def tensor_names(self) -> list[str]:
+        unnamed = {name.removesuffix(".weight") + ".weight" for name in self._unnamed}
+        return [name for name in self._tensors if name not in unnamed]
+
+    def tensor_nbytes(self, name: str) -> int:
+        return 4 * int(np.prod(self._tensor_shape(name)))
+
+    def load_tensor(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        tensor = self._tensors[name]
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise BitallocError(
+                f"cannot dequantize {tensor.tensor_type.name} tensor {tensor.name} in {self.path}"
+            ) from None
+        except (ValueError, IndexError) as err:
+            raise BitallocError(f"corrupt GGUF file {self.path}: tensor {tensor.name} ({err})") from None
+        values = np.asarray(values, dtype=np.float32).reshape(self._tensor_shape(name))
+        if self._permuted and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            values = reverse_permute(values, self._n_head if "q_proj" in name else self._n_head_kv)
+        if np.may_share_memory(values, tensor.data):
+            values = values.copy()  # never hand out a view on the memory-mapped file
+        return torch.from_numpy(np.ascontiguousarray(values))
+
+    def write_config(self, folder: Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if self._unnamed:
+            warnings.warn(
+                f"GGUF tensors with no transformers name left out: {', '.join(self._unnamed)}", stacklevel=3
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        where, file = os.path.dirname(os.path.abspath(self.path)), os.path.basename(self.path)
+        try:
+            config = AutoConfig.from_pretrained(where, gguf_file=file)
+        except Exception as exc:  # transformers raises many types for metadata it cannot map
+            raise BitallocError(f"cannot build a transformers config from {self.path}: {exc}") from None
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        if "model.embed_tokens.weight" in self._tensors:  # absent tokenizer metadata: 32000
+            config.vocab_size = self._tensor_shape("model.embed_tokens.weight")[0]
+        config.tie_word_embeddings = "lm_head.weight" not in self._tensors
+        config.save_pretrained(folder)
+        try:
+            AutoTokenizer.from_pretrained(where, gguf_file=file).save_pretrained(folder)
+        except Exception as exc:  # transformers raises many types for missing tokenizer data
+            warnings.warn(f"no tokenizer written: {self.path} has none usable ({exc})", stacklevel=3)
+
+    def has_tokenizer(self) -> bool:
+        return self._reader.get_field("tokenizer.ggml.tokens") is not None
+
+    def _sample(self, module: str) -> tuple[str, bytes]:
+        tensor = self._tensors[module + ".weight"]
+        raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+        spans = sample_spans(raw.size, 1)
+        return tensor.tensor_type.name, b"".join(raw[o : o + n].tobytes() for o, n in spans)
+
+    def close(self) -> None:
+        super().close()
+        self._reader = None
+        self._tensors = {}

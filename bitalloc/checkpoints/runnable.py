@@ -1,0 +1,275 @@
+"""Running a checkpoint: its transformers skeleton on the meta device, and its blocks one at a time.
+
+`runnable(model)` builds the model from the checkpoint's config with every parameter on
+the meta device (no memory) and returns a loader that reads parameters by name when they
+are needed. `run_blocks` runs such a model over token ids GPTQ-style: a "catcher" records
+the inputs of block 0, then each transformer block is materialized from the checkpoint,
+run on the cached hidden states (with the caller's hooks on it), and released, so a large
+model never sits whole in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import BitallocError
+from . import GGUFSource, open_source
+
+BATCH_TOKENS = 2048  # tokens per forward pass through a block
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+def can_run(model) -> bool:
+    """True when ``model`` can be run on text: an HF folder with config.json and a tokenizer,
+    a GGUF file with tokenizer metadata, or an in-memory transformers model whose
+    ``config._name_or_path`` is such a folder. The demo model (None) is not."""
+    if isinstance(model, nn.Module):
+        where = getattr(getattr(model, "config", None), "_name_or_path", None)
+        return bool(where) and Path(where).is_dir() and can_run(where)
+    if model is None:
+        return False
+    path = Path(getattr(model, "path", model))
+    folder = path if path.is_dir() else path.parent
+    if path.suffix == ".gguf" or (path.is_file() and path.suffix != ".safetensors"):
+        try:
+            return GGUFSource(path, modules=[]).has_tokenizer()
+        except BitallocError:
+            return False
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    return (folder / "config.json").is_file() and has_tokenizer
+
+
+def run_blocks(
+    net: nn.Module,
+    input_ids: torch.Tensor,
+    modules: Sequence[str],
+    on_block: Callable[[str, nn.Module], list],
+    *,
+    load: Callable[[str], torch.Tensor] | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+    quiet: bool = True,
+) -> None:
+    """Run ``net`` over ``input_ids`` (n, context) one transformer block at a time, up to the
+    last block holding one of ``modules``. Before each block runs, ``on_block(prefix, block)``
+    registers hooks and returns their handles (removed after the block). Parameters on the
+    meta device are read with ``load(name)`` when their module runs and released after it."""
+    blocks_name, blocks = find_blocks(net, modules)
+    device = next((p.device for p in net.parameters() if not p.is_meta), torch.device("cpu"))
+    input_ids = input_ids.to(device)
+    batch = max(1, batch_tokens // input_ids.shape[1])
+    loaded: list[tuple[nn.Module, str]] = []
+    inside = {id(m) for m in blocks.modules()}
+    outside = [m for m in net.modules() if id(m) not in inside]
+    handles = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)]
+    try:
+        states = [_catch(net, blocks, input_ids[i : i + batch]) for i in range(0, len(input_ids), batch)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    _release(loaded)
+    last = max(int(m[len(blocks_name) + 1 :].split(".", 1)[0]) for m in modules)
+    for index in range(last + 1):
+        block = blocks[index]
+        prefix = f"{blocks_name}.{index}."
+        _materialize(block, prefix, load, loaded)
+        hooks = on_block(prefix, block)
+        try:
+            with torch.inference_mode():
+                states = [
+                    (_hidden(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in states
+                ]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        _release(loaded)
+        if not quiet:
+            print(f"ran block {index + 1}/{last + 1}", flush=True)
+
+
+class _Caught(Exception):
+    def __init__(self, hidden, args, kwargs):
+        super().__init__("caught the inputs of block 0")
+        self.inputs = (hidden, args, kwargs)
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its inputs and stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, *args, **kwargs):
+        raise _Caught(hidden, args, kwargs)
+
+    def __getattr__(self, name: str):  # models read attributes such as `attention_type`
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+def _catch(net: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor):
+    first = blocks[0]
+    blocks[0] = _Catcher(first)
+    try:
+        kwargs = {"use_cache": False} if "use_cache" in inspect.signature(net.forward).parameters else {}
+        with torch.inference_mode():
+            net(ids, **kwargs)
+    except _Caught as caught:
+        return caught.inputs
+    finally:
+        blocks[0] = first
+    raise BitallocError(f"the model never called its first block ({type(first).__name__})")
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def find_blocks(net: nn.Module, modules: Sequence[str]) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks that holds every selected module."""
+    best = None
+    for name, child in net.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) and name:
+            covered = sum(m.startswith(name + ".") for m in modules)
+            if covered and (best is None or covered > best[0]):
+                best = (covered, name, child)
+    if best is None or best[0] < len(modules):
+        outside = [m for m in modules if best is None or not m.startswith(best[1] + ".")]
+        raise BitallocError(
+            f"calibration runs the transformer blocks; {outside[0]} is not inside one "
+            "(exclude it, or use --objective weight)"
+        )
+    return best[1], best[2]
+
+
+def _has_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters(recurse=False))
+
+
+def _materialize(module: nn.Module, prefix: str, load, loaded: list) -> None:
+    """Read every meta parameter of ``module`` (named ``prefix``...) as float32."""
+    for child_name, child in module.named_modules():
+        for name, param in list(child._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            key = f"{prefix}{child_name + '.' if child_name else ''}{name}"
+            _load_into(child, name, key, load, loaded)
+
+
+def _load_into(module: nn.Module, name: str, key: str, load, loaded: list) -> None:
+    if load is None:
+        raise BitallocError(f"parameter {key} has no values (meta device) and nothing to load it from")
+    try:
+        tensor = load(key)
+    except KeyError:
+        raise BitallocError(
+            f"the checkpoint has no tensor {key} for the model built from its config"
+        ) from None
+    param = module._parameters[name]
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise BitallocError(
+            f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model {tuple(param.shape)}"
+        )
+    module._parameters[name] = nn.Parameter(tensor.to(torch.float32), requires_grad=False)
+    loaded.append((module, name))
+
+
+def _materializer(net: nn.Module, load, loaded: list):
+    names = {id(m): n for n, m in net.named_modules()}
+
+    def hook(module, args):
+        prefix = names[id(module)]
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                _load_into(module, name, f"{prefix}.{name}" if prefix else name, load, loaded)
+
+    return hook
+
+
+def _release(loaded: list) -> None:
+    """Put parameters read from the checkpoint back on the meta device (frees their memory)."""
+    for module, name in loaded:
+        param = module._parameters[name]
+        module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+    loaded.clear()
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init cost); buffers stay real,
+    so computed non-persistent buffers such as rotary frequencies keep their values."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def model_class(config) -> type:
+    """The transformers class named in ``config.architectures`` (else the base AutoModel's)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    names = list(getattr(config, "architectures", None) or [])
+    names.append(MODEL_MAPPING_NAMES.get(config.model_type, ""))
+    for name in names:
+        cls = getattr(transformers, name, None) if name else None
+        if cls is not None:
+            return cls
+    raise BitallocError(f"no transformers model class for model type {config.model_type!r}")
+
+
+@contextlib.contextmanager
+def runnable(model) -> Iterator[tuple[nn.Module, Callable | None, str | None]]:
+    """(module to run, loader of meta parameters or None, folder with tokenizer files or None)."""
+    if isinstance(model, nn.Module):
+        training = model.training
+        try:
+            yield model.eval(), None, None
+        finally:
+            model.train(training)
+        return
+    from transformers import AutoConfig
+
+    source = open_source(getattr(model, "path", model), modules=[])
+    with tempfile.TemporaryDirectory(prefix="bitalloc-run-") as folder:
+        with warnings.catch_warnings():  # e.g. a GGUF without tokenizer metadata: ids may be given
+            warnings.simplefilter("ignore")
+            source.write_config(Path(folder))
+        config = AutoConfig.from_pretrained(folder)
+        with parameters_on_meta():
+            net = model_class(config)(config)
+        yield net.eval(), source.load_tensor, folder
+
+
+def load_tokenizer(folder: str | None, model):
+    from transformers import AutoTokenizer
+
+    where = folder
+    if where is None:
+        where = getattr(getattr(model, "config", None), "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except Exception as exc:  # transformers raises many types for a missing tokenizer
+        raise BitallocError(
+            f"no tokenizer to run {where or 'the model'} on text ({type(exc).__name__}): "
+            "give token ids instead, or plan weight-only (objective 'weight')"
+        ) from None

@@ -1,0 +1,151 @@
+"""Planning from a model or a profile file to plan files: what `bitalloc plan` does.
+
+The profile cache (beside the plan, named by model and settings), the sweep file names
+and the default objective ("auto": data-aware whenever the model can be run) live here,
+so the Python API reaches the same files as the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..errors import BitallocError
+from ..profiling.profiler import profile
+from ..profiling.settings import CalibrationSettings, ProfileSettings, build_settings
+from ..profiling.table import read_profile
+from .plan_file import Plan
+from .planner import parse_sweep, plan, sweep
+
+DEFAULT_PLAN_FILE = "plan.json"
+DEFAULT_OBJECTIVE = "auto"  # `plan MODEL` is data-aware whenever the model can be run
+
+
+@dataclass(frozen=True)
+class PlanConstraints:
+    """Solver and constraints of a plan (see `bitalloc.plan`)."""
+
+    solver: str = "cbc"
+    count_lora: bool = False
+    tie: tuple[str, ...] = ()
+    min_bits: int | None = None
+    max_bits: int | None = None
+    pin: dict[str, str] | None = field(default=None, hash=False)
+    keep: tuple[str, ...] = ()
+
+    def as_kwargs(self) -> dict:
+        return dict(
+            solver=self.solver, count_lora=self.count_lora, tie=tuple(self.tie or ()),
+            min_bits=self.min_bits, max_bits=self.max_bits, pin=self.pin, keep=tuple(self.keep or ()),
+        )  # fmt: skip
+
+
+@dataclass
+class PlanRun:
+    """What `plan_files` did: the plans, where each was written, the profile it used."""
+
+    plans: list[Plan]
+    paths: list[Path]
+    budgets: list[float]
+    table: pd.DataFrame
+    seconds: float  # solving time
+
+
+def sweep_path(output: str | os.PathLike, budget: float) -> Path:
+    """``plan.json`` and budget 2.5 -> ``plan-2.5.json``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}-{budget:g}{output.suffix}")
+
+
+def profile_cache_path(
+    output: str | os.PathLike, model, settings: ProfileSettings, calibration: CalibrationSettings
+) -> Path:
+    """Where `plan MODEL` caches its profile: beside the plan, named by model and settings,
+    so that changing a setting starts a new profile instead of clashing with the old one."""
+    key = {
+        "bits": list(settings.bits), "block_sizes": list(settings.block_sizes),
+        "methods": list(settings.methods), "scales": list(settings.scales),
+        "configs": None if settings.configs is None else list(settings.configs),
+        "rank": settings.rank, "iters": settings.iters, "lowrank": settings.lowrank,
+        "device": settings.device,
+        "include": None if settings.include is None else list(settings.include),
+        "exclude": None if settings.exclude is None else list(settings.exclude),
+        "objective": calibration.objective,
+        "calibration": None if calibration.text is None else str(calibration.text),
+        "calibration_tokens": calibration.tokens,
+    }  # fmt: skip
+    if isinstance(model, torch.nn.Module):
+        raise BitallocError("plan_files profiles models on disk; for an nn.Module call profile() then plan()")
+    key["model"] = str(Path(model).resolve()) if model else None
+    if calibration.context != CalibrationSettings().context:
+        key["calibration_context"] = calibration.context
+    if calibration.input_ids is not None:
+        key["calibration_ids"] = hashlib.sha256(calibration.input_ids.numpy().tobytes()).hexdigest()
+    if calibration.column_weights is not None:
+        raise BitallocError("plan_files takes calibration text or ids; for given statistics call profile()")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(output).with_name(f"{Path(output).stem}.profile-{digest}.parquet")
+
+
+def plan_files(
+    model: str | os.PathLike | None = None,
+    *,
+    profile_path: str | os.PathLike | None = None,
+    budget: float | None = None,
+    budgets: str | list[float] | None = None,
+    output: str | os.PathLike = DEFAULT_PLAN_FILE,
+    settings: ProfileSettings | None = None,
+    calibration: CalibrationSettings | str | os.PathLike | None = None,
+    constraints: PlanConstraints | None = None,
+    quiet: bool = False,
+    **options,
+) -> PlanRun:
+    """Plan ``model`` (profiled first, cached beside ``output``; None: the demo model) or
+    the profile at ``profile_path`` for ``budget``, or for each of ``budgets`` (a list or
+    "START:STOP:STEP"; files ``OUTPUT-<budget>.json``), and save the plans (with their
+    calibration statistics when data-aware). Profile ``settings``/``calibration``/keyword
+    ``options`` apply to a model, and are refused with a profile file (it was measured
+    with its own settings)."""
+    if budget is None and budgets is None:
+        raise BitallocError("give a budget (e.g. --budget 2.5) or a sweep (--sweep START:STOP:STEP)")
+    if budget is not None and budgets is not None:
+        raise BitallocError("give a budget or a sweep, not both")
+    sweep_budgets = parse_sweep(budgets) if isinstance(budgets, str) else budgets
+    if sweep_budgets is not None and not sweep_budgets:
+        raise BitallocError("no budgets to sweep")
+    constraints = constraints or PlanConstraints()
+    if profile_path is not None:
+        if model is not None:
+            raise BitallocError("give a MODEL or a profile file, not both")
+        if settings is not None or calibration is not None or options:
+            given = ", ".join(sorted(options)) or "profile settings"
+            raise BitallocError(
+                f"a profile file was given, so profile settings ({given}) do not apply: "
+                "drop them, or plan from the model to profile it with them"
+            )
+        table = read_profile(profile_path)
+    else:
+        settings, calibration = build_settings(
+            settings, calibration, options, default_objective=DEFAULT_OBJECTIVE
+        )
+        cache = profile_cache_path(output, model, settings, calibration)
+        table = profile(model, cache, settings, calibration, quiet=quiet)
+    start = time.perf_counter()
+    source = table.attrs.get("source")
+    if sweep_budgets is None:
+        plans = [plan(table, budget, source=source, **constraints.as_kwargs())]
+        paths, used = [Path(output)], [float(budget)]
+    else:
+        plans = sweep(table, sweep_budgets, source=source, **constraints.as_kwargs())
+        paths, used = [sweep_path(output, b) for b in sweep_budgets], list(sweep_budgets)
+    seconds = time.perf_counter() - start
+    for result, path in zip(plans, paths):
+        result.save(path)
+    return PlanRun(plans, paths, used, table, seconds)

@@ -1,0 +1,221 @@
+"""Profile: run LoftQ for every selected matrix x every candidate config, one row each.
+
+Streaming (one matrix, or one batch of same-shaped matrices on a GPU, in memory at a
+time, the next read overlapping the current compute), resumable (each matrix's rows are
+appended to a side log in ``OUT.partial/`` as soon as they are done; the Parquet table
+is written atomically at the end) and parallel under torchrun (matrices split across
+ranks by estimated cost; rank 0 merges). Randomized steps are seeded from
+(module, config), so single, resumed and parallel runs give the same table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+import torch
+
+from ..checkpoints import Source, open_source
+from ..devices import resolve_device
+from ..errors import BitallocError
+from ..loftq import loftq_batch, module_seed
+from ..quant import QuantConfig
+from .calibration import calibration_settings, prepare_calibration, resolve_objective
+from .distributed import Distributed, split_by_cost
+from .settings import CalibrationSettings, ProfileSettings, build_settings
+from .table import PROFILE_FORMAT, ProfileStore, read_profile
+
+# GPU batches of same-shaped matrices stay under this many elements (fp32: 4 bytes each,
+# LoftQ holds about six copies)
+CUDA_BATCH_ELEMENTS = 1 << 27
+
+
+def profile(
+    model: str | os.PathLike | torch.nn.Module | Source | None = None,
+    output: str | os.PathLike | None = None,
+    settings: ProfileSettings | None = None,
+    calibration: CalibrationSettings | str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    stats: dict | None = None,
+    **options,
+) -> pd.DataFrame:
+    """Profile ``model`` (a path, an nn.Module, a Source, or None for the demo model).
+
+    ``settings`` (`ProfileSettings`) says what to measure and ``calibration``
+    (`CalibrationSettings`, or a text file / "default") on which data; keyword ``options``
+    override single fields (``rank=8``, ``configs=[...]``, ``include=REGEX``,
+    ``objective="auto"``, ``calibration_tokens=4096``, ``calibration_ids=ids``,
+    ``column_weights={module: h}``).
+
+    With ``output`` the table is also written there as Parquet, and an interrupted run
+    resumes where it stopped. ``stats``, if given, receives read/quantize/factorize times.
+
+    Data-aware (objective "activation", implied by any calibration data; "auto": whenever
+    the model can be run): h = per-input-channel activation second moments over the
+    calibration tokens; every decomposition then minimizes the weighted error, reported as
+    ``weighted_error``, and h is saved beside ``output`` (see `bitalloc.profiling.calibration`).
+    """
+    settings, calibration = build_settings(settings, calibration, options)
+    grid = settings.grid()
+    rank, iters = settings.rank, settings.iters
+    if rank < 0 or iters < 0:
+        raise BitallocError(f"rank and iters must be >= 0, got rank={rank}, iters={iters}")
+    source = open_source(model, settings.include, settings.exclude)
+    device = settings.device
+    dist = Distributed.from_env(device)
+    if dist.world > 1 and output is None:
+        raise BitallocError("a torchrun profile needs an output file (-o) to merge the ranks into")
+    device = dist.device or resolve_device(device)
+    profile_settings = {
+        "configs": [str(c) for c in grid], "rank": rank, "iters": iters, "lowrank": settings.lowrank,
+    }  # fmt: skip
+    meta = {
+        "format": PROFILE_FORMAT,
+        "source": source.name,
+        "fingerprint": source.fingerprint(),
+        "content_digest": source.content_digest(),
+        "objective": "weight",
+        "settings": profile_settings,
+        "modules": len(source.modules()),
+    }
+    objective = resolve_objective(model, calibration)
+    if objective != "weight":
+        meta["settings"]["calibration"] = calibration_settings(calibration)
+        meta["objective"] = objective
+    for module in source.modules():
+        if rank > min(source.shape(module)):
+            raise BitallocError(f"rank {rank} exceeds the size of {module} {source.shape(module)}")
+    store = ProfileStore(output, meta, overwrite) if output is not None else None
+    if store is not None:
+        finished = dist.first(store.prepare)
+        if finished is not None:
+            if not quiet and dist.rank == 0:
+                print(f"profile {output} is up to date ({len(finished)} rows)")
+            return finished
+    weights_by_module = None
+    if objective != "weight":
+        start = time.perf_counter()
+        shapes = {m: source.shape(m) for m in source.modules()}
+        identity = {k: meta[k] for k in ("fingerprint", "content_digest")}
+        calibrated = dist.first(
+            lambda: prepare_calibration(model, shapes, output, identity, calibration, quiet=quiet)
+        )
+        meta["calibration"] = calibrated.info
+        weights_by_module = calibrated.column_weights
+        if stats is not None:
+            stats["calibration"] = stats.get("calibration", 0.0) + time.perf_counter() - start
+    done = store.done_modules() if store is not None else {}
+    todo = [m for m in source.modules() if m not in done]
+    mine = split_by_cost(todo, source, len(grid), dist.world)[dist.rank]
+    timings = stats if stats is not None else {}
+    new_rows = _run(
+        source, mine, grid, profile_settings, device, store, dist.rank, quiet, timings, weights_by_module
+    )
+    dist.barrier()  # every rank's matrices are in the logs
+    table = None
+    if dist.rank == 0:
+        rows = store.done_modules() if store is not None else new_rows
+        table = _assemble(source.modules(), rows, meta)
+        if store is not None:
+            store.finish(table)
+    dist.barrier()
+    return table if table is not None else read_profile(output)
+
+
+def _batches(modules: list[str], source: Source, device: torch.device) -> list[list[str]]:
+    """Same-shaped matrices together on CUDA (bounded memory); one at a time on the CPU."""
+    if device.type != "cuda":
+        return [[m] for m in modules]
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for module in modules:
+        by_shape.setdefault(source.shape(module), []).append(module)
+    batches = []
+    for shape, names in by_shape.items():
+        size = max(1, CUDA_BATCH_ELEMENTS // math.prod(shape))
+        batches += [names[i : i + size] for i in range(0, len(names), size)]
+    return batches
+
+
+def _run(source, modules, grid, settings, device, store, rank, quiet, timings, column_weights=None):
+    from tqdm.auto import tqdm
+
+    results: dict[str, list[dict]] = {}
+    batches = _batches(modules, source, device)
+    if not batches:
+        return results
+
+    def read(batch: list[str]) -> torch.Tensor:
+        start = time.perf_counter()
+        weights = torch.stack([source.read(m) for m in batch])
+        if device.type == "cuda":
+            weights = weights.pin_memory().to(device, non_blocking=True)
+        timings["read"] = timings.get("read", 0.0) + time.perf_counter() - start
+        return weights
+
+    bar = tqdm(total=len(modules), unit="matrix", disable=quiet or rank != 0, dynamic_ncols=True)
+    started = time.perf_counter()
+    configs_done = 0
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read, batches[0])
+        for index, batch in enumerate(batches):
+            weights = pending.result()
+            if index + 1 < len(batches):
+                pending = reader.submit(read, batches[index + 1])
+            rows = {m: [] for m in batch}
+            h = torch.stack([column_weights[m] for m in batch]) if column_weights is not None else None
+            for config in grid:
+                seeds = [module_seed(m, config) for m in batch]
+                outcome = loftq_batch(
+                    weights, config, settings["rank"], settings["iters"], lowrank=settings["lowrank"],
+                    seeds=seeds, column_weights=h, keep_q=False, device=device, timings=timings,
+                )  # fmt: skip
+                for module, result in zip(batch, outcome):
+                    rows[module].append(_row(module, tuple(weights.shape[1:]), config, result, settings))
+            for module in batch:
+                if store is not None:
+                    store.append(rank, module, rows[module])
+                results[module] = rows[module]
+            configs_done += len(batch) * len(grid)
+            bar.set_postfix_str(f"{configs_done / (time.perf_counter() - started):.2f} configs/s")
+            bar.update(len(batch))
+            del weights
+    bar.close()
+    return results
+
+
+def _row(module: str, shape: tuple[int, int], config: QuantConfig, result, settings: dict) -> dict:
+    row = {
+        "module": module,
+        "shape": f"{shape[0]}x{shape[1]}",
+        "numel": shape[0] * shape[1],
+        "config": str(config),
+        "method": config.method,
+        "bits": config.bits,
+        "block_size": config.block_size,
+        "bits_per_param": config.bits_per_param,
+        "storage_bits": config.storage_bits(shape),
+        "error": result.error,
+        "rel_error": result.rel_error,
+        "qlora_error": result.qlora_error,
+        "weight_norm_sq": result.weight_norm_sq,
+        "best_iter": result.best_iter,
+        "rank": settings["rank"],
+        "iters": settings["iters"],
+    }
+    if result.weighted_error is not None:
+        row["weighted_error"] = result.weighted_error
+    return row
+
+
+def _assemble(modules: list[str], rows: dict[str, list[dict]], meta: dict) -> pd.DataFrame:
+    missing = [m for m in modules if m not in rows]
+    if missing:
+        raise BitallocError(f"profile incomplete: {len(missing)} matrices missing, e.g. {missing[0]}")
+    table = pd.DataFrame([row for m in modules for row in rows[m]])
+    table.attrs.update(meta)
+    return table

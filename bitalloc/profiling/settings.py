@@ -1,0 +1,135 @@
+"""Profile options as values: what to measure (`ProfileSettings`) and on which data
+(`CalibrationSettings`). Every default is defined here once; the CLI builds these."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BitallocError
+from ..quant import QuantConfig
+
+DEFAULT_METHODS = ("nf",)
+DEFAULT_BITS = (2, 3, 4, 8)
+DEFAULT_BLOCK_SIZES = (32, 64, 128)
+DEFAULT_SCALES = ("8b256",)
+DEFAULT_RANK = 16
+DEFAULT_ITERS = 5
+DEFAULT_TOKENS = 8192
+DEFAULT_CONTEXT = 512
+OBJECTIVES = ("weight", "activation", "auto")
+
+
+def _tuple(value) -> tuple | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, (str, int, QuantConfig)) else tuple(value)
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What a profile measures: the config grid (or explicit ``configs``), LoftQ's rank and
+    iterations, the low-rank method, the device and the matrices selected."""
+
+    configs: tuple[str, ...] | None = None  # explicit config strings instead of the grid
+    bits: tuple[int, ...] = DEFAULT_BITS
+    block_sizes: tuple[int, ...] = DEFAULT_BLOCK_SIZES
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    scales: tuple[str, ...] = DEFAULT_SCALES  # "8b256" (quantized scales) or fp32/fp16/bf16
+    rank: int = DEFAULT_RANK  # LoRA rank r; 0: plain quantization, no correction
+    iters: int = DEFAULT_ITERS  # LoftQ iterations T
+    lowrank: str = "randomized"  # or "exact" (full SVD)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    include: tuple[str, ...] | None = None  # regexes: matrices to profile (default: block Linears)
+    exclude: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("configs", "bits", "block_sizes", "methods", "scales", "include", "exclude"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        if self.configs is not None:
+            object.__setattr__(self, "configs", tuple(str(c) for c in self.configs))
+
+    def grid(self) -> list[QuantConfig]:
+        """The configs to profile, sorted; BitallocError naming a bad entry."""
+        if self.configs:
+            texts = list(self.configs)
+        else:
+            texts = [
+                f"{method}{bits}-b{block}-s{str(scale).removeprefix('s')}"
+                for method in self.methods
+                for bits in self.bits
+                for block in self.block_sizes
+                for scale in self.scales
+            ]
+        grid = set()
+        for text in texts:
+            try:
+                grid.add(QuantConfig.parse(text))
+            except ValueError as exc:
+                raise BitallocError(str(exc)) from None
+        if not grid:
+            raise BitallocError("the config grid is empty: give at least one bits, block size and scale")
+        return sorted(grid, key=lambda c: (c.method, c.bits, c.block_size, str(c)))
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The data of a data-aware profile: ``objective`` ("weight", "activation", "auto":
+    activation whenever the model can be run, or None: activation when any data is given),
+    and the data: ``tokens`` of ``text`` (a file, or "default": the built-in text) in
+    windows of ``context``, or token ids (``input_ids``), or the statistics themselves
+    (``column_weights``: {module: h})."""
+
+    objective: str | None = None
+    text: str | os.PathLike | None = None
+    tokens: int = DEFAULT_TOKENS
+    context: int = DEFAULT_CONTEXT
+    input_ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    column_weights: dict | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def given(self) -> bool:
+        """True when calibration data (a text, ids or statistics) was given."""
+        return self.text is not None or self.input_ids is not None or self.column_weights is not None
+
+
+PROFILE_OPTIONS = {f.name for f in dataclasses.fields(ProfileSettings)}
+CALIBRATION_OPTIONS = {
+    "objective": "objective",
+    "calibration_tokens": "tokens",
+    "calibration_context": "context",
+    "calibration_ids": "input_ids",
+    "column_weights": "column_weights",
+}
+
+
+def build_settings(
+    settings: ProfileSettings | None,
+    calibration: CalibrationSettings | str | os.PathLike | None,
+    options: dict,
+    *,
+    default_objective: str | None = None,
+) -> tuple[ProfileSettings, CalibrationSettings]:
+    """Settings from the dataclasses plus keyword options (``bits=...``, ``rank=...``,
+    ``objective=...``, ``calibration_tokens=...``); ``calibration`` may be a text path or
+    "default". Unknown options are a TypeError, as for any function."""
+    profile_options = {k: v for k, v in options.items() if k in PROFILE_OPTIONS}
+    calibration_options = {CALIBRATION_OPTIONS[k]: v for k, v in options.items() if k in CALIBRATION_OPTIONS}
+    unknown = sorted(set(options) - PROFILE_OPTIONS - set(CALIBRATION_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    settings = dataclasses.replace(settings or ProfileSettings(), **profile_options)
+    if not isinstance(calibration, CalibrationSettings):
+        calibration = CalibrationSettings(text=None if calibration is None else calibration)
+    calibration = dataclasses.replace(calibration, **calibration_options)
+    if calibration.objective is None and default_objective is not None:
+        calibration = dataclasses.replace(calibration, objective=default_objective)
+    return settings, calibration
+
+
+def as_sequence(value: str | Sequence[str] | None) -> list[str] | None:
+    return None if value is None else list(_tuple(value))

@@ -1,0 +1,154 @@
+"""The profile table on disk: Parquet (metadata in the file) or CSV, and the resume log.
+
+``OUT.partial/`` holds a header (what the profile is of) and one JSONL log per rank, a
+line per finished matrix, fsynced; the Parquet table is written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import BitallocError
+from ..fileio import atomic_path
+
+PROFILE_FORMAT = "bitalloc.profile/v1"
+METADATA_KEY = b"bitalloc"
+REQUIRED_COLUMNS = (
+    "module", "shape", "numel", "config", "method", "bits", "block_size", "bits_per_param",
+    "storage_bits", "error", "rel_error", "qlora_error", "rank", "iters",
+)  # fmt: skip
+
+
+def write_profile(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Parquet (or CSV by extension) with the metadata in the file; atomic."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as temp:
+        if str(path).endswith(".csv"):
+            table.to_csv(temp, index=False)
+            return
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        metadata = dict(arrow.schema.metadata or {})
+        metadata[METADATA_KEY] = json.dumps(dict(table.attrs), sort_keys=True).encode()
+        pq.write_table(arrow.replace_schema_metadata(metadata), temp)
+
+
+def read_profile(path: str | os.PathLike) -> pd.DataFrame:
+    """A profile table from Parquet (metadata in ``.attrs``) or CSV; BitallocError if unusable."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise BitallocError(f"profile not found: {path}")
+    try:
+        if path.suffix == ".csv":
+            table = pd.read_csv(path)
+        else:
+            arrow = pq.read_table(path)
+            table = arrow.to_pandas()
+            raw = (arrow.schema.metadata or {}).get(METADATA_KEY)
+            table.attrs.update(json.loads(raw) if raw else {})
+    except Exception as exc:  # pyarrow/pandas raise many types for a bad file
+        raise BitallocError(f"{path} is not a readable profile table ({type(exc).__name__})") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise BitallocError(f"{path} is not a bitalloc profile: missing columns {', '.join(missing)}")
+    return table
+
+
+class ProfileStore:
+    """The output table plus its side log ``OUT.partial/`` (header + one JSONL per rank)."""
+
+    def __init__(self, output: str | os.PathLike, meta: dict, overwrite: bool):
+        self.output = Path(output)
+        self.partial = Path(f"{output}.partial")
+        self.meta = meta
+        self.overwrite = overwrite
+
+    def _identity(self, meta: dict) -> dict:
+        return {k: meta.get(k) for k in ("format", "fingerprint", "content_digest", "settings")}
+
+    def _mismatch(self, other: dict, what: str) -> None:
+        mine = self._identity(self.meta)
+        theirs = self._identity(other)
+        if theirs["fingerprint"] != mine["fingerprint"]:
+            reason = f"a profile of another model ({other.get('source')})"
+        elif theirs["content_digest"] != mine["content_digest"]:
+            reason = "a profile of other weights with the same shapes"
+        elif theirs != mine:
+            other = theirs["settings"] or {}
+            changed = sorted(
+                k for k in {*mine["settings"], *other} if mine["settings"].get(k) != other.get(k)
+            )
+            reason = f"a profile with other settings ({', '.join(changed) or 'format'})"
+        else:
+            return
+        raise BitallocError(f"{what} holds {reason}: refusing to mix them; use another output or --overwrite")
+
+    def prepare(self) -> pd.DataFrame | None:
+        """Check or create the side log; return the finished table if it is up to date."""
+        if self.output.exists():
+            try:
+                existing = read_profile(self.output)
+            except BitallocError:
+                if not self.overwrite:
+                    raise BitallocError(
+                        f"{self.output} exists and is not a bitalloc profile: not overwriting it"
+                    ) from None
+                existing = None
+            if existing is not None and not self.overwrite:
+                self._mismatch(existing.attrs, str(self.output))
+                return existing
+        header = self.partial / "header.json"
+        if header.exists() and not self.overwrite:
+            try:
+                other = json.loads(header.read_text())
+            except json.JSONDecodeError:
+                raise BitallocError(f"{header} is corrupt: delete {self.partial} to start over") from None
+            self._mismatch(other, str(self.partial))
+        else:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.mkdir(parents=True)
+            with atomic_path(header) as temp:
+                temp.write_text(json.dumps(self.meta, sort_keys=True, indent=1))
+        return None
+
+    def done_modules(self) -> dict[str, list[dict]]:
+        done: dict[str, list[dict]] = {}
+        for log in sorted(self.partial.glob("rank-*.jsonl")):
+            with open(log, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a line cut short by a kill: that matrix is redone
+                    done[record["module"]] = record["rows"]
+        return done
+
+    def append(self, rank: int, module: str, rows: list[dict]) -> None:
+        log = self.partial / f"rank-{rank}.jsonl"
+        self._truncate_partial_line(log)
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"module": module, "rows": rows}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @staticmethod
+    def _truncate_partial_line(log: Path) -> None:
+        """After a kill mid-write the log may end without a newline: drop that fragment."""
+        if not log.exists() or log.stat().st_size == 0:
+            return
+        data = log.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(log, "rb+") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+
+    def finish(self, table: pd.DataFrame) -> None:
+        write_profile(table, self.output)
+        shutil.rmtree(self.partial, ignore_errors=True)
