@@ -54,7 +54,8 @@ class ProfileSettings:
             object.__setattr__(self, "configs", tuple(str(c) for c in self.configs))
 
     def grid(self) -> list[QuantConfig]:
-        """The configs to profile, sorted; BitallocError naming a bad entry."""
+        """The configs to profile: explicit ``configs`` in their order (duplicates dropped),
+        or the grid sorted; BitallocError naming a bad entry."""
         if self.configs:
             texts = list(self.configs)
         else:
@@ -65,14 +66,16 @@ class ProfileSettings:
                 for block in self.block_sizes
                 for scale in self.scales
             ]
-        grid = set()
+        grid: dict[QuantConfig, None] = {}
         for text in texts:
             try:
-                grid.add(QuantConfig.parse(text))
+                grid[QuantConfig.parse(text)] = None
             except ValueError as exc:
                 raise BitallocError(str(exc)) from None
         if not grid:
             raise BitallocError("the config grid is empty: give at least one bits, block size and scale")
+        if self.configs:
+            return list(grid)
         return sorted(grid, key=lambda c: (c.method, c.bits, c.block_size, str(c)))
 
 
