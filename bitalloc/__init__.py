@@ -1,6 +1,6 @@
 """bitalloc: choose how to quantize every weight matrix under a bit budget, then build it.
 
-Public names (DESIGN.md): ``QuantConfig``, ``storage_bits``, ``loftq``, ``LoftQResult``,
+Public names (docs/architecture.md): ``QuantConfig``, ``storage_bits``, ``loftq``, ``LoftQResult``,
 ``profile``, ``ProfileSettings``, ``CalibrationSettings``, ``plan``, ``sweep``, ``Plan``,
 ``PlanConstraints``, ``plan_files``, ``apply``, ``LoraSettings``, ``load_quantized``,
 ``open_source``, ``read_profile``. Heavy modules (pandas, PuLP, transformers) load on

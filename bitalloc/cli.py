@@ -155,6 +155,10 @@ def _pins(items: list[str] | None) -> dict[str, str] | None:
     return pins
 
 
+def _model_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("model", nargs="?", default=None, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitalloc",
@@ -166,12 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prof = commands.add_parser("profile", help="measure every matrix x config (LoftQ error, storage)")
-    prof.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="HF model folder, .safetensors or .gguf file (default: the demo model)",
-    )
+    _model_argument(prof, "HF model folder, .safetensors or .gguf file (default: the demo model)")
     prof.add_argument(
         "-o", "--output", default="profile.parquet", help="table to write (default profile.parquet)"
     )
@@ -180,12 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=cmd_profile)
 
     pl = commands.add_parser("plan", help="allocate configs under a bits/param budget (ILP)")
-    pl.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="model to profile first (cached next to -o); default: the demo model",
-    )
+    _model_argument(pl, "model to profile first (cached next to -o); default: the demo model")
     pl.add_argument("--budget", type=float, default=None, help="average bits per parameter, e.g. 2.5")
     pl.add_argument(
         "--sweep",
@@ -220,10 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     ap = commands.add_parser("apply", help="build the quantized backbone and LoftQ LoRA adapter of a plan")
-    ap.add_argument(
-        "model", nargs="?", default=None,
-        help="HF model folder, .safetensors or .gguf file (default: the demo model)",
-    )  # fmt: skip
+    _model_argument(ap, "HF model folder, .safetensors or .gguf file (default: the demo model)")
     ap.add_argument("--plan", required=True, help="plan JSON from `bitalloc plan`")
     ap.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     ap.add_argument("--lora-alpha", type=float, default=None, help="default: each matrix's rank (scaling 1)")

@@ -33,3 +33,34 @@ def test_profile_values_unchanged(outputs, key):
 @pytest.mark.parametrize("key", ["demo_plan_sha256", "smol_plan_sha256", "demo_tensors", "smol_tensors"])
 def test_plans_and_tensors_byte_identical(outputs, key):
     assert outputs[key] == EXPECTED[key]
+
+
+def test_api_applies_its_own_data_aware_plan(tmp_path):
+    """The issue-9 path: data-aware profile -> plan -> save -> apply from the Python API alone
+    gives the CLI's plan JSON and quantized tensors; the plan still applies after it is moved
+    (its calibration statistics travel beside it), and what it wrote loads with PEFT."""
+    import shutil
+
+    from golden_outputs import SMOL_CONFIGS, SMOL_INCLUDE, sha, smollm2_gguf, tensor_digests
+    from peft import PeftModel
+
+    import bitalloc
+
+    gguf = smollm2_gguf()
+    table = bitalloc.profile(gguf, tmp_path / "p.parquet", calibration="default", configs=SMOL_CONFIGS,
+                             include=SMOL_INCLUDE, iters=2, quiet=True)  # fmt: skip
+    plan = bitalloc.plan(table, 3.0)
+    plan.save(tmp_path / "plan.json")
+    assert sha(plan.to_json().replace(str(gguf), "<source>")) == EXPECTED["smol_plan_sha256"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("plan.json", "plan.calibration.safetensors"):
+        shutil.move(tmp_path / name, moved / name)
+    bitalloc.apply(gguf, moved / "plan.json", tmp_path / "out", quiet=True)
+    digests = tensor_digests(tmp_path / "out" / "quantized")
+    digests.update(tensor_digests(tmp_path / "out" / "adapter"))
+    assert digests == EXPECTED["smol_tensors"]
+    model = bitalloc.load_quantized(tmp_path / "out" / "quantized")
+    model = PeftModel.from_pretrained(model, str(tmp_path / "out" / "adapter"))
+    layers = {n for n, m in model.named_modules() if isinstance(m, bitalloc.QuantLinear)}
+    assert len(layers) == 14 and all(".layers.0." in n or ".layers.1." in n for n in layers)

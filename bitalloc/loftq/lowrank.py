@@ -5,7 +5,7 @@ probe vectors, ``power_iters`` subspace iterations, and can be warm-started with
 right singular vectors of a nearby matrix (LoftQ's previous iterate). LoftQ residuals
 have flat spectra (quantization noise), so the defaults (16 extra probes, 4 power
 iterations) are what it takes to stay within 0.5% of the exact SVD's error; on a CPU
-that is still ~30x cheaper than one full SVD of a 2048^2 matrix.
+that is still far cheaper than one full SVD (figures: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def orthonormalize(columns: torch.Tensor) -> torch.Tensor:
 def _orthonormalize(columns: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of (..., m, k), k small.
 
-    CholeskyQR2 (two passes of Q = Y chol(Y^T Y)^-T) costs two thin matmuls, ~20x less
+    CholeskyQR2 (two passes of Q = Y chol(Y^T Y)^-T) costs two thin matmuls, much less
     than Householder QR on a CPU; Householder is the fallback if the Gram matrix is
     numerically singular.
     """

@@ -1,6 +1,6 @@
 """The plan file: the `Plan` dataclass and its JSON form (``bitalloc.plan/v1``).
 
-The JSON layout is a contract (DESIGN.md, "Plan JSON") described by
+The JSON layout is a contract (docs/architecture.md, "Plan JSON") described by
 ``bitalloc/plan.schema.json``; `Plan.from_json` validates against it. Writing is
 deterministic (fixed key order, no timings), so the same plan gives the same bytes.
 """
@@ -24,7 +24,7 @@ from ..quant import QuantConfig
 PLAN_FORMAT = "bitalloc.plan/v1"
 
 
-# Key order of a per-module entry in the file (DESIGN.md); `weighted_error` only in
+# Key order of a per-module entry in the file (the contract); `weighted_error` only in
 # data-aware plans.
 MODULE_KEYS = (
     "config",

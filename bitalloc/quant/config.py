@@ -1,6 +1,6 @@
 """Quantization configs: the config string grammar, nominal bits/param and exact storage.
 
-The config string is the authority (DESIGN.md):
+The config string is the authority (README, "Config strings"):
 
     {nf|int}{k}-b{B0}-s{fp32|fp16|bf16}            float scales, one per block of B0
     {nf|int}{k}-b{B0}-s{b0}b{B1}[fp16|bf16]        scales quantized to b0 bits in groups
