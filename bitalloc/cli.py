@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .errors import BitallocError
@@ -143,6 +144,29 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"wrote {result.path} ({args.to}, {result.target_bits:.4g} bits/param in its accounting)")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate, format_evaluation
+
+    start = time.perf_counter()
+    result = evaluate(
+        args.model, args.plan, reference=args.reference, text=args.text, tokens=args.tokens,
+        context=args.context, device=args.device, calibration=args.calibration, output=args.output,
+        save=True, quiet=args.quiet,
+    )  # fmt: skip
+    print(format_evaluation(result))
+    print(f"wrote {result['path']} in {time.perf_counter() - start:.1f}s")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .evaluation.report import report
+
+    files = report(args.inputs, args.output)
+    for note in files.notes:
+        print(f"bitalloc: note: {note}", file=sys.stderr)
+    names = ", ".join(png.name for png, _ in files.figures.values())
+    print(f"wrote {files.folder}/ ({len(files.figures)} figures: {names}; README.md)")
+
+
 def _pins(items: list[str] | None) -> dict[str, str] | None:
     if not items:
         return None
@@ -160,14 +184,15 @@ def _model_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bitalloc",
         description="Choose how to quantize every weight matrix under a bit budget (LoftQ init).",
     )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"bitalloc {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one error line")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     prof = commands.add_parser("profile", help="measure every matrix x config (LoftQ error, storage)")
     _model_argument(prof, "HF model folder, .safetensors or .gguf file (default: the demo model)")
@@ -232,6 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.set_defaults(func=cmd_apply)
 
+    ev = commands.add_parser(
+        "eval", help="perplexity, KL and top-1 of a plan's LoftQ and QLoRA starts against the original"
+    )
+    _model_argument(ev, "model (default: the demo model), or OUT/ written by `bitalloc apply` (no --plan)")
+    ev.add_argument("--plan", default=None, help="plan JSON from `bitalloc plan` (not with OUT/)")
+    ev.add_argument(
+        "--reference", default=None, metavar="MODEL",
+        help="with OUT/: the original model (default: the model recorded in the plan)",
+    )  # fmt: skip
+    ev.add_argument("--text", default=None, metavar="FILE", help="text to evaluate on (default: built-in)")
+    ev.add_argument("--tokens", type=int, default=None, help="tokens of the text (default 8192)")
+    ev.add_argument("--context", type=int, default=None, help="window length (default 512)")
+    ev.add_argument(
+        "--calibration", default=None, metavar="FILE",
+        help="data-aware plans: the h file (default: PLAN.calibration.safetensors beside the plan)",
+    )  # fmt: skip
+    ev.add_argument("-o", "--output", default=None, help="result JSON (default eval.json)")
+    ev.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+
+    rp = commands.add_parser("report", help="figures (PNG, CSV, README.md) of a profile, plans, evals")
+    rp.add_argument("inputs", nargs="+", help="profile.parquet, plan JSON and `bitalloc eval` JSON files")
+    rp.add_argument("-o", "--output", default=None, help="output folder (default report/)")
+    rp.set_defaults(func=cmd_report)
+
     ex = commands.add_parser("export", help="write the plan as another quantizer's config")
     ex.add_argument("plan", help="plan JSON from `bitalloc plan` (best from a --rank 0 profile)")
     ex.add_argument("--to", required=True, metavar="TARGET",
@@ -242,17 +293,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bitalloc's error line (``bitalloc: error: ...``, exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"bitalloc: error: {message} (see bitalloc {self.prog.split()[-1]} --help)\n")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"bitalloc: warning: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         args.func(args)
     except BitallocError as exc:
-        print(f"bitalloc: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"bitalloc: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # permissions, a directory where a file is expected, a full disk, ...
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"bitalloc: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bitalloc: interrupted (a rerun of the same command resumes)", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
     return 0
 
 

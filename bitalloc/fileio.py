@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .errors import BitallocError
 
 
 @contextlib.contextmanager
@@ -15,7 +20,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     On an exception the temporary file is removed and ``path`` is untouched.
     """
-    target = Path(path)
+    target = check_output(path)  # a symlink's target is written, the link kept
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
@@ -37,3 +42,105 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def input_files(paths: Iterable[str | os.PathLike | None]) -> set[tuple[int, int]]:
+    """(device, inode) of every input file: a file itself, or every file in a folder (a
+    model folder's weights, config and tokenizer), symlinks followed."""
+    found = set()
+    for path in paths:
+        if path is None or not isinstance(path, (str, os.PathLike)):
+            continue
+        path = Path(path)
+        files = [path] if not path.is_dir() else [f for f in path.rglob("*") if f.is_file()]
+        found.update(ident for ident in map(_identity, files) if ident is not None)
+    return found
+
+
+def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """The real file an output path names (symlinks followed); BitallocError when it is one
+    of the command's inputs, or exists and is not a regular file (a folder, FIFO, device)."""
+    target = Path(path).resolve()
+    if target.exists() or target.is_symlink():
+        mode = target.stat().st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+            raise BitallocError(f"output {path} is {kind}: give a file path")
+        if _identity(target) in input_files(inputs):
+            raise BitallocError(f"output {path} is an input of this command: refusing to overwrite it")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise BitallocError(f"output {path}: {target.parent} is not a folder")
+    return target
+
+
+class WorkFolder:
+    """A folder bitalloc made for resumable work (``OUT.partial/``): marked, locked while in
+    use, and never adopted or deleted unless it carries the mark (or an older bitalloc's
+    ``legacy`` file), so a user's folder of the same name is never touched."""
+
+    MARKER = ".bitalloc-work"
+
+    def __init__(self, path: str | os.PathLike, legacy: tuple[str, ...] = ()) -> None:
+        self.path = Path(path)
+        self.legacy = legacy
+        self._lock = None
+
+    def open(self) -> WorkFolder:
+        """Create (atomically) or adopt the folder, and lock it; BitallocError when it is not
+        bitalloc's or another process holds it."""
+        if not self.path.exists() and not self.path.is_symlink():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+            (temp / self.MARKER).write_text("bitalloc work folder: safe to delete when no run is going on\n")
+            try:
+                os.rename(temp, self.path)
+            except OSError:  # another process made it first: adopt theirs below
+                shutil.rmtree(temp, ignore_errors=True)
+        self._check_ours()
+        marker = self.path / self.MARKER
+        if not marker.exists():  # an older bitalloc's folder: mark it now
+            marker.write_text("bitalloc work folder\n")
+        handle = open(marker, "a+")  # noqa: SIM115 (kept open: it holds the lock)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise BitallocError(
+                f"another bitalloc process is working in {self.path}: wait for it to finish, or use another output"
+            ) from None
+        self._lock = handle
+        return self
+
+    def _check_ours(self) -> None:
+        if self.path.is_symlink() or not self.path.is_dir():
+            raise BitallocError(f"{self.path} exists and is not a folder bitalloc made: move it away")
+        if not any((self.path / name).exists() for name in (self.MARKER, *self.legacy)):
+            raise BitallocError(
+                f"{self.path} exists but was not made by bitalloc: refusing to use or delete it (move it away)"
+            )
+
+    def clear(self) -> None:
+        """Empty the folder (keeping the mark and the lock)."""
+        self._check_ours()
+        for entry in self.path.iterdir():
+            if entry.name != self.MARKER:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+    def remove(self) -> None:
+        """Delete the folder (it is ours: checked) and release the lock."""
+        self._check_ours()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

@@ -287,12 +287,15 @@ def test_demo_bert_apply_and_load(demo_case):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fingerprint_mismatch_only_warns(llama_case, tmp_path):
+def test_edited_plan_is_refused(llama_case, tmp_path):
+    """A plan whose matrices no longer match its profile's fingerprint (one removed by hand)
+    is refused before any work, instead of leaving that matrix silently unquantized."""
     root, _, plan, _ = llama_case
     other = copy.deepcopy(plan)
-    other.model["fingerprint"] = "0" * 64
-    with pytest.warns(UserWarning, match="fingerprint differs"):
+    other.modules.pop(next(iter(other.modules)))
+    with pytest.raises(BitallocError, match="added to or removed from the plan by hand"):
         apply(root / "model", other, tmp_path / "out", device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 # ---- bad input through the CLI: exit 2, one line, nothing damaged -------------------------

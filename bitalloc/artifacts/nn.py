@@ -219,7 +219,11 @@ class QuantLinear(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for part in PACKED_NAMES:
             if prefix + "weight." + part in state_dict:
-                state_dict[prefix + part] = state_dict.pop(prefix + "weight." + part)
+                tensor = state_dict.pop(prefix + "weight." + part)
+                buffer = self._buffers.get(part)
+                if buffer is not None and tensor.dim() != 1 and tensor.numel() == buffer.numel():
+                    tensor = tensor.reshape(-1)  # float scales are stored (rows, blocks)
+                state_dict[prefix + part] = tensor
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -260,39 +264,8 @@ def load_quantized(
     cast to ``dtype``; on ``device`` ("auto": CUDA if available). Attach the LoRA adapter
     with ``PeftModel.from_pretrained``."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig
 
-    path = Path(path)
-    info = read_quant_info(path)
-    config = AutoConfig.from_pretrained(path)
-    with parameters_on_meta():
-        model = model_class(config)(config)
-    for name, entry in info["modules"].items():
-        rows, cols = entry["shape"]
-        old = model.get_submodule(name) if _has_module(model, name) else None
-        has_bias = getattr(old, "bias", None) is not None
-        layer = QuantLinear(cols, rows, entry["config"], has_bias, dtype=dtype, name=name)
-        old = replace_linear(model, name, layer)
-        if (old.out_features, old.in_features) != (rows, cols):
-            raise BitallocError(
-                f"shape mismatch for {name}: {QUANT_FILE} {rows}x{cols}, "
-                f"model {old.out_features}x{old.in_features}"
-            )
-    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    buffers = dict(model.named_buffers())  # old checkpoints hold now non-persistent buffers
-    for file in packed_files(path):
-        try:
-            result = model.load_state_dict(load_file(file), strict=False, assign=True)
-        except RuntimeError as exc:  # size mismatches
-            detail = " ".join(str(exc).split("\n", 1)[-1].split())
-            raise BitallocError(f"{file}: tensors do not fit the model: {detail}") from None
-        for key in result.unexpected_keys:
-            if key not in buffers and not any(p.search(key) for p in ignored):
-                raise BitallocError(f"{path}: tensor {key} has no place in the model")
-    model.tie_weights()
-    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_meta:
-            raise BitallocError(f"{path}: the checkpoint lacks {key}")
+    model = _assemble(Path(path), dtype, load_file)
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLinear):
             try:
@@ -305,6 +278,71 @@ def load_quantized(
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def check_quantized(path: str | os.PathLike) -> None:
+    """What `load_quantized` checks, from the safetensors headers alone (no tensor data is
+    read, nothing is allocated): every tensor has its place and shape in the model, every
+    parameter and packed buffer is present. `apply` runs it before renaming its output."""
+    from ..checkpoints.safetensors import TORCH_DTYPES, read_header
+
+    def meta_tensors(file: Path) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype], device="meta")
+            for name, entry in read_header(file).items()
+        }
+
+    _assemble(Path(path), torch.float32, meta_tensors, device="meta")
+
+
+def _assemble(path: Path, dtype: torch.dtype, read, device: str | None = None) -> nn.Module:
+    """The model skeleton with QuantLinears, filled from every packed file by ``read(file)``;
+    BitallocError for a tensor without a place, a size mismatch or a missing tensor."""
+    from transformers import AutoConfig
+
+    info = read_quant_info(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise BitallocError(f"{path}: cannot read config.json ({type(exc).__name__}: {exc})") from None
+    with parameters_on_meta():
+        model = model_class(config)(config)
+    for name, entry in info["modules"].items():
+        rows, cols = entry["shape"]
+        old = model.get_submodule(name) if _has_module(model, name) else None
+        has_bias = getattr(old, "bias", None) is not None
+        layer = QuantLinear(cols, rows, entry["config"], has_bias, device=device, dtype=dtype, name=name)
+        old = replace_linear(model, name, layer)
+        if (old.out_features, old.in_features) != (rows, cols):
+            raise BitallocError(
+                f"shape mismatch for {name}: {QUANT_FILE} {rows}x{cols}, "
+                f"model {old.out_features}x{old.in_features}"
+            )
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    buffers = dict(model.named_buffers())  # old checkpoints hold now non-persistent buffers
+    persistent = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name in module._buffers
+        if name not in module._non_persistent_buffers_set
+    }
+    expected = {name for name, _ in model.named_parameters(remove_duplicate=False)} | persistent
+    loaded: set[str] = set()
+    for file in packed_files(path):
+        try:
+            result = model.load_state_dict(read(file), strict=False, assign=True)
+        except RuntimeError as exc:  # size mismatches
+            detail = " ".join(str(exc).split("\n", 1)[-1].split())
+            raise BitallocError(f"{file}: tensors do not fit the model: {detail}") from None
+        for key in result.unexpected_keys:
+            if key not in buffers and not any(p.search(key) for p in ignored):
+                raise BitallocError(f"{path}: tensor {key} has no place in the model")
+        loaded |= expected - set(result.missing_keys)
+    model.tie_weights()
+    for key in [name for name, _ in model.named_parameters()] + sorted(persistent):
+        if key not in loaded:
+            raise BitallocError(f"{path}: the checkpoint lacks {key}")
+    return model
 
 
 def packed_files(path: str | os.PathLike) -> list[Path]:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +28,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoints import CONFIG_FILES, Source, open_source
+from ..checkpoints.runnable import check_linears
 from ..devices import resolve_device
 from ..errors import BitallocError
-from ..fileio import atomic_path
+from ..fileio import WorkFolder, atomic_path
 from ..loftq import loftq, module_seed
+from ..loftq.decomposition import check_lora_alpha
 from ..planning.plan_file import Plan, most_common
 from ..profiling.calibration import read_calibration
 from ..quant import QuantConfig, QuantizedTensor
-from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT
+from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
 
 PLAN_FILE = "bitalloc_plan.json"
 WORK_FORMAT = "bitalloc.apply-work/v1"
@@ -84,10 +85,11 @@ def apply(
     """
     lora = dataclasses.replace(lora or LoraSettings(), **options)
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
+    check_lora_alpha(lora_alpha)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     column_weights = _plan_column_weights(plan, calibration)
     out = Path(out_dir)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
     if dequantized_dtype not in DEQUANTIZED_DTYPES:
         raise BitallocError(f"unknown dequantized dtype {dequantized_dtype!r}: bf16, fp16 or fp32")
@@ -103,6 +105,19 @@ def apply(
         "calibration": (plan.calibration or {}).get("digest"),
     }
     work = _WorkDir(Path(f"{out}.partial"), identity)
+    try:
+        _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
+               dequantized, dequantized_dtype, max_shard_bytes)  # fmt: skip
+    finally:
+        work.folder.close()
+    return out
+
+
+def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
+           dequantized, dequantized_dtype, max_shard_bytes) -> None:  # fmt: skip
+    """Decompose (resumable), write every part into ``OUT.partial/build``, check that it
+    loads, and rename it to ``out``."""
+    lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
     _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet, column_weights)
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
@@ -116,10 +131,12 @@ def apply(
         for file in (build / "quantized").iterdir():  # config and tokenizer, built once
             if CONFIG_FILES.match(file.name):
                 shutil.copyfile(file, build / "dequantized" / file.name)
+    check_quantized(build / "quantized")  # what we wrote loads: names, shapes, dtypes
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() or out.is_symlink():
+        raise BitallocError(f"output {out} appeared while apply ran: its work is kept in {work.path}")
     os.replace(build, out)
-    shutil.rmtree(work.path, ignore_errors=True)
-    return out
+    work.folder.remove()
 
 
 def check_plan(plan: Plan, source: Source) -> None:
@@ -144,13 +161,14 @@ def _open_matrices(source, plan: Plan) -> Source:
     reader = open_source(source, modules=[])
     reader.require_config()
     check_plan(plan, reader)
+    check_linears(source if isinstance(source, torch.nn.Module) else reader, [*plan.modules])
     matrices = reader.with_modules([*plan.modules, *plan.kept])
     expected = plan.model.get("fingerprint")
     if expected is not None and matrices.fingerprint() != expected:
-        warnings.warn(
-            f"plan was made from {plan.model.get('source')}, whose fingerprint differs from "
-            f"{matrices.name}; its modules and shapes match, so going on",
-            stacklevel=3,
+        raise BitallocError(
+            f"the plan's matrices (quantized and kept) are not the ones its profile measured "
+            f"(fingerprint {expected[:12]}): was a matrix added to or removed from the plan by hand? "
+            "plan again from the profile"
         )
     return matrices
 
@@ -159,6 +177,7 @@ class _WorkDir:
     """``OUT.partial/``: job.json (what the work is for) and one safetensors file per matrix."""
 
     def __init__(self, path: Path, identity: dict) -> None:
+        self.folder = WorkFolder(path, legacy=("job.json",)).open()
         self.path = path
         job = path / "job.json"
         if job.exists():
@@ -167,11 +186,12 @@ class _WorkDir:
             except (OSError, ValueError):
                 other = None
             if other != identity:
+                self.folder.close()
                 raise BitallocError(
                     f"{path} holds work for another plan, model or LoRA settings: delete it to start over"
                 )
         else:
-            path.mkdir(parents=True, exist_ok=True)
+            self.folder.clear()
             with atomic_path(job) as temp:
                 temp.write_text(json.dumps(identity, indent=1, sort_keys=True), encoding="utf-8")
 
@@ -328,8 +348,7 @@ def _write_adapter(folder, base, source, plan, ranks, work, lora_alpha, use_rslo
     from peft import LoraConfig
 
     targets = [name for name in plan.modules if ranks[name] > 0]
-    if not targets:
-        warnings.warn("every planned rank is 0: no LoRA adapter written", stacklevel=3)
+    if not targets:  # rank 0: plain quantization, nothing to correct
         return
     rank = most_common(ranks[name] for name in targets)
     differ = {name: ranks[name] for name in targets if ranks[name] != rank}

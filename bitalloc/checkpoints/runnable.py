@@ -47,6 +47,23 @@ def can_run(model) -> bool:
     return (folder / "config.json").is_file() and has_tokenizer
 
 
+def check_linears(model, names: Sequence[str]) -> None:
+    """BitallocError naming the first of ``names`` that is not an ``nn.Linear`` in the model
+    built from the checkpoint's config (on the meta device: no memory, no weights read)."""
+    with runnable(model) as (net, _, _):
+        for name in names:
+            try:
+                module = net.get_submodule(name)
+            except AttributeError:
+                module = None
+            if not isinstance(module, nn.Linear):
+                kind = "nothing" if module is None else f"a {type(module).__name__}"
+                raise BitallocError(
+                    f"{name} is {kind} in the model, not a Linear layer: only Linear layers can be "
+                    "quantized and loaded (plan without it, e.g. --exclude it when profiling)"
+                )
+
+
 def run_blocks(
     net: nn.Module,
     input_ids: torch.Tensor,
@@ -273,3 +290,164 @@ def load_tokenizer(folder: str | None, model):
             f"no tokenizer to run {where or 'the model'} on text ({type(exc).__name__}): "
             "give token ids instead, or plan weight-only (objective 'weight')"
         ) from None
+
+
+def run_model(
+    net: nn.Module,
+    batches: Sequence[torch.Tensor],
+    modules: Sequence[str],
+    on_output: Callable[[int, int, str, object], None],
+    *,
+    variants: Sequence[str] = ("model",),
+    prepare: Callable[[str, str, nn.Module], Callable[[], None] | None] | None = None,
+    load: Callable[[str], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Run the whole of ``net`` (embeddings, every transformer block, what follows the blocks)
+    over token id ``batches`` one block at a time, once for each of ``variants`` of the model.
+
+    ``batches`` are (rows, length) id tensors; lengths may differ between batches. ``modules``
+    names matrices inside the blocks (they locate the block list). The inputs of block 0 are
+    caught once (they do not depend on the blocks). Each block is then read from ``load``
+    once and, for every variant in turn, ``prepare(variant, prefix, block)`` may change it
+    (swap weights) and returns a function that undoes the change (or None), before that
+    variant's hidden states run through it. Last, for every row of every batch and every
+    variant, ``net`` runs on the row with its blocks standing in for the variant's final
+    hidden states, so the final norm and head give the model's usual output (logits,
+    last_hidden_state), which goes to ``on_output(batch, row, variant, output)``.
+
+    Memory: one block, the hidden states of every variant (variants x tokens x hidden) and
+    one row's output. Parameters on the meta device are read with ``load(name)`` (a tied
+    parameter missing from the checkpoint is read under its twin's name) onto ``device``
+    (a skeleton's buffers are moved there too); an in-memory model runs where it is.
+    ``progress()`` is called after each (block, variant) and each (row, variant).
+    """
+    blocks_name, blocks = find_blocks(net, modules)
+    skeleton = any(p.is_meta for p in net.parameters())
+    if skeleton:
+        device = torch.device(device or "cpu")
+        for module in net.modules():
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and not buffer.is_meta and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
+        load = _device_loader(_twin_loader(net, load), device) if load is not None else None
+    else:
+        device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    batches = [ids.to(device) for ids in batches]
+    variants = list(variants)
+    loaded: list[tuple[nn.Module, str]] = []
+    inside = {id(m) for m in blocks.modules()}
+    outside = [m for m in net.modules() if id(m) not in inside]
+    hooks = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)]
+    try:
+        caught = [_catch(net, blocks, ids) for ids in batches]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    _release(loaded)
+    extras = [(args, kwargs) for _, args, kwargs in caught]
+    hidden = {variant: [h for h, _, _ in caught] for variant in variants}
+    del caught
+    as_tuple = False
+    for index, block in enumerate(blocks):
+        _materialize(block, f"{blocks_name}.{index}.", load, loaded)
+        try:
+            for variant in variants:
+                undo = prepare(variant, f"{blocks_name}.{index}.", block) if prepare is not None else None
+                try:
+                    with torch.inference_mode():
+                        for i, (args, kwargs) in enumerate(extras):
+                            output = block(hidden[variant][i], *args, **kwargs)
+                            as_tuple = isinstance(output, (tuple, list))
+                            hidden[variant][i] = _hidden(output)
+                finally:
+                    if undo is not None:
+                        undo()
+                if progress is not None:
+                    progress()
+        finally:
+            _release(loaded)
+    _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple, progress)
+
+
+def _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple, progress) -> None:
+    """``net`` on each row with its blocks replaced by `_Replay`: the parts after the blocks."""
+    originals = list(blocks)
+    replays = [_Replay(block, first=i == 0, as_tuple=as_tuple) for i, block in enumerate(originals)]
+    loaded: list[tuple[nn.Module, str]] = []
+    inside = {id(m) for m in blocks.modules()}
+    outside = [m for m in net.modules() if id(m) not in inside and _has_meta(m)]
+    hooks = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside]
+    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(net.forward).parameters else {}
+    try:
+        for i, replay in enumerate(replays):
+            blocks[i] = replay
+        for b, ids in enumerate(batches):
+            for row in range(ids.shape[0]):
+                for variant in variants:
+                    replays[0].value = hidden[variant][b][row : row + 1]
+                    with torch.inference_mode():
+                        output = net(ids[row : row + 1], **kwargs)
+                    replays[0].value = None
+                    on_output(b, row, variant, output)
+                    del output
+                    if progress is not None:
+                        progress()
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        for hook in hooks:
+            hook.remove()
+        _release(loaded)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: the first returns the stored final hidden states, the others
+    pass their input on, in the output type of the real blocks."""
+
+    def __init__(self, block: nn.Module, first: bool, as_tuple: bool):
+        super().__init__()
+        self.__dict__["_block"] = block  # not a submodule: the real block stays out of `net.modules()`
+        self.first, self.as_tuple = first, as_tuple
+        self.value: torch.Tensor | None = None
+
+    def forward(self, hidden, *args, **kwargs):
+        out = self.value if self.first else hidden
+        return (out,) if self.as_tuple else out
+
+    def __getattr__(self, name: str):  # models read attributes such as `attention_type`
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+
+def _twin_loader(net: nn.Module, load: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """``load`` that reads a tied parameter (e.g. ``lm_head.weight``, absent from a checkpoint
+    with tied embeddings) under the name of the parameter it shares storage with."""
+    groups: dict[int, list[str]] = {}
+    for name, param in net.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    twins = {
+        name: [n for n in names if n != name] for names in groups.values() if len(names) > 1 for name in names
+    }
+
+    def read(key: str) -> torch.Tensor:
+        try:
+            return load(key)
+        except KeyError:
+            for twin in twins.get(key, ()):
+                try:
+                    return load(twin)
+                except KeyError:
+                    continue
+            raise
+
+    return read
+
+
+def _device_loader(
+    load: Callable[[str], torch.Tensor], device: torch.device
+) -> Callable[[str], torch.Tensor]:
+    return lambda key: load(key).to(device)

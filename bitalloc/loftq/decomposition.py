@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..devices import one_cpu_thread, resolve_device
+from ..errors import BitallocError
 from ..quant import QuantConfig, QuantizedTensor, fake_quantize
 from ..quant.blockwise import check_matrix
 from .lowrank import LOWRANK_METHODS, exact_lowrank, randomized_lowrank
@@ -61,9 +62,27 @@ class LoftQResult:
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
 
-def lora_scaling(rank: int, lora_alpha: float | None, use_rslora: bool = False) -> float:
-    """PEFT's scaling: alpha / r (alpha / sqrt(r) with rsLoRA); 1 when alpha is None."""
+def check_rank(rank: object, shape: tuple[int, int] | None = None) -> None:
+    """BitallocError unless ``rank`` is a whole number, 0 <= rank <= min(shape)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise BitallocError(f"rank must be a whole number >= 0 (0: no LoRA correction), got {rank!r}")
+    if shape is not None and rank > min(shape):
+        raise BitallocError(f"rank {rank} exceeds the matrix size {shape[0]}x{shape[1]}")
+
+
+def check_lora_alpha(lora_alpha: object) -> None:
+    """BitallocError unless ``lora_alpha`` is None or a finite positive number."""
     if lora_alpha is None:
+        return
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise BitallocError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+    if not math.isfinite(lora_alpha) or lora_alpha <= 0:
+        raise BitallocError(f"lora_alpha must be a finite positive number, got {lora_alpha!r}")
+
+
+def lora_scaling(rank: int, lora_alpha: float | None, use_rslora: bool = False) -> float:
+    """PEFT's scaling: alpha / r (alpha / sqrt(r) with rsLoRA); 1 when alpha is None or r = 0."""
+    if lora_alpha is None or rank == 0:
         return 1.0
     return float(lora_alpha) / (math.sqrt(rank) if use_rslora else rank)
 
@@ -120,17 +139,19 @@ def loftq_batch(
     if weights.dim() == 2:
         weights = weights.unsqueeze(0)
     if weights.dim() != 3:
-        raise ValueError(f"expected (batch, out, in) matrices, got shape {tuple(weights.shape)}")
+        raise BitallocError(f"expected (batch, out, in) matrices, got shape {tuple(weights.shape)}")
     if lowrank not in LOWRANK_METHODS:
-        raise ValueError(f"unknown low-rank method {lowrank!r}: expected one of {LOWRANK_METHODS}")
+        raise BitallocError(f"unknown low-rank method {lowrank!r}: expected one of {LOWRANK_METHODS}")
     batch, rows, cols = weights.shape
-    if rank < 0 or iters < 0:
-        raise ValueError(f"rank and iters must be >= 0, got rank={rank}, iters={iters}")
-    if rank > min(rows, cols):
-        raise ValueError(f"rank {rank} exceeds the matrix size {rows}x{cols}")
+    check_rank(rank, (rows, cols))
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise BitallocError(f"iters must be a whole number >= 0, got {iters!r}")
+    check_lora_alpha(lora_alpha)
+    if rank == 0:
+        iters = 0  # no low-rank correction: plain quantization
     seeds = [0] * batch if seeds is None else list(seeds)
     if len(seeds) != batch:
-        raise ValueError(f"got {len(seeds)} seeds for {batch} matrices")
+        raise BitallocError(f"got {len(seeds)} seeds for {batch} matrices")
     device = resolve_device(device, fallback=weights.device)
     with one_cpu_thread(device, when=weights.numel() < SINGLE_THREAD_ELEMENTS):
         return _loftq_batch(
@@ -154,8 +175,12 @@ def _loftq_batch(
         sqrt_h = h.sqrt().unsqueeze(1)  # (b, 1, in)
 
     def sq_norm(x: torch.Tensor) -> torch.Tensor:
-        # fp32 pairwise reduction (accurate to ~1e-6 relative), squared in fp64
-        return torch.linalg.vector_norm(x, dim=(-2, -1)).double() ** 2
+        # fp32 pairwise reduction (accurate to ~1e-6 relative), squared in fp64; values whose
+        # squares overflow fp32 (|w| > ~1e19) are summed in fp64 instead
+        norm = torch.linalg.vector_norm(x, dim=(-2, -1))
+        if not bool(torch.isfinite(norm).all()):
+            norm = torch.linalg.vector_norm(x.double(), dim=(-2, -1))
+        return norm.double() ** 2
 
     weight_sq = sq_norm(weight)
     weighted_weight_sq = sq_norm(weight * sqrt_h) if sqrt_h is not None else weight_sq
@@ -221,7 +246,7 @@ def _loftq_batch(
     results = []
     for i in range(batch):
         k = int(best_iter[i])
-        rel = (err_table[i] / norms[i]).clamp_min(0).sqrt().tolist()
+        rel = _relative(err_table[i], norms[i])
         results.append(
             LoftQResult(
                 config=config,
@@ -235,13 +260,18 @@ def _loftq_batch(
                 weight_norm_sq=float(norms[i]),
                 scaling=scaling,
                 weighted_error=None if werr_table is None else float(werr_table[i, k]),
-                weighted_errors=None
-                if werr_table is None
-                else (werr_table[i] / wnorms[i]).clamp_min(0).sqrt().tolist(),
+                weighted_errors=None if werr_table is None else _relative(werr_table[i], wnorms[i]),
                 q_input=best_q_input[i] if keep_q else None,
             )
         )
     return results
+
+
+def _relative(errors_sq: torch.Tensor, norm_sq: torch.Tensor) -> list[float]:
+    """sqrt(error / norm) per iteration; a zero matrix has zero error (not 0/0)."""
+    if float(norm_sq) == 0.0:
+        return [0.0] * errors_sq.numel()
+    return (errors_sq / norm_sq).clamp_min(0).sqrt().tolist()
 
 
 def loftq(
@@ -258,7 +288,7 @@ def loftq(
     """
     check_matrix(weight)
     if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D matrix (out, in), got shape {tuple(weight.shape)}")
+        raise BitallocError(f"expected a 2-D matrix (out, in), got shape {tuple(weight.shape)}")
     seed = kwargs.pop("seed", None)
     if seed is not None:
         kwargs["seeds"] = [seed]

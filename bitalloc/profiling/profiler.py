@@ -21,9 +21,11 @@ import torch
 from ..checkpoints import Source, open_source
 from ..devices import resolve_device
 from ..errors import BitallocError
+from ..fileio import check_output
 from ..loftq import loftq_batch, module_seed
+from ..loftq.decomposition import check_rank
 from ..quant import QuantConfig
-from .calibration import calibration_settings, prepare_calibration, resolve_objective
+from .calibration import calibration_path, calibration_settings, prepare_calibration, resolve_objective
 from .distributed import Distributed, split_by_cost
 from .settings import CalibrationSettings, ProfileSettings, build_settings
 from .table import PROFILE_FORMAT, ProfileStore, read_profile
@@ -31,6 +33,7 @@ from .table import PROFILE_FORMAT, ProfileStore, read_profile
 # GPU batches of same-shaped matrices stay under this many elements (fp32: 4 bytes each,
 # LoftQ holds about six copies)
 CUDA_BATCH_ELEMENTS = 1 << 27
+MAX_ITERS = 100
 
 
 def profile(
@@ -63,8 +66,9 @@ def profile(
     settings, calibration = build_settings(settings, calibration, options)
     grid = settings.grid()
     rank, iters = settings.rank, settings.iters
-    if rank < 0 or iters < 0:
-        raise BitallocError(f"rank and iters must be >= 0, got rank={rank}, iters={iters}")
+    check_rank(rank)
+    if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
+        raise BitallocError(f"iters must be a whole number from 0 to {MAX_ITERS}, got {iters!r}")
     source = open_source(model, settings.include, settings.exclude)
     device = settings.device
     dist = Distributed.from_env(device)
@@ -82,6 +86,7 @@ def profile(
         "objective": "weight",
         "settings": profile_settings,
         "modules": len(source.modules()),
+        "selection": {"include": _listed(settings.include), "exclude": _listed(settings.exclude)},
     }
     objective = resolve_objective(model, calibration)
     if objective != "weight":
@@ -90,7 +95,25 @@ def profile(
     for module in source.modules():
         if rank > min(source.shape(module)):
             raise BitallocError(f"rank {rank} exceeds the size of {module} {source.shape(module)}")
-    store = ProfileStore(output, meta, overwrite) if output is not None else None
+    inputs = (getattr(source, "path", None), calibration.text)
+    store = ProfileStore(output, meta, overwrite, inputs) if output is not None else None
+    if output is not None:
+        check_output(calibration_path(output), inputs)
+    try:
+        return _profile(model, output, source, grid, meta, objective, calibration, store, dist, device,
+                        quiet, stats)  # fmt: skip
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _listed(patterns) -> list[str] | None:
+    return None if patterns is None else list(patterns)
+
+
+def _profile(model, output, source, grid, meta, objective, calibration, store, dist, device, quiet, stats):
+    """The run itself (profile's arguments checked and its output folder claimed)."""
+    profile_settings = meta["settings"]
     if store is not None:
         finished = dist.first(store.prepare)
         if finished is not None:

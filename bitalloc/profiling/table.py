@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import BitallocError
-from ..fileio import atomic_path
+from ..fileio import WorkFolder, atomic_path, check_output
 
 PROFILE_FORMAT = "bitalloc.profile/v1"
 METADATA_KEY = b"bitalloc"
@@ -65,9 +64,11 @@ def read_profile(path: str | os.PathLike) -> pd.DataFrame:
 class ProfileStore:
     """The output table plus its side log ``OUT.partial/`` (header + one JSONL per rank)."""
 
-    def __init__(self, output: str | os.PathLike, meta: dict, overwrite: bool):
+    def __init__(self, output: str | os.PathLike, meta: dict, overwrite: bool, inputs: tuple = ()):
         self.output = Path(output)
-        self.partial = Path(f"{output}.partial")
+        check_output(self.output, inputs)
+        self.work = WorkFolder(f"{output}.partial", legacy=("header.json",))
+        self.partial = self.work.path
         self.meta = meta
         self.overwrite = overwrite
 
@@ -78,9 +79,12 @@ class ProfileStore:
         mine = self._identity(self.meta)
         theirs = self._identity(other)
         if theirs["fingerprint"] != mine["fingerprint"]:
-            reason = f"a profile of another model ({other.get('source')})"
+            if other.get("selection", self.meta.get("selection")) != self.meta.get("selection"):
+                reason = "a profile of other matrices (other --include/--exclude)"
+            else:
+                reason = f"a profile of another model ({other.get('source')})"
         elif theirs["content_digest"] != mine["content_digest"]:
-            reason = "a profile of other weights with the same shapes"
+            reason = "a profile of other weights with the same shapes (the weights changed)"
         elif theirs != mine:
             other = theirs["settings"] or {}
             changed = sorted(
@@ -105,16 +109,18 @@ class ProfileStore:
             if existing is not None and not self.overwrite:
                 self._mismatch(existing.attrs, str(self.output))
                 return existing
+        self.work.open()
         header = self.partial / "header.json"
         if header.exists() and not self.overwrite:
             try:
                 other = json.loads(header.read_text())
-            except json.JSONDecodeError:
+                if not isinstance(other, dict):
+                    raise ValueError("not an object")
+            except ValueError:
                 raise BitallocError(f"{header} is corrupt: delete {self.partial} to start over") from None
             self._mismatch(other, str(self.partial))
         else:
-            shutil.rmtree(self.partial, ignore_errors=True)
-            self.partial.mkdir(parents=True)
+            self.work.clear()
             with atomic_path(header) as temp:
                 temp.write_text(json.dumps(self.meta, sort_keys=True, indent=1))
         return None
@@ -123,11 +129,17 @@ class ProfileStore:
         done: dict[str, list[dict]] = {}
         for log in sorted(self.partial.glob("rank-*.jsonl")):
             with open(log, encoding="utf-8") as handle:
-                for line in handle:
+                for number, line in enumerate(handle, 1):
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
-                        break  # a line cut short by a kill: that matrix is redone
+                        if not line.endswith("\n"):
+                            break  # a line cut short by a kill: that matrix is redone
+                        record = None
+                    if not _is_record(record):
+                        raise BitallocError(
+                            f"{log} line {number} is not a profile record: delete {self.partial} to start over"
+                        )
                     done[record["module"]] = record["rows"]
         return done
 
@@ -135,7 +147,7 @@ class ProfileStore:
         log = self.partial / f"rank-{rank}.jsonl"
         self._truncate_partial_line(log)
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"module": module, "rows": rows}) + "\n")
+            handle.write(json.dumps({"module": module, "rows": rows}, allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -151,4 +163,16 @@ class ProfileStore:
 
     def finish(self, table: pd.DataFrame) -> None:
         write_profile(table, self.output)
-        shutil.rmtree(self.partial, ignore_errors=True)
+        self.work.remove()
+
+    def close(self) -> None:
+        self.work.close()
+
+
+def _is_record(record: object) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("module"), str)
+        and isinstance(record.get("rows"), list)
+        and all(isinstance(row, dict) for row in record["rows"])
+    )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import BitallocError
 from .codebooks import codebook, nearest_code, nearest_index
 from .config import QuantConfig
 
@@ -29,15 +30,18 @@ class BlockCodes:
 
 
 def check_matrix(weight: torch.Tensor, what: str = "weight") -> None:
-    """ValueError for what cannot be quantized: not 2-D, empty, NaN or Inf."""
+    """BitallocError (a ValueError) for what cannot be quantized: not a real floating-point
+    2-D tensor, empty, NaN or Inf."""
     if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
+        raise BitallocError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise BitallocError(f"{what} must hold real floating-point values, got {weight.dtype}")
     if weight.dim() < 2:
-        raise ValueError(f"{what} must be a 2-D matrix (out, in), got shape {tuple(weight.shape)}")
+        raise BitallocError(f"{what} must be a 2-D matrix (out, in), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
-        raise ValueError(f"{what} is empty (shape {tuple(weight.shape)})")
-    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{what} contains NaN or Inf values")
+        raise BitallocError(f"{what} is empty (shape {tuple(weight.shape)})")
+    if not bool(torch.isfinite(weight).all()):
+        raise BitallocError(f"{what} contains NaN or Inf values")
 
 
 def _blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
