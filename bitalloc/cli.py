@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 import warnings
@@ -82,8 +83,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     stats: dict[str, float] = {}
     start = time.perf_counter()
     table = profile(
-        args.model, args.output, calibration=args.calibration, overwrite=args.overwrite, quiet=args.quiet,
-        stats=stats, **_profile_options(args),
+        args.model, args.output, calibration=args.calibration, overwrite=args.overwrite, verify=args.verify,
+        quiet=args.quiet, stats=stats, **_profile_options(args),
     )  # fmt: skip
     elapsed = time.perf_counter() - start
     if not args.quiet:
@@ -135,7 +136,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export
 
-    result = export(args.plan, args.to, args.output, imatrix=args.imatrix)
+    result = export(args.plan, args.to, args.output, imatrix=args.imatrix, per_module=args.per_module)
     for note in result.notes:
         print(f"bitalloc: note: {note}", file=sys.stderr)
     if args.output is None:
@@ -200,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="profile.parquet", help="table to write (default profile.parquet)"
     )
     prof.add_argument("--overwrite", action="store_true", help="replace an output that holds another profile")
+    prof.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every weight when resuming or reusing (default: changed files)",
+    )
     _add_profile_options(prof)
     prof.set_defaults(func=cmd_profile)
 
@@ -289,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gptqmodel, autoround, llamacpp, compressed-tensors, torchao or hqq")  # fmt: skip
     ex.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
     ex.add_argument("--imatrix", action="store_true", help="llamacpp: an importance matrix will be given")
+    ex.add_argument(
+        "--per-module",
+        action="store_true",
+        help="hqq: a per-module dict for HQQLinear (plans not uniform per tag)",
+    )
     ex.set_defaults(func=cmd_export)
     return parser
 
@@ -306,6 +317,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # optional libraries that PEFT imports log their missing GPU kernels: not the user's concern
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)

@@ -99,7 +99,7 @@ def apply(
     identity = {
         "format": WORK_FORMAT,
         "plan": hashlib.sha256(plan.to_json().encode()).hexdigest(),
-        "weights": matrices.content_digest(),
+        "weights": matrices.file_stats() or matrices.content_digest(),
         "lora_alpha": lora_alpha,
         "use_rslora": use_rslora,
         "calibration": (plan.calibration or {}).get("digest"),
@@ -250,7 +250,7 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
         rank = ranks[name]
         result = loftq(
             matrices.read(name), config, rank=rank, iters=plan.defaults["iters"],
-            lora_alpha=rank if lora_alpha is None else lora_alpha, use_rslora=use_rslora,
+            lora_alpha=(rank or None) if lora_alpha is None else lora_alpha, use_rslora=use_rslora,
             seed=module_seed(name, config), device=device,
             column_weights=None if column_weights is None else column_weights[name],
         )  # fmt: skip

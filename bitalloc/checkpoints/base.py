@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ import torch
 
 from ..errors import BitallocError
 
-# content_digest samples at most this many elements of each matrix, in this many spans.
+# The digest of an older profile (digest format 1) sampled at most this many elements of
+# each matrix, in this many spans; `legacy_content_digest` re-checks such profiles.
 SAMPLE_ELEMENTS = 4096
 SAMPLE_SPANS = 16
 # Files copied beside the weights: the config, generation settings and tokenizer files.
@@ -31,7 +33,7 @@ CONFIG_FILES = re.compile(
 
 
 def sample_spans(numel: int, itemsize: int) -> list[tuple[int, int]]:
-    """Byte (offset, length) spans of a tensor's raw data that `content_digest` hashes.
+    """Byte (offset, length) spans of a tensor's raw data that `legacy_content_digest` hashes.
 
     Small tensors are hashed whole; larger ones in SAMPLE_SPANS evenly spaced runs of
     SAMPLE_ELEMENTS // SAMPLE_SPANS elements, first and last elements included.
@@ -42,6 +44,11 @@ def sample_spans(numel: int, itemsize: int) -> list[tuple[int, int]]:
     last = numel - run
     starts = [k * last // (SAMPLE_SPANS - 1) for k in range(SAMPLE_SPANS)]
     return [(start * itemsize, run * itemsize) for start in starts]
+
+
+def combine_digests(digests: dict[str, str]) -> str:
+    """One sha256 over per-matrix digests, in their order."""
+    return hashlib.sha256(json.dumps(list(digests.items()), separators=(",", ":")).encode()).hexdigest()
 
 
 class Source(abc.ABC):
@@ -69,7 +76,10 @@ class Source(abc.ABC):
 
     def read(self, module: str) -> torch.Tensor:
         """The matrix as a fresh float32 (out, in) CPU tensor; BitallocError on NaN/Inf."""
-        weight = self._read(self._check(module))
+        return self._checked(module, self._read(self._check(module)))
+
+    def _checked(self, module: str, weight: torch.Tensor) -> torch.Tensor:
+        """float32, the expected shape, finite values, at least one element."""
         if weight.dtype != torch.float32:
             weight = weight.to(torch.float32)
         if tuple(weight.shape) != self._shapes[module]:
@@ -96,15 +106,46 @@ class Source(abc.ABC):
         listing = [[name, list(shape)] for name, shape in self._shapes.items()]
         return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
 
+    def tensor_digest(self, module: str) -> str:
+        """sha256 of a selected matrix's stored bytes (with its name, shape and dtype): every
+        byte counts, so a single edited value gives another digest."""
+        digest = hashlib.sha256()
+        dtype, chunks = self._stored_bytes(self._check(module))
+        digest.update(json.dumps([module, list(self._shapes[module]), dtype]).encode())
+        for chunk in chunks:
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def read_with_digest(self, module: str) -> tuple[torch.Tensor, str]:
+        """`read` and `tensor_digest` together (formats that can hash while reading read once)."""
+        return self.read(module), self.tensor_digest(module)
+
     def content_digest(self) -> str:
-        """sha256 over a strided sample of each selected matrix's stored bytes and dtype:
-        cheap (never reads whole tensors) and different for different weights."""
+        """sha256 over every selected matrix's `tensor_digest` (reads all the weights)."""
+        return combine_digests({m: self.tensor_digest(m) for m in self._shapes})
+
+    def legacy_content_digest(self) -> str:
+        """The sampled digest that profiles of digest format 1 recorded (to re-check them)."""
         digest = hashlib.sha256()
         for module, shape in self._shapes.items():
             dtype, data = self._sample(module)
             digest.update(json.dumps([module, list(shape), dtype]).encode())
             digest.update(data)
         return digest.hexdigest()
+
+    def file_stats(self) -> dict[str, list[int]]:
+        """{file: [size, mtime_ns]} of the files the selected matrices are stored in ({} for
+        an in-memory model): unchanged stats let a resume trust recorded digests."""
+        return {}
+
+    def changed_modules(self, digests: dict[str, str], stats: dict, verify: bool = False) -> list[str]:
+        """Which of ``digests`` (module -> recorded digest) no longer match the weights. Only
+        matrices whose files changed since ``stats`` were recorded are re-hashed (all with
+        ``verify``); an in-memory model is always re-hashed."""
+        current = self.file_stats()
+        if not verify and current and current == stats:
+            return []
+        return [m for m, d in digests.items() if m not in self._shapes or self.tensor_digest(m) != d]
 
     def config_dir(self) -> str | None:
         """A directory with config.json (and tokenizer files), or None."""
@@ -152,6 +193,10 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def _read(self, module: str) -> torch.Tensor:
         """The raw (out, in) tensor in its stored float dtype (owned, not a view on a file)."""
+
+    @abc.abstractmethod
+    def _stored_bytes(self, module: str) -> tuple[str, Iterable]:
+        """(dtype name, chunks of the stored bytes) of a selected matrix, for `tensor_digest`."""
 
     @abc.abstractmethod
     def _sample(self, module: str) -> tuple[str, bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from .base import Source, sample_spans
 from .selection import select_modules
 
 # llama.cpp tensor names -> transformers module names, per architecture family.
-_LLAMA_BLOCK_NAMES = {
+LLAMA_BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -46,7 +47,7 @@ def hf_module_name(gguf_name: str) -> str | None:
     match = _BLOCK.fullmatch(gguf_name)
     if match:
         layer, part = match.groups()
-        hf_part = _LLAMA_BLOCK_NAMES.get(part)
+        hf_part = LLAMA_BLOCK_NAMES.get(part)
         return f"model.layers.{layer}.{hf_part}" if hf_part else None
     if gguf_name.endswith(".weight"):
         return _LLAMA_TOP_NAMES.get(gguf_name.removesuffix(".weight"))
@@ -186,6 +187,16 @@ class GGUFSource(Source):
 
     def has_tokenizer(self) -> bool:
         return self._reader.get_field("tokenizer.ggml.tokens") is not None
+
+    def file_stats(self) -> dict[str, list[int]]:
+        return {self.path: [os.stat(self.path).st_size, os.stat(self.path).st_mtime_ns]}
+
+    def _stored_bytes(self, module: str) -> tuple[str, Iterable]:
+        tensor = self._tensors[module + ".weight"]
+        raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+        return tensor.tensor_type.name, (
+            raw[i : i + (1 << 24)].tobytes() for i in range(0, raw.size, 1 << 24)
+        )
 
     def _sample(self, module: str) -> tuple[str, bytes]:
         tensor = self._tensors[module + ".weight"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -82,6 +83,11 @@ class ModuleSource(Source):
     def config_dir(self) -> str | None:
         where = getattr(getattr(self._model, "config", None), "_name_or_path", None)
         return str(where) if where and Path(where, "config.json").is_file() else None
+
+    def _stored_bytes(self, module: str) -> tuple[str, Iterable]:
+        flat = self._linears[module].weight.detach().reshape(-1).cpu().contiguous()
+        data = flat.view(torch.uint8).numpy() if flat.numel() else b""
+        return str(flat.dtype).removeprefix("torch."), [memoryview(data)]
 
     def _sample(self, module: str) -> tuple[str, bytes]:
         flat = self._linears[module].weight.detach().reshape(-1)

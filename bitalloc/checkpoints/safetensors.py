@@ -6,10 +6,12 @@ read seeks to one tensor's bytes and reads exactly those into a fresh torch buff
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +239,35 @@ class SafetensorsSource(Source):
         for file in sorted(self._folder.iterdir()):
             if file.is_file() and CONFIG_FILES.match(file.name):
                 shutil.copyfile(file, folder / file.name)
+
+    def file_stats(self) -> dict[str, list[int]]:
+        files = sorted({self._entries[m + ".weight"].file for m in self._shapes})
+        return {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+
+    def _stored_bytes(self, module: str) -> tuple[str, Iterable]:
+        entry = self._entries[module + ".weight"]
+
+        def chunks():
+            with open(entry.file, "rb") as f:
+                f.seek(entry.start)
+                left = entry.end - entry.start
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise BitallocError(f"truncated safetensors file {entry.file}: cannot read {module}")
+                    left -= len(chunk)
+                    yield chunk
+
+        return entry.dtype, chunks()
+
+    def read_with_digest(self, module: str) -> tuple[torch.Tensor, str]:
+        """One read: the stored bytes are hashed before the float32 conversion."""
+        raw = self.load_tensor(self._check(module) + ".weight")
+        entry = self._entries[module + ".weight"]
+        digest = hashlib.sha256(json.dumps([module, list(self._shapes[module]), entry.dtype]).encode())
+        if raw.numel():
+            digest.update(memoryview(raw.view(-1).view(torch.uint8).numpy()))
+        return self._checked(module, raw), digest.hexdigest()
 
     def _sample(self, module: str) -> tuple[str, bytes]:
         entry = self._entries[module + ".weight"]

@@ -62,7 +62,7 @@ def select_modules(
         missing = [name for name in modules if name not in matrices]
         if missing:
             raise BitallocError(f"{missing[0]} is not a weight matrix of {where}")
-        return sorted(dict.fromkeys(modules), key=natural_key)
+        return _nonempty(sorted(dict.fromkeys(modules), key=natural_key), matrices, where)
     includes, excludes = (
         [regex for _, regex in compile_patterns(kind, given)]
         for kind, given in (("include", include), ("exclude", exclude))
@@ -78,4 +78,12 @@ def select_modules(
     chosen = [n for n in chosen if not any(p.search(n) for p in excludes)]
     if not chosen:
         raise BitallocError(f"no weight matrices selected in {where}")
-    return sorted(chosen, key=natural_key)
+    return _nonempty(sorted(chosen, key=natural_key), matrices, where)
+
+
+def _nonempty(chosen: list[str], matrices: dict[str, Shape], where: str) -> list[str]:
+    for name in chosen:
+        if 0 in matrices[name]:
+            shape = "x".join(map(str, matrices[name]))
+            raise BitallocError(f"weight {name} in {where} is empty ({shape}): exclude it")
+    return chosen

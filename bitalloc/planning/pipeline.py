@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 
 from ..errors import BitallocError
+from ..fileio import check_output
+from ..profiling.calibration import calibration_path
 from ..profiling.profiler import profile
 from ..profiling.settings import CalibrationSettings, ProfileSettings, build_settings
 from ..profiling.table import read_profile
@@ -121,6 +123,14 @@ def plan_files(
     if sweep_budgets is not None and not sweep_budgets:
         raise BitallocError("no budgets to sweep")
     constraints = constraints or PlanConstraints()
+    paths = [Path(output)] if sweep_budgets is None else [sweep_path(output, b) for b in sweep_budgets]
+    text = calibration.text if isinstance(calibration, CalibrationSettings) else calibration
+    inputs = [profile_path, model, text]
+    if profile_path is not None:
+        inputs.append(calibration_path(profile_path))
+    for path in paths:  # before any work: no output may be an input, or anything but a file
+        check_output(path, inputs)
+        check_output(calibration_path(path), inputs)
     if profile_path is not None:
         if model is not None:
             raise BitallocError("give a MODEL or a profile file, not both")
@@ -141,10 +151,10 @@ def plan_files(
     source = table.attrs.get("source")
     if sweep_budgets is None:
         plans = [plan(table, budget, source=source, **constraints.as_kwargs())]
-        paths, used = [Path(output)], [float(budget)]
+        used = [float(budget)]
     else:
         plans = sweep(table, sweep_budgets, source=source, **constraints.as_kwargs())
-        paths, used = [sweep_path(output, b) for b in sweep_budgets], list(sweep_budgets)
+        used = list(sweep_budgets)
     seconds = time.perf_counter() - start
     for result, path in zip(plans, paths):
         result.save(path)

@@ -10,15 +10,18 @@ ranks by estimated cost; rank 0 merges). Randomized steps are seeded from
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import torch
 
 from ..checkpoints import Source, open_source
+from ..checkpoints.base import combine_digests
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import check_output
@@ -28,7 +31,7 @@ from ..quant import QuantConfig
 from .calibration import calibration_path, calibration_settings, prepare_calibration, resolve_objective
 from .distributed import Distributed, split_by_cost
 from .settings import CalibrationSettings, ProfileSettings, build_settings
-from .table import PROFILE_FORMAT, ProfileStore, read_profile
+from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
 
 # GPU batches of same-shaped matrices stay under this many elements (fp32: 4 bytes each,
 # LoftQ holds about six copies)
@@ -43,6 +46,7 @@ def profile(
     calibration: CalibrationSettings | str | os.PathLike | None = None,
     *,
     overwrite: bool = False,
+    verify: bool = False,
     quiet: bool = False,
     stats: dict | None = None,
     **options,
@@ -56,7 +60,9 @@ def profile(
     ``column_weights={module: h}``).
 
     With ``output`` the table is also written there as Parquet, and an interrupted run
-    resumes where it stopped. ``stats``, if given, receives read/quantize/factorize times.
+    resumes where it stopped. Every stored weight byte is hashed while it is read; a resume
+    or a reuse of a finished table re-hashes the matrices whose files changed since (all of
+    them with ``verify``) and refuses other weights. ``stats``, if given, receives read/quantize/factorize times.
 
     Data-aware (objective "activation", implied by any calibration data; "auto": whenever
     the model can be run): h = per-input-channel activation second moments over the
@@ -82,7 +88,8 @@ def profile(
         "format": PROFILE_FORMAT,
         "source": source.name,
         "fingerprint": source.fingerprint(),
-        "content_digest": source.content_digest(),
+        "digest_format": DIGEST_FORMAT,
+        "file_stats": source.file_stats(),
         "objective": "weight",
         "settings": profile_settings,
         "modules": len(source.modules()),
@@ -101,7 +108,7 @@ def profile(
         check_output(calibration_path(output), inputs)
     try:
         return _profile(model, output, source, grid, meta, objective, calibration, store, dist, device,
-                        quiet, stats)  # fmt: skip
+                        quiet, stats, verify)  # fmt: skip
     finally:
         if store is not None:
             store.close()
@@ -111,11 +118,12 @@ def _listed(patterns) -> list[str] | None:
     return None if patterns is None else list(patterns)
 
 
-def _profile(model, output, source, grid, meta, objective, calibration, store, dist, device, quiet, stats):
+def _profile(model, output, source, grid, meta, objective, calibration, store, dist, device, quiet, stats,
+             verify):  # fmt: skip
     """The run itself (profile's arguments checked and its output folder claimed)."""
     profile_settings = meta["settings"]
     if store is not None:
-        finished = dist.first(store.prepare)
+        finished = dist.first(lambda: store.prepare(source, verify))
         if finished is not None:
             if not quiet and dist.rank == 0:
                 print(f"profile {output} is up to date ({len(finished)} rows)")
@@ -124,7 +132,10 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
     if objective != "weight":
         start = time.perf_counter()
         shapes = {m: source.shape(m) for m in source.modules()}
-        identity = {k: meta[k] for k in ("fingerprint", "content_digest")}
+        identity = {
+            "fingerprint": meta["fingerprint"],
+            "weights": meta["file_stats"] or source.content_digest(),
+        }
         calibrated = dist.first(
             lambda: prepare_calibration(model, shapes, output, identity, calibration, quiet=quiet)
         )
@@ -133,6 +144,8 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
         if stats is not None:
             stats["calibration"] = stats.get("calibration", 0.0) + time.perf_counter() - start
     done = store.done_modules() if store is not None else {}
+    if store is not None:
+        store.check_weights(source, done, verify)
     todo = [m for m in source.modules() if m not in done]
     mine = split_by_cost(todo, source, len(grid), dist.world)[dist.rank]
     timings = stats if stats is not None else {}
@@ -167,18 +180,19 @@ def _batches(modules: list[str], source: Source, device: torch.device) -> list[l
 def _run(source, modules, grid, settings, device, store, rank, quiet, timings, column_weights=None):
     from tqdm.auto import tqdm
 
-    results: dict[str, list[dict]] = {}
+    results: dict[str, dict] = {}
     batches = _batches(modules, source, device)
     if not batches:
         return results
 
-    def read(batch: list[str]) -> torch.Tensor:
+    def read(batch: list[str]) -> tuple[torch.Tensor, list[str]]:
         start = time.perf_counter()
-        weights = torch.stack([source.read(m) for m in batch])
+        pairs = [source.read_with_digest(m) for m in batch]  # every stored byte hashed as it is read
+        weights = torch.stack([weight for weight, _ in pairs])
         if device.type == "cuda":
             weights = weights.pin_memory().to(device, non_blocking=True)
         timings["read"] = timings.get("read", 0.0) + time.perf_counter() - start
-        return weights
+        return weights, [digest for _, digest in pairs]
 
     bar = tqdm(total=len(modules), unit="matrix", disable=quiet or rank != 0, dynamic_ncols=True)
     started = time.perf_counter()
@@ -186,7 +200,7 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(read, batches[0])
         for index, batch in enumerate(batches):
-            weights = pending.result()
+            weights, digests = pending.result()
             if index + 1 < len(batches):
                 pending = reader.submit(read, batches[index + 1])
             rows = {m: [] for m in batch}
@@ -199,16 +213,39 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
                 )  # fmt: skip
                 for module, result in zip(batch, outcome):
                     rows[module].append(_row(module, tuple(weights.shape[1:]), config, result, settings))
-            for module in batch:
+            for module, digest in zip(batch, digests):
+                if rows[module] and rows[module][0]["weight_norm_sq"] == 0.0:
+                    warnings.warn(f"{module} is all zeros: its error is 0 for every config", stacklevel=2)
+                record = {"module": module, "rows": rows[module], "digest": digest}
                 if store is not None:
-                    store.append(rank, module, rows[module])
-                results[module] = rows[module]
+                    store.append(rank, record)
+                results[module] = record
             configs_done += len(batch) * len(grid)
             bar.set_postfix_str(f"{configs_done / (time.perf_counter() - started):.2f} configs/s")
             bar.update(len(batch))
             del weights
+            release_freed_memory()
     bar.close()
     return results
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc): without it, the fragments of each
+    matrix's temporaries pile up and peak RSS grows with the number of layers."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _row(module: str, shape: tuple[int, int], config: QuantConfig, result, settings: dict) -> dict:
@@ -235,10 +272,13 @@ def _row(module: str, shape: tuple[int, int], config: QuantConfig, result, setti
     return row
 
 
-def _assemble(modules: list[str], rows: dict[str, list[dict]], meta: dict) -> pd.DataFrame:
-    missing = [m for m in modules if m not in rows]
+def _assemble(modules: list[str], records: dict[str, dict], meta: dict) -> pd.DataFrame:
+    missing = [m for m in modules if m not in records]
     if missing:
         raise BitallocError(f"profile incomplete: {len(missing)} matrices missing, e.g. {missing[0]}")
-    table = pd.DataFrame([row for m in modules for row in rows[m]])
+    table = pd.DataFrame([row for m in modules for row in records[m]["rows"]])
+    digests = {m: records[m].get("digest") for m in modules}
+    if all(digests.values()):
+        meta = dict(meta, tensor_digests=digests, content_digest=combine_digests(digests))
     table.attrs.update(meta)
     return table

@@ -71,7 +71,8 @@ class ProfileSettings:
             try:
                 grid[QuantConfig.parse(text)] = None
             except ValueError as exc:
-                raise BitallocError(str(exc)) from None
+                message = str(exc) if text in str(exc) else f"config {text!r}: {exc}"
+                raise BitallocError(message) from None
         if not grid:
             raise BitallocError("the config grid is empty: give at least one bits, block size and scale")
         if self.configs:

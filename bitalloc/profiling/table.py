@@ -16,6 +16,8 @@ from ..errors import BitallocError
 from ..fileio import WorkFolder, atomic_path, check_output
 
 PROFILE_FORMAT = "bitalloc.profile/v1"
+# 2: a sha256 of every stored byte per matrix (format 1 sampled 4,096 elements per matrix)
+DIGEST_FORMAT = 2
 METADATA_KEY = b"bitalloc"
 REQUIRED_COLUMNS = (
     "module", "shape", "numel", "config", "method", "bits", "block_size", "bits_per_param",
@@ -34,7 +36,7 @@ def write_profile(table: pd.DataFrame, path: str | os.PathLike) -> None:
             return
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         metadata = dict(arrow.schema.metadata or {})
-        metadata[METADATA_KEY] = json.dumps(dict(table.attrs), sort_keys=True).encode()
+        metadata[METADATA_KEY] = json.dumps(dict(table.attrs), sort_keys=True, allow_nan=False).encode()
         pq.write_table(arrow.replace_schema_metadata(metadata), temp)
 
 
@@ -61,6 +63,9 @@ def read_profile(path: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
+_REDO = "use another output, or --overwrite to profile again"
+
+
 class ProfileStore:
     """The output table plus its side log ``OUT.partial/`` (header + one JSONL per rank)."""
 
@@ -73,7 +78,7 @@ class ProfileStore:
         self.overwrite = overwrite
 
     def _identity(self, meta: dict) -> dict:
-        return {k: meta.get(k) for k in ("format", "fingerprint", "content_digest", "settings")}
+        return {k: meta.get(k) for k in ("format", "fingerprint", "settings")}
 
     def _mismatch(self, other: dict, what: str) -> None:
         mine = self._identity(self.meta)
@@ -83,8 +88,6 @@ class ProfileStore:
                 reason = "a profile of other matrices (other --include/--exclude)"
             else:
                 reason = f"a profile of another model ({other.get('source')})"
-        elif theirs["content_digest"] != mine["content_digest"]:
-            reason = "a profile of other weights with the same shapes (the weights changed)"
         elif theirs != mine:
             other = theirs["settings"] or {}
             changed = sorted(
@@ -95,7 +98,25 @@ class ProfileStore:
             return
         raise BitallocError(f"{what} holds {reason}: refusing to mix them; use another output or --overwrite")
 
-    def prepare(self) -> pd.DataFrame | None:
+    def check_weights(self, source, records: dict[str, dict], verify: bool, meta: dict | None = None) -> None:
+        """BitallocError unless the weights behind ``records`` (finished matrices, or a whole
+        table's ``meta``) are the weights ``source`` holds now (see `Source.changed_modules`)."""
+        meta = meta if meta is not None else json.loads((self.partial / "header.json").read_text())
+        where = str(self.output if records is None else self.partial)
+        if meta.get("digest_format") != DIGEST_FORMAT:  # an older bitalloc's sampled digest
+            if meta.get("content_digest") not in (None, source.legacy_content_digest()):
+                raise BitallocError(f"{where} was made from other weights with the same shapes: {_REDO}")
+            return
+        digests = meta.get("tensor_digests") if records is None else {
+            m: r.get("digest") for m, r in records.items()
+        }  # fmt: skip
+        changed = source.changed_modules(digests or {}, meta.get("file_stats") or {}, verify)
+        if changed:
+            raise BitallocError(
+                f"{where} was made from other weights: {changed[0]} changed ({len(changed)} matrices): {_REDO}"
+            )
+
+    def prepare(self, source=None, verify: bool = False) -> pd.DataFrame | None:
         """Check or create the side log; return the finished table if it is up to date."""
         if self.output.exists():
             try:
@@ -108,6 +129,8 @@ class ProfileStore:
                 existing = None
             if existing is not None and not self.overwrite:
                 self._mismatch(existing.attrs, str(self.output))
+                if source is not None:
+                    self.check_weights(source, None, verify, existing.attrs)
                 return existing
         self.work.open()
         header = self.partial / "header.json"
@@ -125,8 +148,9 @@ class ProfileStore:
                 temp.write_text(json.dumps(self.meta, sort_keys=True, indent=1))
         return None
 
-    def done_modules(self) -> dict[str, list[dict]]:
-        done: dict[str, list[dict]] = {}
+    def done_modules(self) -> dict[str, dict]:
+        """Finished matrices: module -> record (rows, digest of the weights they measured)."""
+        done: dict[str, dict] = {}
         for log in sorted(self.partial.glob("rank-*.jsonl")):
             with open(log, encoding="utf-8") as handle:
                 for number, line in enumerate(handle, 1):
@@ -140,14 +164,14 @@ class ProfileStore:
                         raise BitallocError(
                             f"{log} line {number} is not a profile record: delete {self.partial} to start over"
                         )
-                    done[record["module"]] = record["rows"]
+                    done[record["module"]] = record
         return done
 
-    def append(self, rank: int, module: str, rows: list[dict]) -> None:
+    def append(self, rank: int, record: dict) -> None:
         log = self.partial / f"rank-{rank}.jsonl"
         self._truncate_partial_line(log)
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"module": module, "rows": rows}, allow_nan=False) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -1,0 +1,81 @@
+"""`export`: one plan, one target tool, one file (and what had to be approximated on the way)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BitallocError
+from ..fileio import write_text_atomic
+from . import autoround, compressed_tensors, gptqmodel, hqq, llamacpp, torchao
+from ._common import PlanLike, Translation, json_text, read_plan
+
+# target -> (translate, the keyword options it takes)
+_TRANSLATORS: dict[str, tuple[Callable[..., Translation], tuple[str, ...]]] = {
+    "gptqmodel": (gptqmodel.translate, ()),
+    "autoround": (autoround.translate, ()),
+    "llamacpp": (llamacpp.translate, ("imatrix",)),
+    "compressed-tensors": (compressed_tensors.translate, ()),
+    "torchao": (torchao.translate, ()),
+    "hqq": (hqq.translate, ("per_module",)),
+}
+TARGETS = tuple(_TRANSLATORS)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """An exported config: the file's exact ``text``, ``notes`` (approximations, budget re-check, LoRA
+    warning), the bits/param the target really stores (``target_bits``) and where it was written."""
+
+    target: str
+    text: str
+    notes: list[str]
+    target_bits: float
+    path: Path | None = None
+
+
+def export(
+    plan: PlanLike,
+    target: str,
+    output: str | os.PathLike | None = None,
+    **options: object,
+) -> ExportResult:
+    """Translate ``plan`` for ``target`` (one of `TARGETS`); write it atomically to ``output`` if given.
+
+    Dict targets give indented JSON, llamacpp the tensor-type file. Options: ``imatrix`` (llamacpp),
+    ``per_module`` (hqq). Bad input raises BitallocError with one line.
+    """
+    if target not in _TRANSLATORS:
+        raise BitallocError(f"unknown export target {target!r}: expected one of {', '.join(TARGETS)}")
+    translate, allowed = _TRANSLATORS[target]
+    # an option left at its default (False/None) is no request: the CLI passes every flag to every target
+    options = {key: value for key, value in options.items() if key in allowed or value not in (None, False)}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = f"takes only {', '.join(allowed)}" if allowed else "takes no options"
+        raise BitallocError(f"export to {target} {takes}, not {', '.join(unknown)}")
+    if output is not None and isinstance(plan, (str, os.PathLike)) and _same_file(plan, output):
+        raise BitallocError(f"output {str(output)!r} is the input plan: choose another file")
+    translation = translate(read_plan(plan), **options)
+    payload = translation.payload
+    text = payload if isinstance(payload, str) else json_text(payload)
+    path = None
+    if output is not None:
+        path = Path(output)
+        try:
+            write_text_atomic(path, text)
+        except OSError as exc:
+            raise BitallocError(f"cannot write {str(path)!r}: {exc}") from None
+    return ExportResult(target, text, list(translation.notes), translation.target_bits, path)
+
+
+def _same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (links and relative paths resolved)."""
+    try:
+        if os.path.exists(first) and os.path.exists(second):
+            return os.path.samefile(first, second)
+    except OSError:
+        pass
+    return Path(first).resolve() == Path(second).resolve()

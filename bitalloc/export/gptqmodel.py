@@ -1,0 +1,40 @@
+"""GPTQModel: a ``QuantizeConfig`` with base ``bits``/``group_size`` and per-module ``dynamic`` overrides.
+
+GPTQModel (``gptqmodel/quantization/config.py::_resolve_dynamic_override``) strips a ``+:`` (override)
+or ``-:`` (skip) prefix from each ``dynamic`` key and tries ``re.match`` against the full module name,
+in dict order; the first match wins. Keys here are anchored exact names, kept modules first.
+"""
+
+from __future__ import annotations
+
+from ._common import Grid, PlanLike, Translation, anchored, begin, finish, gptq_packed_bits, read_plan
+from ._plan import Plan, most_common
+
+TARGET = "gptqmodel"
+GRID = Grid("symmetric GPTQ integer levels", "an fp16 scale and a packed zero point per group (GPTQ layout)")
+
+
+def translate(plan: Plan) -> Translation:
+    """The ``QuantizeConfig`` keyword arguments for ``plan``, with notes and GPTQ's bits/param."""
+    mats, notes = begin(plan, TARGET, GRID)
+    base = most_common((m.config.bits, m.config.block_size) for m in mats)
+    dynamic: dict[str, dict] = {f"-:{anchored(name)}": {} for name in plan.kept}
+    for m in mats:
+        if (m.config.bits, m.config.block_size) != base:
+            override = {"bits": m.config.bits, "group_size": m.config.block_size, "sym": True}
+            dynamic[f"+:{anchored(m.name)}"] = override
+    notes.append(
+        f"base bits={base[0]}, group_size={base[1]} (the most common); '+:' overrides for the other "
+        f"{len(dynamic) - len(plan.kept)} matrices; kept modules as '-:' keys ({len(plan.kept)}), listed "
+        "first: GPTQModel takes the first matching key in dict order"
+    )
+    payload = {"bits": base[0], "group_size": base[1], "sym": True, "dynamic": dynamic}
+    translation = finish(plan, mats, notes, TARGET, lambda m: gptq_packed_bits(m, g_idx=True), payload)
+    # QuantizeConfig keeps `meta` and saves it in quantize_config.json: the notes travel with the model
+    payload["meta"] = {"bitalloc": {"notes": translation.notes, "target_bits": translation.target_bits}}
+    return translation
+
+
+def to_gptqmodel(plan: PlanLike) -> dict:
+    """``QuantizeConfig(**to_gptqmodel(plan))``: base bits/group_size plus ``dynamic`` per module."""
+    return translate(read_plan(plan)).payload
