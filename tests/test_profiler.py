@@ -278,3 +278,41 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="unsupported bits"):
         ProfileSettings(bits=[5], block_sizes=[64]).grid()
     assert json.loads(json.dumps(module_seed("a", "nf2-b64-s8b256"))) == module_seed("a", "nf2-b64-s8b256")
+
+
+def test_an_older_profile_is_rechecked_by_its_sampled_digest(tmp_path):
+    """Profiles written before digest format 2 recorded a sampled content digest: they are
+    recognised, re-checked against it (reused when it matches), and refused on other weights."""
+    from safetensors.torch import load_file, save_file
+
+    from bitalloc.profiling.table import write_profile
+
+    make_tiny_llama(tmp_path / "model", seed=1, shard_size=None)
+    output = tmp_path / "p.parquet"
+    table = profile(tmp_path / "model", output, **FAST)
+    assert table.attrs["digest_format"] == 2 and len(table.attrs["tensor_digests"]) == 14
+    for key in ("digest_format", "tensor_digests", "file_stats"):
+        table.attrs.pop(key)
+    table.attrs["content_digest"] = open_source(tmp_path / "model").legacy_content_digest()
+    write_profile(table, output)
+    again = profile(tmp_path / "model", output, **FAST)  # reused: no recomputation
+    assert again["error"].tolist() == table["error"].tolist() and "digest_format" not in again.attrs
+    weights = load_file(tmp_path / "model" / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] *= 2  # every sampled span changes
+    save_file(weights, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BitallocError, match="other weights"):
+        profile(tmp_path / "model", output, **FAST)
+
+
+def test_a_single_edited_value_is_noticed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_llama(tmp_path / "model", seed=1, shard_size=None)
+    output = tmp_path / "p.parquet"
+    profile(tmp_path / "model", output, **FAST)
+    weights = load_file(tmp_path / "model" / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][17, 5] += 1e-3  # one value of 14 matrices
+    save_file(weights, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BitallocError, match="model.layers.1.mlp.up_proj changed"):
+        profile(tmp_path / "model", output, **FAST)
+    profile(tmp_path / "model", output, overwrite=True, **FAST)  # the way out the message names
