@@ -58,8 +58,13 @@ def test_sweep_cli_and_api_write_the_same_files(model_dir, tmp_path):
     assert len(table)
     (tmp_path / "cli").mkdir()
     out = tmp_path / "cli" / "plan.json"
-    assert main(["plan", "--profile", str(tmp_path / "p.parquet"), "--sweep", "2.5:3.5:0.5", "-o", str(out)]) == 0
-    run = plan_files(profile_path=tmp_path / "p.parquet", budgets="2.5:3.5:0.5", output=tmp_path / "plan.json")
+    assert (
+        main(["plan", "--profile", str(tmp_path / "p.parquet"), "--sweep", "2.5:3.5:0.5", "-o", str(out)])
+        == 0
+    )
+    run = plan_files(
+        profile_path=tmp_path / "p.parquet", budgets="2.5:3.5:0.5", output=tmp_path / "plan.json"
+    )
     assert [p.name for p in run.paths] == ["plan-2.5.json", "plan-3.json", "plan-3.5.json"]
     for path in run.paths:
         assert digest(path) == digest(tmp_path / "cli" / path.name)
@@ -78,5 +83,8 @@ def test_apply_and_export_cli_and_api_write_the_same_bytes(model_dir, tmp_path):
     cli_config.pop("base_model_name_or_path")
     api_config.pop("base_model_name_or_path")
     assert cli_config == api_config
-    assert main(["export", str(tmp_path / "plan.json"), "--to", "gptqmodel", "-o", str(tmp_path / "g.json")]) == 0
+    assert (
+        main(["export", str(tmp_path / "plan.json"), "--to", "gptqmodel", "-o", str(tmp_path / "g.json")])
+        == 0
+    )
     assert export(tmp_path / "plan.json", "gptqmodel").text == (tmp_path / "g.json").read_text()

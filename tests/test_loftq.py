@@ -1,5 +1,7 @@
 """The LoftQ core: error reduction, best iterate, scaling, factorization backends, batching."""
 
+import math
+
 import pytest
 import torch
 
@@ -154,3 +156,39 @@ def test_bad_config_strings():
         loftq(torch.randn(8, 8), "nf4-64", rank=2)
     with pytest.raises(ValueError, match="unsupported bits"):
         loftq(torch.randn(8, 8), "nf5-b64-sfp32", rank=2)
+
+
+def test_api_arguments_are_checked_with_one_clear_error():
+    from bitalloc.errors import BitallocError
+
+    weight = torch.randn(64, 64)
+    if not torch.cuda.is_available():
+        with pytest.raises(BitallocError, match="CUDA is not available"):
+            loftq(weight, "nf2-b64-s8b256", device="cuda")
+    with pytest.raises(BitallocError, match="rank must be a whole number"):
+        loftq(weight, "nf2-b64-s8b256", rank=4.5)
+    with pytest.raises(BitallocError, match="floating-point"):
+        loftq(torch.ones(64, 64, dtype=torch.int32), "nf2-b64-s8b256")
+    with pytest.raises(BitallocError, match="floating-point"):
+        loftq(torch.ones(64, 64, dtype=torch.complex64), "nf2-b64-s8b256")
+    with pytest.raises(BitallocError, match="lora_alpha"):
+        loftq(weight, "nf2-b64-s8b256", lora_alpha=float("nan"))
+
+
+def test_rank_zero_is_plain_quantization_and_degenerate_matrices_are_defined():
+    from bitalloc.quant import fake_quantize
+
+    weight = torch.randn(64, 128)
+    result = loftq(weight, "nf3-b64-s8b256", rank=0, iters=5, lora_alpha=16)
+    assert result.lora_A.shape == (0, 128) and result.lora_B.shape == (64, 0)
+    assert result.error == pytest.approx(
+        float((weight - fake_quantize(weight, "nf3-b64-s8b256")).square().sum())
+    )
+    assert result.error == result.qlora_error
+    zero = loftq(torch.zeros(64, 128), "nf2-b64-s8b256", rank=4, iters=2)
+    assert zero.rel_error == 0.0 and zero.error == 0.0 and zero.errors == [0.0, 0.0, 0.0]
+    outlier = torch.randn(64, 128)
+    outlier[0, 0] = 3.8e36
+    huge = loftq(outlier, "nf4-b64-s8b256", rank=4, iters=1)
+    assert math.isfinite(huge.weight_norm_sq) and huge.weight_norm_sq > 1e72
+    assert 0.0 < huge.rel_error < 1.0
