@@ -87,8 +87,8 @@ def test_loaded_q_is_exactly_loftq_q_and_adapter_restores_the_approximation(appl
     for i, name in enumerate(names):
         config = CONFIGS[i % len(CONFIGS)]
         weight = model.get_submodule(name).weight.detach().float()
-        expected = loftq(weight, config, rank=RANK, iters=ITERS, lora_alpha=8.0, seed=module_seed(name, config),
-                         device="cpu")  # fmt: skip
+        seed = module_seed(name, config)
+        expected = loftq(weight, config, rank=RANK, iters=ITERS, lora_alpha=8.0, seed=seed, device="cpu")
         layer = quantized.get_submodule(name)
         assert isinstance(layer, bitalloc.QuantLinear) and str(layer.config) == config
         q = layer.dequantize(torch.float32)
