@@ -85,7 +85,8 @@ def main() -> None:
     print("\n## peak RSS by depth (one config, T=1)\n\n| layers | peak RSS MiB |\n|---|---|")
     print(f"| 4 | {shallow:.0f} |\n| {args.layers} | {deep:.0f} |")
     print(
-        f"\ndeep - shallow: {deep - shallow:+.0f} MiB ({(deep - shallow) / (args.layers - 4):+.1f} MiB per layer)"
+        f"\ndeep - shallow: {deep - shallow:+.0f} MiB "
+        f"({(deep - shallow) / (args.layers - 4):+.1f} MiB per layer)"
     )
 
 

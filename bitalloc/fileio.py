@@ -114,7 +114,8 @@ class WorkFolder:
         except OSError:
             handle.close()
             raise BitallocError(
-                f"another bitalloc process is working in {self.path}: wait for it to finish, or use another output"
+                f"another bitalloc process is working in {self.path}: "
+                "wait for it to finish, or use another output"
             ) from None
         self._lock = handle
         return self
@@ -124,7 +125,8 @@ class WorkFolder:
             raise BitallocError(f"{self.path} exists and is not a folder bitalloc made: move it away")
         if not any((self.path / name).exists() for name in (self.MARKER, *self.legacy)):
             raise BitallocError(
-                f"{self.path} exists but was not made by bitalloc: refusing to use or delete it (move it away)"
+                f"{self.path} exists but was not made by bitalloc: "
+                "refusing to use or delete it (move it away)"
             )
 
     def clear(self) -> None:

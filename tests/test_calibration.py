@@ -9,6 +9,7 @@ import torch
 from _models import llama_module_names, make_tiny_gguf, make_tiny_llama
 
 import bitalloc.profiling.calibration as calibration_module
+from bitalloc.checkpoints.runnable import can_run
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 from bitalloc.evaluation import perplexity
@@ -20,7 +21,6 @@ from bitalloc.profiling.calibration import (
     collect_column_weights,
     load_column_weights,
 )
-from bitalloc.checkpoints.runnable import can_run
 from bitalloc.profiling.profiler import profile
 from bitalloc.profiling.table import read_profile
 from bitalloc.texts import calibration_text, evaluation_text, windows

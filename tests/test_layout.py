@@ -89,7 +89,8 @@ def test_rule_catches_a_planted_violation(tmp_path):
 
     copy = tmp_path / "bitalloc"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "quant" / "bad.py").write_text("from ..planning.planner import plan\nfrom ..loftq.lowrank import _x\n")
+    bad = "from ..planning.planner import plan\nfrom ..loftq.lowrank import _x\n"
+    (copy / "quant" / "bad.py").write_text(bad)
     found = violations(copy)
     assert any("quant imports planning" in p for p in found)
     assert any("private name" in p and "_x" in p for p in found)

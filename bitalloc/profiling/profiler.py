@@ -62,7 +62,8 @@ def profile(
     With ``output`` the table is also written there as Parquet, and an interrupted run
     resumes where it stopped. Every stored weight byte is hashed while it is read; a resume
     or a reuse of a finished table re-hashes the matrices whose files changed since (all of
-    them with ``verify``) and refuses other weights. ``stats``, if given, receives read/quantize/factorize times.
+    them with ``verify``) and refuses other weights. ``stats``, if given, receives
+    read/quantize/factorize times.
 
     Data-aware (objective "activation", implied by any calibration data; "auto": whenever
     the model can be run): h = per-input-channel activation second moments over the

@@ -113,7 +113,8 @@ class ProfileStore:
         changed = source.changed_modules(digests or {}, meta.get("file_stats") or {}, verify)
         if changed:
             raise BitallocError(
-                f"{where} was made from other weights: {changed[0]} changed ({len(changed)} matrices): {_REDO}"
+                f"{where} was made from other weights: {changed[0]} changed "
+                f"({len(changed)} matrices): {_REDO}"
             )
 
     def prepare(self, source=None, verify: bool = False) -> pd.DataFrame | None:
@@ -162,7 +163,8 @@ class ProfileStore:
                         record = None
                     if not _is_record(record):
                         raise BitallocError(
-                            f"{log} line {number} is not a profile record: delete {self.partial} to start over"
+                            f"{log} line {number} is not a profile record: "
+                            f"delete {self.partial} to start over"
                         )
                     done[record["module"]] = record
         return done
