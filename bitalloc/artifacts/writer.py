@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from ..checkpoints.runnable import check_linears
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import WorkFolder, atomic_path
-from ..loftq import loftq, module_seed
+from ..loftq import LoraSettings, loftq, module_seed
 from ..loftq.decomposition import check_lora_alpha
 from ..planning.plan_file import Plan, most_common
 from ..profiling.calibration import read_calibration
@@ -43,15 +42,6 @@ PLAN_FILE = "bitalloc_plan.json"
 WORK_FORMAT = "bitalloc.apply-work/v1"
 MAX_SHARD_BYTES = 2 * 1024**3
 DEQUANTIZED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """How the adapter scales its factors: ``lora_alpha`` (None: each matrix's rank, so
-    scaling 1) and rsLoRA (alpha/sqrt(r) instead of alpha/r)."""
-
-    lora_alpha: float | None = None
-    use_rslora: bool = False
 
 
 def apply(

@@ -10,6 +10,7 @@ LQ-LoRA does with Fisher weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -111,29 +112,71 @@ class _Clock:
 SINGLE_THREAD_ELEMENTS = 1 << 20
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """How the LoRA factors are scaled: ``lora_alpha`` (None: scaling 1, i.e. alpha = r) and
+    rsLoRA (alpha / sqrt(r) instead of alpha / r). ``scaling · B · A`` is always LoftQ's
+    low-rank part, whatever the scaling."""
+
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """The rank-r step: "randomized" (warm-started range finder with ``oversample`` extra
+    probes and ``power_iters`` subspace iterations) or "exact" (full SVD)."""
+
+    method: str = "randomized"
+    oversample: int = 16
+    power_iters: int = 4
+
+
+# keyword options of loftq_batch -> the settings value they belong to
+_OPTIONS = {
+    "lora_alpha": "lora",
+    "use_rslora": "lora",
+    "lowrank": "factorization",
+    "oversample": "factorization",
+    "power_iters": "factorization",
+}
+
+
 def loftq_batch(
     weights: torch.Tensor,
     config: QuantConfig | str,
     rank: int = 16,
     iters: int = 5,
     *,
-    lora_alpha: float | None = None,
-    use_rslora: bool = False,
-    lowrank: str = "randomized",
-    oversample: int = 16,
-    power_iters: int = 4,
+    lora: LoraSettings | None = None,
+    factorization: Factorization | None = None,
     seeds: list[int] | None = None,
     column_weights: torch.Tensor | None = None,
     keep_q: bool = True,
     device: str | torch.device | None = None,
     timings: dict[str, float] | None = None,
+    **options,
 ) -> list[LoftQResult]:
     """LoftQ for a batch of same-shaped matrices (b, out, in), computed in float32.
 
-    ``column_weights`` (b, in) or (in,) weight the low-rank step and the best-iterate
-    choice (data-aware). ``seeds`` (one per matrix) seed the randomized factorization.
-    ``timings``, if given, accumulates seconds spent in ``quantize`` and ``factorize``.
+    ``lora`` sets the factors' scaling and ``factorization`` the rank-r step; the keyword
+    ``options`` ``lora_alpha``, ``use_rslora``, ``lowrank`` (the method), ``oversample`` and
+    ``power_iters`` override single fields. ``column_weights`` (b, in) or (in,) weight the
+    low-rank step and the best-iterate choice (data-aware). ``seeds`` (one per matrix) seed
+    the randomized factorization. ``timings``, if given, accumulates seconds spent in
+    ``quantize`` and ``factorize``.
     """
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"loftq_batch() got an unexpected keyword argument {unknown[0]!r}")
+    lora = dataclasses.replace(lora or LoraSettings(), **{
+        k: v for k, v in options.items() if _OPTIONS[k] == "lora"
+    })  # fmt: skip
+    factor = {
+        ("method" if k == "lowrank" else k): v for k, v in options.items() if _OPTIONS[k] == "factorization"
+    }
+    factorization = dataclasses.replace(factorization or Factorization(), **factor)
+    lora_alpha, lowrank = lora.lora_alpha, factorization.method
     config = QuantConfig.parse(config)
     check_matrix(weights)
     if weights.dim() == 2:
@@ -155,15 +198,20 @@ def loftq_batch(
     device = resolve_device(device, fallback=weights.device)
     with one_cpu_thread(device, when=weights.numel() < SINGLE_THREAD_ELEMENTS):
         return _loftq_batch(
-            weights.to(device=device, dtype=torch.float32), config, rank, iters, lora_alpha,
-            use_rslora, lowrank, oversample, power_iters, seeds, column_weights, keep_q, timings,
+            weights.to(device=device, dtype=torch.float32), config, rank, iters, lora, factorization, seeds,
+            column_weights, keep_q, timings,
         )  # fmt: skip
 
 
 def _loftq_batch(
-    weight, config, rank, iters, lora_alpha, use_rslora, lowrank, oversample, power_iters,
-    seeds, column_weights, keep_q, timings,
+    weight, config, rank, iters, lora, factorization, seeds, column_weights, keep_q, timings
 ) -> list[LoftQResult]:  # fmt: skip
+    lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
+    lowrank, oversample, power_iters = (
+        factorization.method,
+        factorization.oversample,
+        factorization.power_iters,
+    )
     batch, rows, cols = weight.shape
     device = weight.device
 
@@ -295,12 +343,6 @@ def loftq(
     column_weights = kwargs.pop("column_weights", None)
     if column_weights is not None:
         column_weights = column_weights.reshape(1, -1)
-    return loftq_batch(
-        weight.unsqueeze(0),
-        config,
-        rank,
-        iters,
-        lora_alpha=lora_alpha,
-        column_weights=column_weights,
-        **kwargs,
-    )[0]
+    if lora_alpha is not None:
+        kwargs["lora_alpha"] = lora_alpha
+    return loftq_batch(weight.unsqueeze(0), config, rank, iters, column_weights=column_weights, **kwargs)[0]
