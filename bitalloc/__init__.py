@@ -3,7 +3,7 @@
 Public names (docs/architecture.md): ``QuantConfig``, ``storage_bits``, ``loftq``, ``LoftQResult``,
 ``profile``, ``ProfileSettings``, ``CalibrationSettings``, ``plan``, ``sweep``, ``Plan``,
 ``PlanConstraints``, ``plan_files``, ``apply``, ``LoraSettings``, ``load_quantized``,
-``open_source``, ``read_profile``. Heavy modules (pandas, PuLP, transformers) load on
+``open_source``, ``read_profile``, ``evaluate``, ``report`` (and the `bitalloc.export` package). Heavy modules (pandas, PuLP, transformers) load on
 first use, not on import.
 """
 
@@ -36,6 +36,8 @@ _LAZY = {
     "load_quantized": "artifacts.nn",
     "QuantLinear": "artifacts.nn",
     "perplexity": "evaluation",
+    "evaluate": "evaluation",
+    "report": "evaluation",
 }
 
 __all__ = ["BitallocError", "QuantConfig", "storage_bits", "__version__", *_LAZY]

@@ -159,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .evaluation.report import report
+    from .evaluation import report
 
     files = report(args.inputs, args.output)
     for note in files.notes:

@@ -331,9 +331,13 @@ def run_model(
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None and not buffer.is_meta and buffer.device != device:
                     module._buffers[name] = buffer.to(device)
-        load = _device_loader(_twin_loader(net, load), device) if load is not None else None
+        base = _device_loader(load, device) if load is not None else None
+        twins = _twin_groups(net)
+        load = _twin_loader(twins, base) if base is not None else None
+        head_load = _twin_loader(twins, base, cache={}) if base is not None else None
     else:
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
+        head_load = load
     batches = [ids.to(device) for ids in batches]
     variants = list(variants)
     loaded: list[tuple[nn.Module, str]] = []
@@ -368,7 +372,7 @@ def run_model(
                     progress()
         finally:
             _release(loaded)
-    _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple, progress)
+    _run_heads(net, blocks, batches, hidden, variants, on_output, head_load, as_tuple, progress)
 
 
 def _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple, progress) -> None:
@@ -423,26 +427,40 @@ class _Replay(nn.Module):
             return getattr(self.__dict__["_block"], name)
 
 
-def _twin_loader(net: nn.Module, load: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
-    """``load`` that reads a tied parameter (e.g. ``lm_head.weight``, absent from a checkpoint
-    with tied embeddings) under the name of the parameter it shares storage with."""
+def _twin_groups(net: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Parameter name -> every name of that parameter, for parameters shared under several
+    names (tied embeddings: ``lm_head.weight`` is ``model.embed_tokens.weight``)."""
     groups: dict[int, list[str]] = {}
     for name, param in net.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
-    twins = {
-        name: [n for n in names if n != name] for names in groups.values() if len(names) > 1 for name in names
-    }
+    return {name: tuple(names) for names in groups.values() if len(names) > 1 for name in names}
+
+
+def _twin_loader(
+    twins: dict[str, tuple[str, ...]], load: Callable[[str], torch.Tensor], cache: dict | None = None
+) -> Callable[[str], torch.Tensor]:
+    """``load`` that reads a tied parameter absent from the checkpoint (``lm_head.weight`` of a
+    model with tied embeddings) under another of its names; with ``cache``, the names of one
+    parameter get the same float32 tensor, so they share its memory again."""
 
     def read(key: str) -> torch.Tensor:
+        group = twins.get(key)
+        if cache is not None and group in cache:
+            return cache[group]
         try:
-            return load(key)
+            tensor = load(key)
         except KeyError:
-            for twin in twins.get(key, ()):
+            for twin in group or ():
                 try:
-                    return load(twin)
+                    tensor = load(twin)
+                    break
                 except KeyError:
                     continue
-            raise
+            else:
+                raise
+        if cache is not None and group is not None:
+            tensor = cache[group] = tensor.to(torch.float32)
+        return tensor
 
     return read
 
