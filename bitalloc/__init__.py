@@ -3,8 +3,8 @@
 Public names (docs/architecture.md): ``QuantConfig``, ``storage_bits``, ``loftq``, ``LoftQResult``,
 ``profile``, ``ProfileSettings``, ``CalibrationSettings``, ``plan``, ``sweep``, ``Plan``,
 ``PlanConstraints``, ``plan_files``, ``apply``, ``LoraSettings``, ``load_quantized``,
-``open_source``, ``read_profile``, ``evaluate``, ``report`` (and the `bitalloc.export` package). Heavy modules (pandas, PuLP, transformers) load on
-first use, not on import.
+``open_source``, ``read_profile``, ``evaluate``, ``report`` (and the `bitalloc.export`
+package). Heavy modules (pandas, PuLP, transformers) load on first use, not on import.
 """
 
 from importlib import import_module

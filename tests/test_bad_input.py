@@ -304,10 +304,20 @@ CASES = [
         "other weights",
         scale_rows,
     ),  # fmt: skip
-    Case("edited-weights-resume", PROFILE, "error", "other weights",
-         lambda f: (interrupted_profile_with(b"")(f), scale_rows(f, FIRST))),  # fmt: skip
-    Case("resume-other-include", [*PROFILE, "--include", r"layers\.1\."], "error", "other matrices",
-         interrupted_profile_with(b"")),  # fmt: skip
+    Case(
+        "edited-weights-resume",
+        PROFILE,
+        "error",
+        "other weights",
+        lambda f: (interrupted_profile_with(b"")(f), scale_rows(f, FIRST)),
+    ),  # fmt: skip
+    Case(
+        "resume-other-include",
+        [*PROFILE, "--include", r"layers\.1\."],
+        "error",
+        "other matrices",
+        interrupted_profile_with(b""),
+    ),  # fmt: skip
     Case("resume-log-null", PROFILE, "error", "not a profile record", interrupted_profile_with(b"null\n")),
     Case(
         "resume-log-garbage",

@@ -293,11 +293,11 @@ def test_feasible_range_is_exact_and_reported():
 
 
 def test_budget_is_read_as_its_decimal_value():
-    # 2.3 is slightly below 2.3 in binary; 1000 params at exactly 2300 bits must still fit.
-    table = make_table(seed=9, layers=1, kinds={"mlp.down_proj": (10, 100)})
-    table["storage_bits"] = [2300, 3000, 4200, 4300]
-    assert Fraction(2.3) * 1000 < 2300
-    assert total_storage(plan(table, 2.3)) == 2300
+    # 2.3 is slightly below 2.3 in binary; 960 params at exactly 2208 bits (nf2-b64-s8b256 on
+    # 16x60, its cheapest config) must still fit.
+    table = make_table(seed=9, layers=1, kinds={"mlp.down_proj": (16, 60)})
+    assert sorted(table["storage_bits"])[0] == 2208 and Fraction(2.3) * 960 < 2208
+    assert total_storage(plan(table, 2.3)) == 2208
 
 
 def test_sweep_parse_and_reuse():
@@ -525,3 +525,206 @@ def test_demo_plan_beats_uniform_and_first_k(demo_profile, budget):
         mix = first_k_layers_baseline(demo_profile, budget, high=high, low=low)
         if mix is not None:
             assert result.total_error <= mix.error * (1 + 1e-12), mix.name
+
+
+# ---- hardening: every bad input is one BitallocError line naming the value -------------------
+def test_sweep_size_is_bounded_before_building_the_list():
+    with pytest.raises(BitallocError, match=r"'2:1e9:1e-9': more than 1,000 budgets \(at most 1,000\)"):
+        parse_sweep("2:1e9:1e-9")  # once: a list of 10^18 floats
+    assert len(parse_sweep("1:1000.9:1")) == 1000
+    for bad in ("1:1001:1", "0:1e308:1e-308", "1:2:1e-320", "-1e308:1e308:1", ",".join(["3"] * 1001)):
+        with pytest.raises(BitallocError, match="at most 1,000"):
+            parse_sweep(bad)
+    for bad in ("-inf:3:1", "1:inf:1", "1:3:inf", "nan:3:1"):
+        with pytest.raises(BitallocError, match="need finite START <= STOP and STEP > 0"):
+            parse_sweep(bad)
+    with pytest.raises(BitallocError, match="bad sweep 3.0: expected a string"):
+        parse_sweep(3.0)
+
+
+def test_sweep_checks_its_budgets_first():
+    table = make_table(seed=10)
+    assert [p.to_json() for p in sweep(table, "2.5,3", solver="dp")] == [
+        p.to_json() for p in sweep(table, [2.5, 3.0], solver="dp")
+    ]
+    with pytest.raises(BitallocError, match="budgets must be a list of numbers or a sweep"):
+        sweep(table, 3.0)
+    with pytest.raises(BitallocError, match="too many budgets to sweep: at most 1,000"):
+        sweep(table, itertools.count(2))
+    with pytest.raises(
+        BitallocError, match="budget must be a positive number of bits per parameter, got nan"
+    ):
+        sweep(table, [3.0, float("nan")])
+    with pytest.raises(BitallocError, match="budget must be a number of bits per parameter, got '3'"):
+        sweep(table, [3.0, "3"])
+
+
+def _plan_text(**changes) -> str:
+    data = json.loads(plan(make_table(seed=14), 3.0).to_json())
+    first = next(iter(data["modules"].values()))
+    first.update(changes)
+    return json.dumps(data)
+
+
+MODULE = "modules/model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            _plan_text(error=0.5).replace('"error": 0.5', '"error": NaN'),
+            f"{MODULE}/error: NaN is not a finite",
+        ),
+        (
+            _plan_text(error=0.5).replace('"error": 0.5', '"error": -Infinity'),
+            "error: -Infinity is not a finite",
+        ),
+        (
+            _plan_text(error=0.5).replace('"error": 0.5', '"error": 1e999'),
+            "error: 1e999 is not a finite number",
+        ),
+        (_plan_text(rank=7).replace('"rank": 7', '"rank": 7, "rank": 8'), "the key 'rank' appears twice"),
+        (
+            _plan_text(storage_bits=1),
+            f"{MODULE}/storage_bits: 1 does not match config 'nf2-b64-s8b256' on shape",
+        ),
+        (_plan_text(bits_per_param=2.5), f"{MODULE}/bits_per_param: 2.5 does not match config"),
+        (_plan_text(scale={"dtype": "fp16"}), f"{MODULE}/scale: {{'dtype': 'fp16'}} does not match config"),
+        (_plan_text(method="int"), f"{MODULE}/method: 'int' does not match config"),
+        (_plan_text(block_size=128), f"{MODULE}/block_size: 128 does not match config"),
+        (_plan_text(config="nf4-b64-s8b256"), f"{MODULE}/bits: 2 does not match config 'nf4-b64-s8b256'"),
+        (_plan_text(config="nf2-b064-s8b256"), f"{MODULE}/config: 'nf2-b064-s8b256' is not canonical"),
+        (_plan_text(config="nf2-b4-s8b256"), f"{MODULE}/config: config 'nf2-b4-s8b256': unsupported block"),
+        (_plan_text(rank=999), f"{MODULE}/rank: 999 exceeds the matrix size [256, 128]"),
+        (_plan_text(rank=True), f"{MODULE}/rank: True is not of type 'integer'"),
+        (_plan_text(error=-1.0), f"{MODULE}/error: -1.0 is less than the minimum of 0"),
+        ('{"format": "bitalloc.plan/v1", "model": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+        ('{"format": "bitalloc.plan/v1", "defaults": {"rank": 1' + "0" * 5000 + "}}", "not valid JSON"),
+    ],
+)
+def test_from_json_rejects_non_finite_and_stale_fields(text, message):
+    with pytest.raises(BitallocError) as info:
+        Plan.from_json(text)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_from_json_inputs(tmp_path):
+    text = plan(make_table(seed=14), 3.0).to_json()
+    assert Plan.from_json(text.encode()) == Plan.from_json(text)
+    for bad, message in [(5, "a plan is JSON text or a path, got int"), (None, "got NoneType")]:
+        with pytest.raises(BitallocError, match=message):
+            Plan.from_json(bad)
+    with pytest.raises(BitallocError, match="cannot read plan 'plan\\\\x00.json': embedded null byte"):
+        Plan.from_json("plan\x00.json")
+    with pytest.raises(BitallocError, match="plan is not UTF-8 text"):
+        Plan.from_json(b"\xff{}")
+
+
+def test_save_refuses_a_non_finite_plan_before_writing(tmp_path):
+    result = plan(make_table(seed=14), 3.0)
+    path = result.save(tmp_path / "plan.json")
+    before = path.read_bytes()
+    name = next(iter(result.modules))
+    result.modules[name]["error"] = float("nan")
+    for write in (lambda: result.save(path), lambda: result.save(tmp_path / "new.json"), result.to_json):
+        with pytest.raises(
+            BitallocError, match=f"modules/{re.escape(name)}/error: nan is not a finite number"
+        ):
+            write()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+    del result.budget["achieved_bits"]
+    with pytest.raises(BitallocError, match="invalid plan: missing field 'achieved_bits'"):
+        result.to_json()
+
+
+def test_achieved_bits_is_never_printed_above_the_budget():
+    # 168 bits for 23 parameters: 7.3043478..., which rounds up to 7.304348, above the lowest
+    # feasible budget (the next float above 168/23)
+    table = make_table(seed=3, layers=1, kinds={"mlp.down_proj": (1, 23)})
+    table["rank"] = 0
+    budget, _ = feasible_range(table)
+    assert Fraction(168, 23) <= Fraction(budget) < Fraction(7304348, 10**6)
+    result = plan(table, budget)
+    assert total_storage(result) == 168
+    assert result.achieved_bits == 7.304347 <= budget
+    assert plan(table, 7.5).achieved_bits == 7.304348  # rounded to nearest where that fits
+
+
+def _table_with(**columns):
+    table = make_table()
+    for column, value in columns.items():
+        table[column] = table[column].astype(object)
+        table.at[0, column] = value
+    return table
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (
+            _table_with(storage_bits=69697),
+            "storage_bits 69697 is not the exact storage of the config on shape",
+        ),
+        (_table_with(bits=3), "with config 'nf2-b64-s8b256': bits 3 disagrees with the config (2)"),
+        (_table_with(method="int"), "method 'int' disagrees with the config ('nf')"),
+        (_table_with(block_size=128), "block_size 128 disagrees with the config (64)"),
+        (_table_with(rank=129), "rank 129 exceeds the matrix size [128, 256]"),
+        (_table_with(module=float("nan")), "profile column 'module' has a bad value nan (row 0)"),
+        (_table_with(module=""), "profile column 'module' has a bad value '' (row 0)"),
+        (_table_with(module="layer1²"), "a name that cannot be ordered: 'layer1²'"),
+        (_table_with(shape="0x5"), "bad shape '0x5', expected [out, in]"),
+        (_table_with(shape=[128.5, 256]), "bad shape '[128.5, 256]'"),
+        (_table_with(shape=[64, 512]), "disagree on its shape: (64, 512) and (128, 256)"),
+        (_table_with(numel=2**60), "'numel' has a bad value 1.152921504606847e+18"),
+        (
+            make_table().assign(error=1e308),
+            "profile column 'error': values too large (their sum is not finite)",
+        ),
+        (_table_with(error="abc"), "profile column 'error' is not numeric"),
+        (pd.concat([make_table(), make_table()[["error"]]], axis=1), "duplicate column(s) error"),
+    ],
+)
+def test_bad_tables_name_the_column(table, message):
+    with pytest.raises(BitallocError) as info:
+        plan(table, 3.0)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": True}, "budget must be a number of bits per parameter, got True"),
+        ({"budget": 10**400}, "budget must be a positive number of bits per parameter, got 1000"),
+        ({"count_lora": "no"}, "count_lora must be True or False, got 'no'"),
+        ({"keep": float("nan")}, "invalid keep regex nan: expected a string"),
+        ({"tie": [b"q_proj"]}, "invalid tie regex b'q_proj': expected a string"),
+        ({"pin": {"q_proj": None}}, "config must be a string such as nf2-b64-s8b256, got NoneType"),
+        ({"solver": ["dp"]}, "unknown solver ['dp']"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, message):
+    with pytest.raises(BitallocError, match=re.escape(message)):
+        plan(make_table(), **{"budget": 3.0, **kwargs})
+
+
+def test_bad_objective_attribute():
+    table = make_table()
+    table.attrs["objective"] = ["weight"]
+    with pytest.raises(BitallocError, match=re.escape("unknown objective ['weight'] in the profile")):
+        feasible_range(table)
+
+
+@pytest.mark.parametrize("scale", [1e300 / 1.5, 2.0**-1060, 1.0])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_extreme_error_magnitudes_stay_exact(scale, solver):
+    """Errors near the float limits (a sum just below overflow; subnormals) plan exactly."""
+    table = make_table(seed=17, layers=1)
+    rng = np.random.default_rng(0)
+    table["error"] = [float(v) * scale for v in rng.integers(1, 64, len(table))]  # exact multiples
+    if scale > 1:
+        table.loc[0, "error"] = 1.7e308 - table["error"].iloc[1:].sum() * 2  # the sum stays finite
+    for budget in dyadic_budgets(table):
+        result = plan(table, budget, solver=solver)
+        assert result.total_error == brute_force(table, budget)
+        assert total_storage(result) <= Fraction(budget) * sum(e["numel"] for e in result.modules.values())

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from bitalloc.errors import BitallocError
 from bitalloc.quant import (
     QuantConfig,
     QuantizedTensor,
@@ -206,3 +207,79 @@ def test_pack_layout_is_little_endian():
 def test_bad_matrices(bad, message):
     with pytest.raises(ValueError, match=message):
         QuantizedTensor.from_weight(bad, "nf4-b64-sfp32")
+
+
+# ---- bounds and bad input: BitallocError naming the field ---------------------------------
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nf4-b4-sfp32", "block size B0 4: supported are 8 to 4096"),
+        ("nf4-b4097-sfp32", "block size B0 4097: supported are 8 to 4096"),
+        ("nf2-b1000000-s8b256", "block size B0 1000000"),
+        ("nf2-b99999999999999999999-s8b256", "block size B0 99999999999999999999: far outside"),
+        ("nf4-b" + "9" * 5000 + "-sfp32", "block size B0 999999999999...(5000 digits)"),
+        ("nf4-b64-s8b1", "scale block size B1 1: supported are 2 to 65536"),
+        ("nf4-b64-s8b65537", "scale block size B1 65537"),
+        ("nf4-b64-s16b256", "scale bits b0 16: supported are 2, 3, 4, 8"),
+        ("nf9-b64-sfp32", "unsupported bits 9"),
+        ("nf٤-b64-sfp32", "unknown config string"),  # digits of other scripts are not the grammar
+        ("nf4-b６４-sfp32", "unknown config string"),
+    ],
+)
+def test_config_bounds_name_the_field(text, message):
+    with pytest.raises(BitallocError) as info:
+        QuantConfig.parse(text)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("text", ["nf4-b8-sfp32", "int2-b4096-sbf16", "nf2-b64-s8b2", "nf3-b64-s2b65536fp16"])
+def test_config_bounds_are_inclusive(text):
+    assert str(QuantConfig.parse(text)) == text
+
+
+@pytest.mark.parametrize("value", [None, 5, 4.0, b"nf4-b64-sfp32", ["nf4-b64-sfp32"]])
+def test_parse_takes_only_strings(value):
+    with pytest.raises(BitallocError, match="config must be a string"):
+        QuantConfig.parse(value)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"block_size": "64"}, "block size B0 must be an integer, got '64'"),
+        ({"bits": 2.0}, "bits must be an integer, got 2.0"),
+        ({"bits": True}, "bits must be an integer, got True"),
+        ({"block_size": 10**5000}, "unsupported block size B0 <int of 16610 bits>"),
+        ({"method": []}, "unknown quantization method []"),
+        ({"scale_block_size": 64}, "float scales (scale_bits None) take no scale_block_size"),
+        ({"scale_bits": 8}, "quantized scales need a scale block size (B1)"),
+        ({"scale_bits": 8, "scale_block_size": 1}, "scale block size B1 1"),
+    ],
+)
+def test_config_fields_are_checked(fields, message):
+    with pytest.raises(BitallocError) as info:
+        QuantConfig(**fields)
+    assert message in str(info.value)
+
+
+def test_grid_bound_stops_a_huge_block_before_allocating():
+    """--block-sizes 1000000 once padded every row to 10^6 columns (1.1 GB for a small model)."""
+    from bitalloc.profiling.settings import ProfileSettings
+
+    with pytest.raises(BitallocError, match="block size B0 1000000: supported are 8 to 4096"):
+        ProfileSettings(block_sizes=(1000000,)).grid()
+    with pytest.raises(BitallocError, match="block size B0 1000000"):
+        fake_quantize(torch.randn(4, 16), "nf4-b1000000-sfp32")
+
+
+@pytest.mark.parametrize("shape", [("a", 1), None, (1.5, 3), (0, 5), (True, 5), "12", (4, 4, 4)])
+def test_storage_bits_bad_shapes(shape):
+    with pytest.raises(BitallocError, match="2-D matrix shape"):
+        storage_bits(shape, "nf4-b64-sfp32")
+
+
+def test_storage_bits_is_exact_for_any_size():
+    rows, cols = 10**30, 10**30 + 1  # float division would overflow or round
+    blocks = rows * (cols // 64 + 1)
+    assert storage_bits((rows, cols), "nf4-b64-s8b256") == blocks * (64 * 4 + 8) + -(-blocks // 256) * 32

@@ -39,6 +39,7 @@ def solve(groups: Sequence[Options], capacity: int, solver: str) -> tuple[list[i
     """
     if sum(options[-1][0] for options in groups) <= capacity:
         return [len(options) - 1 for options in groups], 0.0
+    groups = _in_float_range(groups)
     width = max(len(options) for options in groups)
     storage = np.full((len(groups), width), np.inf)
     error = np.full((len(groups), width), np.inf)
@@ -51,23 +52,54 @@ def solve(groups: Sequence[Options], capacity: int, solver: str) -> tuple[list[i
     margin = 1e-9 * (abs(bound) + price * capacity)  # floating-point safety: keeps more options
     choice = _greedy(storage, error, price, capacity).tolist()
     best = math.fsum(error[np.arange(len(groups)), choice])
-    if solver == "dp" and best > 0:
-        core = reduced <= best - bound + margin
-        solution = _solve_dp(groups, error, core, choice, capacity, price, best + margin)
-        if math.fsum(error[np.arange(len(groups)), solution]) <= best:
-            choice = solution
     threshold, gap = (best - bound) / 16, 0.0
-    while best > 0 and solver != "dp":
+    exact_dp = solver == "dp"
+    while best > 0 and not exact_dp:
         core = reduced <= threshold + margin
-        solution, gap = _solve_core(groups, storage, error, core, choice, capacity, solver, best)
+        try:
+            solution, gap = _solve_core(groups, storage, error, core, choice, capacity, solver, best)
+        except _IllPosed:  # numbers the ILP cannot take (or it failed): the exact DP instead
+            exact_dp, gap = True, 0.0
+            break
         value = math.fsum(error[np.arange(len(groups)), solution])
         if value < best:
             choice, best = solution, value
         if best - bound <= threshold:
             break  # every option that could beat `best` was in the restricted problem
         threshold = min(best - bound, 4 * threshold)
+        if not math.isfinite(threshold):
+            exact_dp, gap = True, 0.0
+            break
+    if exact_dp and best > 0:
+        core = reduced <= best - bound + margin
+        solution = _solve_dp(groups, error, core, choice, capacity, price, best + margin)
+        if math.fsum(error[np.arange(len(groups)), solution]) <= best:
+            choice = solution
     _top_up(groups, choice, capacity)
     return choice, gap
+
+
+class _IllPosed(Exception):
+    """The ILP backend cannot solve this restricted problem reliably (scaling or failure)."""
+
+
+def _in_float_range(groups: Sequence[Options]) -> Sequence[Options]:
+    """The groups with errors scaled by a power of two (exact: same order, same optimum) when
+    they are so large that price · storage could overflow, or so small that the solvers' unit
+    would vanish. Errors of real profiles are far inside both bounds and left as they are."""
+    top = max(error for options in groups for _, error in options)
+    if top <= 0:
+        return groups
+    exponent = math.frexp(top)[1]
+    storage = int(sum(options[-1][0] for options in groups))
+    highest = 1000 - storage.bit_length()  # keeps error, price (~2·error) and price·storage finite
+    if exponent > highest:
+        shift = highest - exponent
+    elif exponent < -500:
+        shift = -exponent  # the largest error to [0.5, 1)
+    else:
+        return groups
+    return [[(size, math.ldexp(error, shift)) for size, error in options] for options in groups]
 
 
 def _solve_core(groups, storage, error, core, incumbent, capacity, solver, scale):
@@ -85,19 +117,28 @@ def _solve_core(groups, storage, error, core, incumbent, capacity, solver, scale
     if not free or slack <= 0:
         return incumbent, 0.0
     unit = scale * 1e-7  # solver tolerances (~1e-5 absolute) become ~1e-12 of the objective
+    if not unit >= sys.float_info.min:  # a vanishing unit: errors of ~1e-300 and below
+        raise _IllPosed("errors too small for the ILP's tolerances")
     costs = [[(error[g, i] - error[g, options[-1]]) / unit for i in options] for g, options in free]
+    if not all(0 <= cost <= 1e20 for row in costs for cost in row):  # also NaN
+        raise _IllPosed("costs too far apart for the ILP's tolerances")
     weights = [[(storage[g, i] - storage[g, options[0]]) / slack for i in options] for g, options in free]
     start = [options.index(incumbent[g]) for g, options in free]  # a MIP start for CBC
     rhs = 1.0
     for _attempt in range(4):
-        picks, gap = _BACKENDS[solver](costs, weights, rhs, start)
+        try:
+            picks, gap = _BACKENDS[solver](costs, weights, rhs, start)
+        except ImportError:
+            raise
+        except Exception as exc:  # CBC or HiGHS failed (e.g. no proven optimum): the exact DP
+            raise _IllPosed(str(exc)) from exc
         for (g, options), pick in zip(free, picks, strict=True):
             solution[g] = options[pick]
         used = sum(group[i][0] for group, i in zip(groups, solution, strict=True))
         if used <= capacity:
             return solution, gap
         rhs -= (used - capacity) / slack + 1e-9  # a feasibility tolerance let it overshoot
-    raise RuntimeError(f"{solver}: solution exceeds the budget after 4 tries (numerics)")
+    raise _IllPosed(f"{solver}: solution exceeds the budget after 4 tries (numerics)")
 
 
 def _solve_dp(groups, error, core, incumbent, capacity, price, limit) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -50,39 +51,119 @@ def plan_schema() -> dict:
 
 
 def validate_plan_dict(data: object) -> None:
-    """Raise BitallocError (one line) unless ``data`` is a valid ``bitalloc.plan/v1`` dict."""
+    """Raise BitallocError (one line) unless ``data`` is a valid ``bitalloc.plan/v1`` dict.
+
+    Valid: the schema holds, every number is finite, and each module's derived fields
+    (method, bits, block_size, scale, bits_per_param, storage_bits) are what its canonical
+    config string implies on its shape, with numel = out·in and rank <= min(shape)."""
     import jsonschema
 
     if not isinstance(data, dict):
         raise BitallocError(f"invalid plan: expected a JSON object, got {type(data).__name__}")
     if data.get("format") != PLAN_FORMAT:
-        raise BitallocError(f"unsupported plan format {data.get('format')!r}: expected {PLAN_FORMAT!r}")
-    validator = jsonschema.Draft202012Validator(plan_schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+        raise BitallocError(f"unsupported plan format {_shown(data.get('format'))}: expected {PLAN_FORMAT!r}")
+    bad = _first_non_finite(data)
+    if bad is not None:
+        where, value = bad
+        raise BitallocError(f"invalid plan: {where}: {value} is not a finite number (JSON numbers must be)")
+    try:
+        error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    except RecursionError:
+        raise BitallocError("invalid plan: nested too deeply") from None
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
         message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
-        raise BitallocError(f"invalid plan: {where}: {message}")
+        raise BitallocError(f"invalid plan: {_cut(where)}: {message}")
     for name, entry in data["modules"].items():
-        shape = entry["shape"]
-        if entry["numel"] != shape[0] * shape[1]:
-            raise BitallocError(f"invalid plan: modules/{name}: numel does not match shape {shape}")
-        try:
-            config = QuantConfig.parse(entry["config"])
-        except ValueError as exc:
-            raise BitallocError(f"invalid plan: modules/{name}: {exc}") from None
-        if (config.method, config.bits, config.block_size) != (
-            entry["method"],
-            entry["bits"],
-            entry["block_size"],
-        ):
-            raise BitallocError(
-                f"invalid plan: modules/{name}: method/bits/block_size disagree with "
-                f"config {entry['config']!r}"
-            )
+        _check_module(f"invalid plan: modules/{_cut(name)}", entry)
     overlap = sorted(set(data["kept"]) & set(data["modules"]))
     if overlap:
-        raise BitallocError(f"invalid plan: {overlap[0]!r} is both kept and quantized")
+        raise BitallocError(f"invalid plan: {_shown(overlap[0])} is both kept and quantized")
+
+
+def _check_module(where: str, entry: dict) -> None:
+    """One schema-valid module entry against its config string (the authority)."""
+    shape = entry["shape"]
+    if entry["numel"] != shape[0] * shape[1]:
+        raise BitallocError(f"{where}: numel does not match shape {_shown(shape)}")
+    try:
+        config = QuantConfig.parse(entry["config"])
+    except BitallocError as exc:
+        raise BitallocError(f"{where}/config: {exc}") from None
+    if entry["config"] != str(config):
+        raise BitallocError(
+            f"{where}/config: {_shown(entry['config'])} is not canonical: write {str(config)!r}"
+        )
+    expected = {**config.to_dict(), "storage_bits": config.storage_bits(shape)}
+    for key in ("method", "bits", "block_size", "scale", "bits_per_param", "storage_bits"):
+        if entry[key] != expected[key]:
+            raise BitallocError(
+                f"{where}/{key}: {_shown(entry[key])} does not match config {str(config)!r}"
+                + (f" on shape {_shown(shape)}" if key == "storage_bits" else "")
+                + f" (expected {_shown(expected[key])})"
+            )
+    if entry["rank"] > min(shape):
+        raise BitallocError(f"{where}/rank: {_shown(entry['rank'])} exceeds the matrix size {_shown(shape)}")
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(plan_schema())
+
+
+class _NonFinite:
+    """What the plan reader puts where JSON text has NaN, Infinity or an overflowing number."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _parse_float(text: str) -> float | _NonFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise BitallocError(f"invalid plan: the key {_shown(twice)} appears twice in one object")
+    return data
+
+
+def _first_non_finite(data: object) -> tuple[str, str] | None:
+    """(path, value) of the first NaN or infinite number in ``data`` (document order), or None."""
+    stack: list[tuple[tuple, object]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, _NonFinite) or (isinstance(value, float) and not math.isfinite(value)):
+            return _cut("/".join(map(str, path)) or "(top level)"), str(value)
+        if isinstance(value, dict):
+            stack.extend(((*path, key), item) for key, item in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend(((*path, index), item) for index, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """repr(value), cut to one readable line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for printing
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    """A path or name on one line: control characters escaped, cut to ``limit``."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
 
 
 @dataclass(kw_only=True)
@@ -149,23 +230,50 @@ class Plan:
         }
 
     def to_json(self) -> str:
-        """Indented JSON with a trailing newline; the same plan always gives the same text."""
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        """Indented JSON with a trailing newline; the same plan always gives the same text.
+
+        BitallocError (nothing is written) unless the plan is valid (`validate_plan_dict`):
+        every number finite, every derived field what its config implies."""
+        try:
+            data = self.to_dict()
+        except KeyError as exc:
+            raise BitallocError(f"invalid plan: missing field {_shown(exc.args[0])}") from None
+        except (AttributeError, TypeError) as exc:
+            raise BitallocError(f"invalid plan: {exc}") from None
+        validate_plan_dict(data)
+        try:
+            return json.dumps(data, indent=2, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise BitallocError(f"invalid plan: {exc}") from None
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> Plan:
-        """Read a plan from JSON text or a file path, validating it against the schema."""
-        if isinstance(text_or_path, os.PathLike) or not str(text_or_path).lstrip().startswith("{"):
-            path = Path(text_or_path)
+        """Read a plan from JSON text (str or UTF-8 bytes) or a file path, validating it
+        (`validate_plan_dict`); strict JSON: NaN, Infinity and repeated keys are refused."""
+        if isinstance(text_or_path, (bytes, bytearray)):
             try:
+                text_or_path = bytes(text_or_path).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BitallocError(f"plan is not UTF-8 text: {exc}") from None
+        if not isinstance(text_or_path, (str, os.PathLike)):
+            raise BitallocError(f"a plan is JSON text or a path, got {type(text_or_path).__name__}")
+        if isinstance(text_or_path, os.PathLike) or not text_or_path.lstrip().startswith("{"):
+            try:
+                path = Path(text_or_path)
                 text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise BitallocError(f"cannot read plan {str(path)!r}: {exc}") from None
+            except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+                raise BitallocError(f"cannot read plan {_shown(str(text_or_path))}: {exc}") from None
         else:
-            text = str(text_or_path)
+            text = text_or_path
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = json.loads(
+                text, parse_constant=_NonFinite, parse_float=_parse_float, object_pairs_hook=_unique_keys
+            )
+        except RecursionError:
+            raise BitallocError("plan is not valid JSON: nested too deeply") from None
+        except BitallocError:
+            raise
+        except ValueError as exc:  # JSONDecodeError, or an integer too long to read
             raise BitallocError(f"plan is not valid JSON: {exc}") from None
         validate_plan_dict(data)
         return cls(**data)
@@ -177,9 +285,10 @@ class Plan:
         digest) to ``PLAN.calibration.safetensors`` beside the plan, where `load` and
         `bitalloc.apply` find them, so the plan can be moved with its side file."""
         path = Path(path)
+        text = self.to_json()  # validated first: an invalid plan writes nothing
         if self.objective != "weight" and self.calibration:
             self._save_calibration(calibration_path(path))
-        write_text_atomic(path, self.to_json())
+        write_text_atomic(path, text)
         return path
 
     def _save_calibration(self, target: Path) -> None:

@@ -11,6 +11,7 @@ lives in `mckp`, baselines and the human summary in `report`, the plan file form
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import os
@@ -29,12 +30,15 @@ from ..names import compile_patterns, natural_key
 from ..profiling.table import REQUIRED_COLUMNS, read_profile
 from ..quant import QuantConfig
 from .mckp import SOLVERS, solve
-from .plan_file import Plan, most_common
+from .plan_file import Plan, _shown, most_common
 
 __all__ = ["Plan", "feasible_range", "parse_sweep", "plan", "sweep"]
 
 OBJECTIVE_COLUMNS = {"weight": "error", "activation": "weighted_error"}
 LORA_BITS = 16  # LoRA factors are counted at 16 bits when the budget includes them
+MAX_SWEEP = 1000  # budgets in one sweep
+MAX_EXACT_INT = 2**53  # integer columns are read through float64: exact up to here
+MAX_TOTAL_BITS = 2**62  # the exact solvers sum storage in int64
 
 
 @dataclass
@@ -141,9 +145,21 @@ def sweep(
     **constraints,
 ) -> list[Plan]:
     """One plan per budget; the profile is read and constrained once (kwargs as in `plan`)."""
-    budgets = list(budgets)
+    if isinstance(budgets, str):
+        budgets = parse_sweep(budgets)
+    try:
+        budgets = list(itertools.islice(iter(budgets), MAX_SWEEP + 1))
+    except TypeError:
+        raise BitallocError(
+            f"budgets must be a list of numbers or a sweep like '2:4:0.25', got {type(budgets).__name__}"
+        ) from None
     if not budgets:
         raise BitallocError("no budgets to sweep")
+    if len(budgets) > MAX_SWEEP:
+        raise BitallocError(f"too many budgets to sweep: at most {MAX_SWEEP:,}")
+    for budget in budgets:
+        _check_budget(budget)
+    _check_solver(solver)
     problem = prepare_problem(profile_table, **constraints)
     return [_solve_plan(problem, budget, solver, source) for budget in budgets]
 
@@ -158,22 +174,34 @@ def feasible_range(profile_table: pd.DataFrame, **constraints) -> tuple[float, f
 
 
 def parse_sweep(text: str) -> list[float]:
-    """Budgets from "START:STOP:STEP" (STOP included) or "2.5,3,3.5"."""
-    text = str(text).strip()
+    """Budgets from "START:STOP:STEP" (STOP included) or "2.5,3,3.5"; at most 1,000."""
+    if not isinstance(text, str):
+        raise BitallocError(f"bad sweep {text!r}: expected a string START:STOP:STEP or a,b,c")
+    text = text.strip()
+    shown = _shown(text)
+    parts = text.split(":" if ":" in text else ",")
+    if len(parts) > MAX_SWEEP:
+        raise BitallocError(f"bad sweep {shown}: more than {MAX_SWEEP:,} budgets (at most {MAX_SWEEP:,})")
     try:
-        values = [float(part) for part in text.split(":" if ":" in text else ",")]
+        values = [float(part) for part in parts]
     except ValueError:
         values = []
     if not values or (":" in text and len(values) != 3):
-        raise BitallocError(f"bad sweep {text!r}: expected START:STOP:STEP or a,b,c")
+        raise BitallocError(f"bad sweep {shown}: expected START:STOP:STEP or a,b,c")
     if ":" in text:
         start, stop, step = values
-        if not (step > 0 and start <= stop and math.isfinite(stop)):
-            raise BitallocError(f"bad sweep {text!r}: need START <= STOP and STEP > 0")
-        count = math.floor((stop - start) / step + 1e-9) + 1  # STOP included despite drift
+        if not (all(map(math.isfinite, values)) and step > 0 and start <= stop):
+            raise BitallocError(f"bad sweep {shown}: need finite START <= STOP and STEP > 0")
+        span = (stop - start) / step
+        if not span + 1e-9 < MAX_SWEEP:  # counted before any list is built (inf and NaN too)
+            raise BitallocError(
+                f"bad sweep {shown}: more than {MAX_SWEEP:,} budgets (at most {MAX_SWEEP:,}); "
+                "use a larger STEP"
+            )
+        count = math.floor(span + 1e-9) + 1  # STOP included despite drift
         values = [round(start + i * step, 12) for i in range(count)]
     if not all(math.isfinite(b) and b > 0 for b in values):
-        raise BitallocError(f"bad sweep {text!r}: budgets must be positive")
+        raise BitallocError(f"bad sweep {shown}: budgets must be positive")
     return values
 
 
@@ -187,55 +215,140 @@ def _read_table(profile_table) -> tuple[dict[str, _Matrix], str, dict]:
         )
     attrs = dict(profile_table.attrs)
     objective = attrs.get("objective") or "weight"
-    if objective not in OBJECTIVE_COLUMNS:
+    if not isinstance(objective, str) or objective not in OBJECTIVE_COLUMNS:
         raise BitallocError(f"unknown objective {objective!r} in the profile: expected weight or activation")
+    if not isinstance(attrs.get("calibration") or {}, dict):
+        raise BitallocError(f"the profile's calibration record is not a dict: {_shown(attrs['calibration'])}")
     needed = (*REQUIRED_COLUMNS, OBJECTIVE_COLUMNS[objective])
     missing = [column for column in dict.fromkeys(needed) if column not in profile_table.columns]
     if missing:
         raise BitallocError(f"not a profile table: missing column(s) {', '.join(missing)}")
+    duplicated = [c for c in dict.fromkeys(profile_table.columns[profile_table.columns.duplicated()])]
+    if duplicated:
+        raise BitallocError(f"not a profile table: duplicate column(s) {', '.join(map(str, duplicated))}")
     if len(profile_table) == 0:
         raise BitallocError("the profile table is empty")
 
-    names = profile_table["module"].astype(str).to_numpy()
+    names = _module_names(profile_table["module"])
     numel = _column(profile_table, "numel", names, integer=True, minimum=1)
     storage = _column(profile_table, "storage_bits", names, integer=True, minimum=1)
     bits = _column(profile_table, "bits", names, integer=True, minimum=1)
+    block_size = _column(profile_table, "block_size", names, integer=True, minimum=1)
     rank = _column(profile_table, "rank", names, integer=True, minimum=0)
     iters = _column(profile_table, "iters", names, integer=True, minimum=0)
     error = _column(profile_table, "error", names, integer=False, minimum=0)
     objective_error = _column(profile_table, OBJECTIVE_COLUMNS[objective], names, integer=False, minimum=0)
     configs = profile_table["config"].astype(str).to_numpy()
     canonical = {text: canonical_config(text, "profile table") for text in set(configs)}
+    parsed = {config: QuantConfig.parse(config) for config in set(canonical.values())}
+    methods = profile_table["method"].to_numpy(dtype=object)
     shapes = profile_table["shape"].to_numpy()
 
     matrices: dict[str, _Matrix] = {}
+    exact_storage: dict[tuple[str, tuple[int, int]], int] = {}  # (config, shape) -> storage_bits
     for i, name in enumerate(names):
+        shape = _parse_shape(shapes[i], name)
+        if shape[0] * shape[1] != numel[i]:
+            raise BitallocError(f"profile row for {name!r}: numel {numel[i]} != shape {shape}")
         matrix = matrices.get(name)
         if matrix is None:
-            shape = _parse_shape(shapes[i], name)
-            if shape[0] * shape[1] != numel[i]:
-                raise BitallocError(f"profile row for {name!r}: numel {numel[i]} != shape {shape}")
             matrix = matrices[name] = _Matrix(shape, numel[i], {})
+        elif matrix.shape != shape:
+            raise BitallocError(
+                f"profile rows for {name!r} disagree on its shape: {matrix.shape} and {shape}"
+            )
         config = canonical[configs[i]]
         if config in matrix.rows:
             raise BitallocError(f"the profile has two rows for {name!r} with config {config!r}")
+        exact = exact_storage.get((config, shape))
+        if exact is None:
+            exact = exact_storage[config, shape] = parsed[config].storage_bits(shape)
+        _check_row(
+            name,
+            config,
+            parsed[config],
+            shape,
+            methods[i],
+            bits[i],
+            block_size[i],
+            (storage[i], exact),
+            rank[i],
+        )
         matrix.rows[config] = _Row(storage[i], error[i], objective_error[i], bits[i], rank[i], iters[i])
-    ordered = {name: matrices[name] for name in sorted(matrices, key=natural_key)}
-    return ordered, objective, attrs
+    for column, values in (("error", error), (OBJECTIVE_COLUMNS[objective], objective_error)):
+        try:
+            total = math.fsum(values)
+        except OverflowError:
+            total = math.inf
+        if not math.isfinite(total):
+            raise BitallocError(f"profile column {column!r}: values too large (their sum is not finite)")
+    try:
+        order = sorted(matrices, key=natural_key)
+    except ValueError:  # a digit that int() cannot read (e.g. '²') in a module name
+        odd = next(name for name in matrices if not _sortable(name))
+        raise BitallocError(f"profile column 'module' has a name that cannot be ordered: {odd!r}") from None
+    return {name: matrices[name] for name in order}, objective, attrs
+
+
+def _sortable(name: str) -> bool:
+    try:
+        natural_key(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _module_names(column: pd.Series) -> list[str]:
+    """The ``module`` column as non-empty strings (BitallocError naming the first bad one)."""
+    names = column.to_numpy(dtype=object)
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            raise BitallocError(
+                f"profile column 'module' has a bad value {name!r} (row {i}): expected a name"
+            )
+    return [str(name) for name in names]
+
+
+def _check_row(name, config, quant: QuantConfig, shape, method, bits, block_size, storage, rank) -> None:
+    """The row's derived columns must be what its config implies (the config is the authority);
+    ``storage`` is (the row's storage_bits, the config's exact storage on ``shape``)."""
+    where = f"profile row for {name!r} with config {config!r}"
+    for column, value, expected in (
+        ("method", method, quant.method),
+        ("bits", bits, quant.bits),
+        ("block_size", block_size, quant.block_size),
+    ):
+        if not isinstance(value, type(expected)) or value != expected:
+            raise BitallocError(f"{where}: {column} {_shown(value)} disagrees with the config ({expected!r})")
+    storage, exact = storage
+    if storage != exact:
+        raise BitallocError(
+            f"{where}: storage_bits {storage} is not the exact storage of the config on shape "
+            f"{list(shape)} ({exact})"
+        )
+    if rank > min(shape):
+        raise BitallocError(f"{where}: rank {rank} exceeds the matrix size {list(shape)}")
 
 
 def _column(table: pd.DataFrame, column: str, names, *, integer: bool, minimum: float) -> list:
     try:
         values = pd.to_numeric(table[column]).to_numpy(dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise BitallocError(f"profile column {column!r} is not numeric") from None
+    if values.shape != (len(table),):
+        raise BitallocError(f"profile column {column!r} is not numeric")
     bad = ~np.isfinite(values) | (values < minimum)
     if integer:
-        bad |= values != np.round(values)
+        bad |= (values != np.round(values)) | (values > MAX_EXACT_INT)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        value = float(values[i])
+        expected = f"an integer >= {minimum}" if integer else f"a finite number >= {minimum}"
+        if integer and math.isfinite(value) and value > MAX_EXACT_INT:
+            expected = "an integer up to 2**53"
         raise BitallocError(
-            f"profile column {column!r} has a bad value {float(values[i])!r} (module {names[i]!r})"
+            f"profile column {column!r} has a bad value {value!r} (module {_shown(names[i])}): "
+            f"expected {expected}"
         )
     return [int(v) for v in values] if integer else values.tolist()
 
@@ -244,26 +357,41 @@ def _parse_shape(shape, name: str) -> tuple[int, int]:
     """[out, in] as a list, tuple or array, or the string "OUTxIN" (also "[out, in]")."""
     try:
         if isinstance(shape, str):
-            parts = re.fullmatch(r"\s*[\[(]?\s*(\d+)\s*(?:x|×|,)\s*(\d+)\s*[\])]?\s*", shape)
+            parts = re.fullmatch(r"\s*[\[(]?\s*([0-9]+)\s*(?:x|×|,)\s*([0-9]+)\s*[\])]?\s*", shape)
             dims = tuple(int(part) for part in parts.groups())
         else:
             dims = tuple(int(part) for part in shape)
-    except (AttributeError, TypeError, ValueError):
+            if any(isinstance(part, bool) or part != dim for part, dim in zip(shape, dims, strict=True)):
+                dims = ()  # 128.5, True: not a dimension
+    except (AttributeError, TypeError, ValueError, OverflowError):
         dims = ()
     if len(dims) != 2 or min(dims) < 1:
-        raise BitallocError(f"profile row for {name!r}: bad shape {shape!r}, expected [out, in]")
+        raise BitallocError(f"profile row for {name!r}: bad shape {_shown(str(shape))}, expected [out, in]")
     return dims
 
 
 def canonical_config(text: str, where: str) -> str:
     try:
         return str(QuantConfig.parse(text))
-    except ValueError as exc:
+    except BitallocError as exc:
         message = str(exc) if repr(text) in str(exc) else f"config {text!r}: {exc}"
         raise BitallocError(f"{where}: {message}") from None
 
 
 # ---- constraints -----------------------------------------------------------------------------
+def _patterns(kind: str, regexes) -> list[tuple[str, re.Pattern[str]]]:
+    """compile_patterns, after checking that ``regexes`` is None, a string or strings."""
+    if regexes is not None and not isinstance(regexes, str):
+        try:
+            regexes = list(regexes)
+        except TypeError:
+            regexes = [regexes]
+        for regex in regexes:
+            if not isinstance(regex, str):
+                raise BitallocError(f"invalid {kind} regex {_shown(regex)}: expected a string")
+    return compile_patterns(kind, regexes)
+
+
 def _matching(pattern: str, regex: re.Pattern, names: Sequence[str], what: str) -> list[str]:
     matched = [name for name in names if regex.search(name)]
     if not matched:
@@ -276,9 +404,13 @@ def prepare_problem(
 ) -> Problem:
     """Read the table, apply keep/pin/bit bounds/ties, and drop dominated configs."""
     matrices, objective, attrs = _read_table(profile_table)
+    if isinstance(count_lora, np.bool_):
+        count_lora = bool(count_lora)
+    if not isinstance(count_lora, bool):
+        raise BitallocError(f"count_lora must be True or False, got {count_lora!r}")
     names = list(matrices)
     kept: set[str] = set()
-    for pattern, regex in compile_patterns("keep", keep):
+    for pattern, regex in _patterns("keep", keep):
         kept.update(_matching(pattern, regex, names, "keep"))
     quantized = [name for name in names if name not in kept]
     if not quantized:
@@ -286,9 +418,9 @@ def prepare_problem(
 
     for label, bound in (("min_bits", min_bits), ("max_bits", max_bits)):
         if bound is not None and (
-            isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not math.isfinite(bound)
+            isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not _finite(bound)
         ):
-            raise BitallocError(f"{label} must be a number of bits, got {bound!r}")
+            raise BitallocError(f"{label} must be a number of bits, got {_shown(bound)}")
     low = -math.inf if min_bits is None else min_bits
     high = math.inf if max_bits is None else max_bits
     if low > high:
@@ -299,7 +431,7 @@ def prepare_problem(
     pinned: dict[str, str] = {}
     if pin is not None and not isinstance(pin, dict):
         raise BitallocError(f"pin must be a dict {{regex: config}}, got {type(pin).__name__}")
-    for pattern, regex in compile_patterns("pin", list(pin or {})):
+    for pattern, regex in _patterns("pin", list(pin or {})):
         config = canonical_config(pin[pattern], f"pin {pattern!r}")
         for name in _matching(pattern, regex, names, "pin"):
             if name in kept:
@@ -329,6 +461,8 @@ def prepare_problem(
             options.append((config, storage, error))
         groups.append(_Group(members, _undominated(options)))
     numel = sum(matrices[name].numel for name in quantized)
+    if sum(group.options[-1][1] for group in groups) >= MAX_TOTAL_BITS:
+        raise BitallocError("the profiled matrices are too large to plan: over 2**62 bits in all")
     return Problem(
         matrices, groups, [n for n in names if n in kept], numel, objective, bool(count_lora), attrs
     )
@@ -344,7 +478,7 @@ def _tie_components(tie, names: list[str], quantized: list[str]) -> list[list[st
             name = parent[name]
         return name
 
-    for pattern, regex in compile_patterns("tie", tie):
+    for pattern, regex in _patterns("tie", tie):
         buckets: dict[tuple, list[str]] = {}
         for name in _matching(pattern, regex, names, "tie"):
             if name in parent:  # kept matrices are outside the allocation
@@ -375,12 +509,31 @@ def capacity_bits(budget: float, numel: int) -> int:
     Exact: the budget is read both as its binary value and as the decimal it prints as,
     whichever allows more, so a budget printed by `feasible_range` or a plan is achievable.
     """
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise BitallocError(f"budget must be a number of bits per parameter, got {budget!r}")
-    value = float(budget)
-    if not math.isfinite(value) or value <= 0:
-        raise BitallocError(f"budget must be a positive number of bits per parameter, got {budget}")
+    value = _check_budget(budget)
     return max(math.floor(Fraction(value) * numel), math.floor(Fraction(repr(value)) * numel))
+
+
+def _check_budget(budget) -> float:
+    """The budget as a float; BitallocError unless it is a finite positive number (no bool)."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise BitallocError(f"budget must be a number of bits per parameter, got {_shown(budget)}")
+    value = float(budget) if _finite(budget) else math.inf
+    if not math.isfinite(value) or value <= 0:
+        raise BitallocError(f"budget must be a positive number of bits per parameter, got {_shown(budget)}")
+    return value
+
+
+def _finite(value: numbers.Real) -> bool:
+    """math.isfinite, False for a number beyond the float range instead of OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_solver(solver) -> None:
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise BitallocError(f"unknown solver {solver!r}: expected one of {', '.join(SOLVERS)}")
 
 
 def _feasible_range(problem: Problem) -> tuple[float, float]:
@@ -394,8 +547,7 @@ def _feasible_range(problem: Problem) -> tuple[float, float]:
 
 
 def _solve_plan(problem: Problem, budget: float, solver: str, source: str | None) -> Plan:
-    if solver not in SOLVERS:
-        raise BitallocError(f"unknown solver {solver!r}: expected one of {', '.join(SOLVERS)}")
+    _check_solver(solver)
     capacity = capacity_bits(budget, problem.numel)
     if sum(group.options[0][1] for group in problem.groups) > capacity:
         lo, hi = _feasible_range(problem)
@@ -447,7 +599,7 @@ def _build_plan(
         },
         budget={
             "target_bits": budget,
-            "achieved_bits": float(round(Fraction(storage, problem.numel), 6)),
+            "achieved_bits": _achieved_bits(Fraction(storage, problem.numel), budget),
             "includes_lora": problem.count_lora,
         },
         objective=problem.objective,
@@ -465,11 +617,22 @@ def _build_plan(
     )
 
 
+def _achieved_bits(ratio: Fraction, budget: float) -> float:
+    """``ratio`` (storage per parameter, within ``budget``) to 6 decimals, never printed above
+    the budget: rounded to nearest, or down where rounding up would pass the budget."""
+    achieved = float(round(ratio, 6))
+    if achieved > budget:
+        achieved = float(Fraction(math.floor(ratio * 10**6), 10**6))
+    return achieved
+
+
 def _calibration_file(problem: Problem) -> Path | None:
     """Where the profile saved its h (a data-aware profile written to a file), else None."""
     record = problem.attrs.get("calibration") or {}
     if problem.objective == "weight" or not record.get("path"):
         return None
+    if not isinstance(record["path"], (str, os.PathLike)):
+        raise BitallocError(f"the profile's calibration path is not a path: {_shown(record['path'])}")
     return Path(record["path"])
 
 

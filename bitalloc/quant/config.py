@@ -10,24 +10,30 @@ The config string is the authority (README, "Config strings"):
 
 from __future__ import annotations
 
-import math
+import numbers
 import re
 from dataclasses import dataclass
+
+from ..errors import BitallocError
 
 METHODS = ("nf", "int")
 SUPPORTED_BITS = (2, 3, 4, 8)
 FLOAT_DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16}
-SUPPORTED_SCALE_BITS = (2, 3, 4, 8)
+SUPPORTED_SCALE_BITS = (2, 3, 4, 8)  # scale codes are stored as uint8
+BLOCK_SIZE_RANGE = (8, 4096)  # B0: elements per block (one scale each)
+SCALE_BLOCK_SIZE_RANGE = (2, 65536)  # B1: scales per second-level group
 
 GRAMMAR = (
-    "{nf|int}{2|3|4|8}-b{B0}-s{fp32|fp16|bf16} or {nf|int}{2|3|4|8}-b{B0}-s{b0}b{B1}[fp16|bf16], "
-    "e.g. nf4-b64-sfp32, nf2-b64-s8b256, int3-b128-s8b64fp16"
+    "{nf|int}{2|3|4|8}-b{B0}-s{fp32|fp16|bf16} or {nf|int}{2|3|4|8}-b{B0}-s{2|3|4|8}b{B1}[fp16|bf16] "
+    "with B0 from 8 to 4096 and B1 from 2 to 65536, e.g. nf4-b64-sfp32, nf2-b64-s8b256, int3-b128-s8b64fp16"
 )
 
+# ASCII digits only (``\d`` would also take other scripts' digits)
 _CONFIG_RE = re.compile(
-    r"^(?P<method>nf|int)(?P<bits>\d+)-b(?P<block>\d+)-s"
-    r"(?:(?P<sfloat>fp32|fp16|bf16)|(?P<sbits>\d+)b(?P<sblock>\d+)(?P<second>fp16|bf16|fp32)?)$"
+    r"(?P<method>nf|int)(?P<bits>[0-9]+)-b(?P<block>[0-9]+)-s"
+    r"(?:(?P<sfloat>fp32|fp16|bf16)|(?P<sbits>[0-9]+)b(?P<sblock>[0-9]+)(?P<second>fp16|bf16|fp32)?)"
 )
+_MAX_DIGITS = 9  # no supported field has more digits (leading zeros aside)
 
 
 @dataclass(frozen=True, order=True)
@@ -48,48 +54,84 @@ class QuantConfig:
     second_level: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown quantization method {self.method!r}: expected nf or int")
+        """BitallocError (one line, naming the field) unless every field is supported."""
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise BitallocError(f"unknown quantization method {_short(self.method)}: expected nf or int")
+        self._set_int("bits", "bits")
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(
+            raise BitallocError(
                 f"unsupported bits {self.bits}: supported are {', '.join(map(str, SUPPORTED_BITS))}"
             )
-        if self.block_size < 1:
-            raise ValueError(f"block size must be positive, got {self.block_size}")
+        self._set_int("block_size", "block size B0")
+        _check_range(self.block_size, BLOCK_SIZE_RANGE, "block size B0")
         if self.scale_bits is None:
-            if self.scale_dtype not in FLOAT_DTYPE_BITS:
-                raise ValueError(f"unknown scale dtype {self.scale_dtype!r}: fp32, fp16 or bf16")
+            if not isinstance(self.scale_dtype, str) or self.scale_dtype not in FLOAT_DTYPE_BITS:
+                raise BitallocError(f"unknown scale dtype {_short(self.scale_dtype)}: fp32, fp16 or bf16")
+            if self.scale_block_size is not None or self.second_level != "fp32":
+                raise BitallocError(
+                    "float scales (scale_bits None) take no scale_block_size (B1) and no second_level"
+                )
         else:
+            self._set_int("scale_bits", "scale bits b0")
             if self.scale_bits not in SUPPORTED_SCALE_BITS:
-                raise ValueError(
-                    f"unsupported scale bits {self.scale_bits}: supported are "
+                raise BitallocError(
+                    f"unsupported scale bits b0 {self.scale_bits}: supported are "
                     f"{', '.join(map(str, SUPPORTED_SCALE_BITS))}"
                 )
-            if not self.scale_block_size or self.scale_block_size < 1:
-                raise ValueError("quantized scales need a positive scale block size (B1)")
-            if self.second_level not in FLOAT_DTYPE_BITS:
-                raise ValueError(f"unknown second-level dtype {self.second_level!r}: fp32, fp16 or bf16")
+            if self.scale_block_size is None:
+                raise BitallocError("quantized scales need a scale block size (B1)")
+            self._set_int("scale_block_size", "scale block size B1")
+            _check_range(self.scale_block_size, SCALE_BLOCK_SIZE_RANGE, "scale block size B1")
+            if not isinstance(self.second_level, str) or self.second_level not in FLOAT_DTYPE_BITS:
+                raise BitallocError(
+                    f"unknown second-level dtype {_short(self.second_level)}: fp32, fp16 or bf16"
+                )
+            if self.scale_dtype != "fp32":
+                raise BitallocError(
+                    f"quantized scales take no scale_dtype (got {_short(self.scale_dtype)}): "
+                    "the second level is second_level"
+                )
+
+    def _set_int(self, field: str, what: str) -> None:
+        """Check that ``field`` holds an integer (not a bool) and store it as a plain int."""
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise BitallocError(f"{what} must be an integer, got {_short(value)}")
+        object.__setattr__(self, field, int(value))
 
     # ---- parsing and printing -------------------------------------------------------
     @classmethod
     def parse(cls, text: str | QuantConfig) -> QuantConfig:
-        """Parse a config string such as ``nf2-b64-s8b256``; ValueError shows the grammar."""
+        """Parse a config string such as ``nf2-b64-s8b256``.
+
+        BitallocError (a ValueError) for anything else, on one line: the grammar for a
+        string that does not match it, the field and its supported values for one that does.
+        """
         if isinstance(text, QuantConfig):
             return text
-        match = _CONFIG_RE.match(str(text).strip())
+        if not isinstance(text, str):
+            raise BitallocError(
+                f"config must be a string such as nf2-b64-s8b256, got {type(text).__name__} {_short(text)}"
+            )
+        match = _CONFIG_RE.fullmatch(text.strip())
         if not match:
-            raise ValueError(f"unknown config string {text!r}: expected {GRAMMAR}")
+            raise BitallocError(f"unknown config string {_short(text)}: expected {GRAMMAR}")
         groups = match.groupdict()
-        common = dict(method=groups["method"], bits=int(groups["bits"]), block_size=int(groups["block"]))
-        if groups["sfloat"]:
-            return cls(**common, scale_dtype=groups["sfloat"])
-        return cls(
-            **common,
-            scale_dtype="fp32",
-            scale_bits=int(groups["sbits"]),
-            scale_block_size=int(groups["sblock"]),
-            second_level=groups["second"] or "fp32",
-        )
+        try:
+            fields = dict(
+                method=groups["method"],
+                bits=_digits(groups["bits"], "bits"),
+                block_size=_digits(groups["block"], "block size B0"),
+            )
+            if groups["sfloat"]:
+                fields["scale_dtype"] = groups["sfloat"]
+            else:
+                fields["scale_bits"] = _digits(groups["sbits"], "scale bits b0")
+                fields["scale_block_size"] = _digits(groups["sblock"], "scale block size B1")
+                fields["second_level"] = groups["second"] or "fp32"
+            return cls(**fields)
+        except BitallocError as exc:
+            raise BitallocError(f"config {_short(text)}: {exc}") from None
 
     def __str__(self) -> str:
         head = f"{self.method}{self.bits}-b{self.block_size}-s"
@@ -119,7 +161,7 @@ class QuantConfig:
 
     def num_blocks(self, shape: tuple[int, ...] | list[int]) -> int:
         rows, cols = _matrix_dims(shape)
-        return rows * math.ceil(cols / self.block_size)
+        return rows * -(-cols // self.block_size)  # exact integer ceiling, any size
 
     def storage_bits(self, shape: tuple[int, ...] | list[int]) -> int:
         """Exact bits written for a matrix of ``shape``: codes (with row padding) + scales."""
@@ -132,7 +174,7 @@ class QuantConfig:
         if self.scale_bits is None:
             parts["scales"] = n_blocks * FLOAT_DTYPE_BITS[self.scale_dtype]
         else:
-            n_groups = math.ceil(n_blocks / self.scale_block_size)
+            n_groups = -(-n_blocks // self.scale_block_size)
             parts["scales"] = n_blocks * self.scale_bits
             parts["scales2"] = n_groups * FLOAT_DTYPE_BITS[self.second_level]
         return parts
@@ -158,10 +200,43 @@ class QuantConfig:
 
 
 def _matrix_dims(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
-        raise ValueError(f"expected a non-empty 2-D matrix shape, got {shape}")
-    return shape
+    """(rows, cols) as ints; BitallocError for anything but two positive integers."""
+    try:
+        dims = tuple(int(s) for s in shape)
+        exact = len(dims) == len(shape) and all(
+            not isinstance(s, bool) and d == s for d, s in zip(dims, shape, strict=True)
+        )
+    except (TypeError, ValueError, OverflowError):
+        exact = False
+    if not exact or len(dims) != 2 or dims[0] < 1 or dims[1] < 1:
+        raise BitallocError(f"expected a non-empty 2-D matrix shape (rows, cols), got {_short(shape)}")
+    return dims
+
+
+def _check_range(value: int, bounds: tuple[int, int], what: str) -> None:
+    low, high = bounds
+    if not low <= value <= high:
+        raise BitallocError(f"unsupported {what} {_short(value)}: supported are {low} to {high}")
+
+
+def _digits(text: str, what: str) -> int:
+    """A field's ASCII digits as an int; one too long for any supported value is refused
+    before conversion (int() of thousands of digits is slow, then refused by Python)."""
+    if len(text.lstrip("0")) > _MAX_DIGITS:
+        shown = text if len(text) <= 30 else f"{text[:12]}...({len(text)} digits)"
+        raise BitallocError(f"unsupported {what} {shown}: far outside the supported values")
+    return int(text)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """repr(value), shortened to one readable line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for printing
+        text = f"<{type(value).__name__} of {value.bit_length()} bits>"
+    if len(text) > limit:
+        text = f"{text[: limit - 20]}...({len(text)} characters)"
+    return text
 
 
 def storage_bits(shape: tuple[int, ...] | list[int], config: str | QuantConfig) -> int:
