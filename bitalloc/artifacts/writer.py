@@ -34,7 +34,6 @@ from ..fileio import WorkFolder, atomic_path
 from ..loftq import LoraSettings, loftq, module_seed
 from ..loftq.decomposition import check_lora_alpha
 from ..planning.plan_file import Plan, most_common
-from ..profiling.calibration import read_calibration
 from ..quant import QuantConfig, QuantizedTensor
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
 
@@ -77,7 +76,7 @@ def apply(
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
     check_lora_alpha(lora_alpha)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    column_weights = _plan_column_weights(plan, calibration)
+    column_weights = plan.column_weights(calibration)
     out = Path(out_dir)
     if out.exists() or out.is_symlink():
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
@@ -207,24 +206,6 @@ class _WorkDir:
                 p: handle.get_tensor(f"weight.{p}") for p in PACKED_NAMES if f"weight.{p}" in handle.keys()
             }
         return QuantizedTensor.from_tensors(parts, entry["config"], tuple(entry["shape"]))
-
-
-def _plan_column_weights(plan: Plan, calibration) -> dict[str, torch.Tensor] | None:
-    """h for a data-aware plan (digest-checked), None for a weight-only one."""
-    if plan.objective == "weight":
-        return None
-    if not plan.calibration:
-        raise BitallocError(f"the {plan.objective} plan has no calibration record to rebuild it from")
-    calibration = calibration if calibration is not None else plan.calibration_file
-    if calibration is None:
-        raise BitallocError(
-            "this data-aware plan carries no calibration file: save it (Plan.save) or give calibration=PATH"
-        )
-    column_weights = read_calibration(calibration, plan.calibration["digest"])
-    missing = [name for name in plan.modules if name not in column_weights]
-    if missing:
-        raise BitallocError(f"calibration file {calibration} has no h for {missing[0]}")
-    return column_weights
 
 
 def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quiet, column_weights=None):

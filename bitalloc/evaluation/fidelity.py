@@ -44,7 +44,6 @@ from ..errors import BitallocError
 from ..fileio import write_text_atomic
 from ..loftq import loftq, module_seed
 from ..planning.plan_file import Plan
-from ..profiling.calibration import read_calibration
 from ..quant import QuantConfig, QuantizedTensor
 from ..texts import describe_text, read_text, text_digest, tokenize, windows
 
@@ -133,7 +132,7 @@ def evaluate(
             f"cannot run {source_name} on text: it needs config.json and a tokenizer (or give input_ids)"
         )
     if starts is None:
-        starts = _plan_starts(plan, _column_weights(plan, calibration), torch_device)
+        starts = _plan_starts(plan, plan.column_weights(calibration), torch_device)
     result = _evaluate(model, plan, starts, text, tokens, context, input_ids, torch_device, quiet)
     result["model"]["source"] = source_name
     result["plan"] = {**plan_info, **_plan_summary(plan)}
@@ -370,23 +369,6 @@ def _pattern(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
-
-
-def _column_weights(plan: Plan, calibration) -> dict[str, torch.Tensor] | None:
-    """h of a data-aware plan (digest-checked), None for a weight-only one."""
-    if plan.objective == "weight":
-        return None
-    file = calibration if calibration is not None else plan.calibration_file
-    if not plan.calibration or file is None:
-        raise BitallocError(
-            f"this {plan.objective} plan needs its calibration file (PLAN.calibration.safetensors "
-            "beside a saved plan, or calibration=PATH) to rebuild its LoftQ start"
-        )
-    column_weights = read_calibration(file, plan.calibration["digest"])
-    missing = [name for name in plan.modules if name not in column_weights]
-    if missing:
-        raise BitallocError(f"calibration file {file} has no h for {missing[0]}")
-    return column_weights
 
 
 # ---- data ---------------------------------------------------------------------------------

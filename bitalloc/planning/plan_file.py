@@ -304,6 +304,25 @@ class Plan:
         with atomic_path(target) as temp:
             temp.write_bytes(data)
 
+    def column_weights(self, calibration: str | os.PathLike | None = None) -> dict | None:
+        """The activation statistics h of a data-aware plan, by module (digest-checked), from
+        ``calibration`` or the file the plan carries; None for a weight-only plan."""
+        from ..profiling.calibration import read_calibration
+
+        if self.objective == "weight":
+            return None
+        file = calibration if calibration is not None else self.calibration_file
+        if not self.calibration or file is None:
+            raise BitallocError(
+                f"this {self.objective} plan needs its calibration file (PLAN.calibration.safetensors "
+                "beside a saved plan, or calibration=PATH / --calibration) to rebuild its decomposition"
+            )
+        column_weights = read_calibration(file, self.calibration["digest"])
+        missing = [name for name in self.modules if name not in column_weights]
+        if missing:
+            raise BitallocError(f"calibration file {file} has no h for {missing[0]}")
+        return column_weights
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         """Read and validate a plan file (a data-aware plan's statistics are beside it)."""
