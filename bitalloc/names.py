@@ -10,7 +10,7 @@ from .errors import BitallocError
 
 def natural_key(name: str) -> list[str | int]:
     """Sort key that orders "layers.2" before "layers.10" (the order every source uses)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", name)]
 
 
 def compile_patterns(kind: str, regexes: str | Iterable[str] | None) -> list[tuple[str, re.Pattern[str]]]:

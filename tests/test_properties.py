@@ -29,7 +29,7 @@ from bitalloc.quant import QuantConfig
 SETTINGS = dict(
     derandomize=True,
     database=None,
-    deadline=None,  # a first call may import PuLP or jsonschema; max_examples bounds the time
+    deadline=5000,  # ms per example (they take ~1-25 ms): generous for loaded CI machines
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 FAST = settings(max_examples=500, **SETTINGS)
