@@ -282,20 +282,8 @@ def _read_table(profile_table) -> tuple[dict[str, _Matrix], str, dict]:
             total = math.inf
         if not math.isfinite(total):
             raise BitallocError(f"profile column {column!r}: values too large (their sum is not finite)")
-    try:
-        order = sorted(matrices, key=natural_key)
-    except ValueError:  # a digit that int() cannot read (e.g. '²') in a module name
-        odd = next(name for name in matrices if not _sortable(name))
-        raise BitallocError(f"profile column 'module' has a name that cannot be ordered: {odd!r}") from None
+    order = sorted(matrices, key=natural_key)
     return {name: matrices[name] for name in order}, objective, attrs
-
-
-def _sortable(name: str) -> bool:
-    try:
-        natural_key(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _module_names(column: pd.Series) -> list[str]:
