@@ -1,10 +1,20 @@
 """LoftQ: W ~ Q + B·A (rank-r factorizations, the decomposition, per-matrix seeds)."""
 
-from .decomposition import Factorization, LoftQResult, LoraSettings, loftq, loftq_batch, lora_scaling
+from .decomposition import (
+    DEFAULT_DAMPING,
+    Factorization,
+    LoftQResult,
+    LoraSettings,
+    loftq,
+    loftq_batch,
+    lora_scaling,
+    whitening_factor,
+)
 from .lowrank import LOWRANK_METHODS, exact_lowrank, randomized_lowrank
 from .seeds import module_seed
 
 __all__ = [
+    "DEFAULT_DAMPING",
     "LOWRANK_METHODS",
     "Factorization",
     "LoraSettings",
@@ -15,4 +25,5 @@ __all__ = [
     "lora_scaling",
     "module_seed",
     "randomized_lowrank",
+    "whitening_factor",
 ]

@@ -5,6 +5,14 @@ approximation of W - Q. The error can rise with T on some matrices, so the best
 iterate is kept. With ``column_weights`` h (per input channel, e.g. activation second
 moments) the low-rank step minimizes ||(W - Q - B A) diag(sqrt h)||_F instead, as
 LQ-LoRA does with Fisher weights.
+
+With ``input_covariance`` H = XᵀX/n (the full second moment of the layer's inputs) it
+minimizes the layer's output error ||(W - Q - B A) X||²/n = ||(W - Q - B A) L||²_F, where
+L Lᵀ = H + λI (Cholesky, λ = ``damping`` · mean(diag H)). The best rank-r correction is
+[(W - Q) L]_r L⁻¹: B = U_r Σ_r^½ and A = Σ_r^½ V_rᵀ L⁻¹ by a triangular solve (L⁻¹ is
+never formed). It is the optimum QERA (arXiv 2410.06040) reaches with a matrix square
+root and EoRA (arXiv 2410.21271) with an eigendecomposition; Cholesky is the cheapest.
+A diagonal H gives the ``column_weights`` path, H = I (λ = 0) plain LoftQ.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ class LoftQResult:
     qlora_error: float  # ||W - quant(W)||_F^2 (A = B = 0)
     weight_norm_sq: float  # ||W||_F^2
     scaling: float = 1.0
-    weighted_error: float | None = None  # ||(W - Q - B A) diag(sqrt h)||_F^2 when h is given
+    weighted_error: float | None = None  # ||(W - Q - B A) diag(sqrt h)||_F^2 (or ·L with H) when given
     weighted_errors: list[float] | None = None
     q_input: torch.Tensor | None = field(default=None, repr=False)  # W - (previous B A)
     _q: QuantizedTensor | None = field(default=None, repr=False)
@@ -132,6 +140,46 @@ class Factorization:
     power_iters: int = 4
 
 
+DEFAULT_DAMPING = 0.01  # λ of the whitened step, as a fraction of mean(diag H)
+
+
+def whitening_factor(covariance: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """Lower-triangular L (float64, same batch shape) with L Lᵀ = H + λI, λ = damping · mean(diag H).
+
+    H (..., n, n) must be symmetric, finite, with a positive mean diagonal. When Cholesky
+    fails (H + λI not numerically positive definite: a rank-deficient H with damping 0, or
+    rounding), the diagonal is shifted by the most negative eigenvalue (plus λ, at least
+    1e-10 of the mean diagonal) and Cholesky runs again: the eigenvalue shift fallback.
+    """
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
+        raise BitallocError(f"damping must be a finite number >= 0, got {damping!r}")
+    h = covariance.to(torch.float64)
+    if h.dim() < 2 or h.shape[-1] != h.shape[-2]:
+        raise BitallocError(f"an input covariance must be square (..., n, n), got shape {tuple(h.shape)}")
+    if not bool(torch.isfinite(h).all()):
+        raise BitallocError("the input covariance has NaN or infinite values")
+    h = (h + h.transpose(-1, -2)) / 2
+    mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
+    if bool((mean_diag <= 0).any()):
+        raise BitallocError(
+            "the input covariance is zero (the layer's input was always 0 on the calibration data)"
+        )
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    lam = (damping * mean_diag)[..., None, None]
+    factor, info = torch.linalg.cholesky_ex(h + lam * eye)
+    if bool((info != 0).any()):
+        lowest = torch.linalg.eigvalsh(h)[..., :1, None]  # (..., 1, 1)
+        shift = torch.clamp(-lowest, min=0) + torch.clamp(lam, min=1e-10 * mean_diag[..., None, None])
+        for _ in range(8):
+            factor, info = torch.linalg.cholesky_ex(h + shift * eye)
+            if not bool((info != 0).any()):
+                break
+            shift = shift * 10
+        else:
+            raise BitallocError("the input covariance cannot be made positive definite")
+    return factor
+
+
 # keyword options of loftq_batch -> the settings value they belong to
 _OPTIONS = {
     "lora_alpha": "lora",
@@ -152,6 +200,8 @@ def loftq_batch(
     factorization: Factorization | None = None,
     seeds: list[int] | None = None,
     column_weights: torch.Tensor | None = None,
+    input_covariance: torch.Tensor | None = None,
+    damping: float = DEFAULT_DAMPING,
     keep_q: bool = True,
     device: str | torch.device | None = None,
     timings: dict[str, float] | None = None,
@@ -162,7 +212,10 @@ def loftq_batch(
     ``lora`` sets the factors' scaling and ``factorization`` the rank-r step; the keyword
     ``options`` ``lora_alpha``, ``use_rslora``, ``lowrank`` (the method), ``oversample`` and
     ``power_iters`` override single fields. ``column_weights`` (b, in) or (in,) weight the
-    low-rank step and the best-iterate choice (data-aware). ``seeds`` (one per matrix) seed
+    low-rank step and the best-iterate choice (data-aware, diagonal); ``input_covariance``
+    (b, in, in) or (in, in), H of the inputs, whitens them instead (output error, with
+    ``damping`` λ as a fraction of mean(diag H); see the module docstring); the two
+    exclude each other. ``seeds`` (one per matrix) seed
     the randomized factorization. ``timings``, if given, accumulates seconds spent in
     ``quantize`` and ``factorize``.
     """
@@ -196,15 +249,28 @@ def loftq_batch(
     if len(seeds) != batch:
         raise BitallocError(f"got {len(seeds)} seeds for {batch} matrices")
     device = resolve_device(device, fallback=weights.device)
+    factor = None
+    if input_covariance is not None:
+        if column_weights is not None:
+            raise BitallocError("give column_weights (diagonal) or input_covariance (full), not both")
+        if input_covariance.dim() == 2:
+            input_covariance = input_covariance.unsqueeze(0)
+        if input_covariance.dim() != 3 or tuple(input_covariance.shape[-2:]) != (cols, cols):
+            shape = tuple(input_covariance.shape)
+            raise BitallocError(f"input_covariance must be ({cols}, {cols}) per matrix, got shape {shape}")
+        if input_covariance.shape[0] not in (1, batch):
+            raise BitallocError(f"got {input_covariance.shape[0]} input covariances for {batch} matrices")
+        factor = whitening_factor(input_covariance.to(device), damping)
+        factor = factor.to(torch.float32).expand(batch, cols, cols)
     with one_cpu_thread(device, when=weights.numel() < SINGLE_THREAD_ELEMENTS):
         return _loftq_batch(
             weights.to(device=device, dtype=torch.float32), config, rank, iters, lora, factorization, seeds,
-            column_weights, keep_q, timings,
+            column_weights, keep_q, timings, factor,
         )  # fmt: skip
 
 
 def _loftq_batch(
-    weight, config, rank, iters, lora, factorization, seeds, column_weights, keep_q, timings
+    weight, config, rank, iters, lora, factorization, seeds, column_weights, keep_q, timings, factor=None
 ) -> list[LoftQResult]:  # fmt: skip
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
     lowrank, oversample, power_iters = (
@@ -221,6 +287,17 @@ def _loftq_batch(
         if not bool(torch.isfinite(h).all()) or bool((h <= 0).any()):
             raise ValueError("column weights must be finite and positive")
         sqrt_h = h.sqrt().unsqueeze(1)  # (b, 1, in)
+    weighted = sqrt_h is not None or factor is not None
+
+    def weigh(x: torch.Tensor) -> torch.Tensor:
+        """x·diag(√h), or x·L with L Lᵀ = H + λI: the weighted (output) error's matrix."""
+        return x * sqrt_h if sqrt_h is not None else x @ factor
+
+    def unweigh(vh: torch.Tensor) -> torch.Tensor:
+        """vh·diag(√h)⁻¹, or vh·L⁻¹ by a triangular solve."""
+        if sqrt_h is not None:
+            return vh / sqrt_h
+        return torch.linalg.solve_triangular(factor, vh, upper=False, left=False)
 
     def sq_norm(x: torch.Tensor) -> torch.Tensor:
         # fp32 pairwise reduction (accurate to ~1e-6 relative), squared in fp64; values whose
@@ -231,7 +308,7 @@ def _loftq_batch(
         return norm.double() ** 2
 
     weight_sq = sq_norm(weight)
-    weighted_weight_sq = sq_norm(weight * sqrt_h) if sqrt_h is not None else weight_sq
+    weighted_weight_sq = sq_norm(weigh(weight)) if weighted else weight_sq
     # iterate 0: plain quantization, A = B = 0
     clock = _Clock(timings, device)
     q_input = weight
@@ -239,7 +316,7 @@ def _loftq_batch(
         residual = weight - fake_quantize(weight, config)
     qlora_sq = sq_norm(residual)
     err_sq = [qlora_sq]
-    werr_sq = [sq_norm(residual * sqrt_h)] if sqrt_h is not None else err_sq
+    werr_sq = [sq_norm(weigh(residual))] if weighted else err_sq
     best_score = werr_sq[0].clone()
     best_iter = torch.zeros(batch, dtype=torch.long, device=device)
     best_u = torch.zeros(batch, rows, rank, device=device)
@@ -247,7 +324,7 @@ def _loftq_batch(
     best_q_input = q_input if keep_q else None
     warm = None
     for step in range(1, iters + 1):
-        target = residual * sqrt_h if sqrt_h is not None else residual
+        target = weigh(residual) if weighted else residual
         with clock("factorize"):
             if lowrank == "exact":
                 u, s, vh = exact_lowrank(target, rank)
@@ -264,13 +341,13 @@ def _loftq_batch(
         warm = vh.transpose(-1, -2)
         u = u * s.sqrt().unsqueeze(-2)
         vh = vh * s.sqrt().unsqueeze(-1)
-        if sqrt_h is not None:
-            vh = vh / sqrt_h
+        if weighted:
+            vh = unweigh(vh)
         low = u @ vh
         err = residual - low
         err_sq.append(sq_norm(err))
-        if sqrt_h is not None:
-            werr_sq.append(sq_norm(err * sqrt_h))
+        if weighted:
+            werr_sq.append(sq_norm(weigh(err)))
         improved = werr_sq[-1] < best_score
         if bool(improved.any()):
             mask = improved.view(batch, 1, 1)
@@ -288,7 +365,7 @@ def _loftq_batch(
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     root = math.sqrt(scaling)
     err_table = torch.stack(err_sq, dim=1).cpu()
-    werr_table = torch.stack(werr_sq, dim=1).cpu() if sqrt_h is not None else None
+    werr_table = torch.stack(werr_sq, dim=1).cpu() if weighted else None
     norms = weight_sq.cpu()
     wnorms = weighted_weight_sq.cpu()
     results = []
@@ -343,6 +420,9 @@ def loftq(
     column_weights = kwargs.pop("column_weights", None)
     if column_weights is not None:
         column_weights = column_weights.reshape(1, -1)
+    covariance = kwargs.pop("input_covariance", None)
+    if covariance is not None:
+        kwargs["input_covariance"] = covariance.unsqueeze(0) if covariance.dim() == 2 else covariance
     if lora_alpha is not None:
         kwargs["lora_alpha"] = lora_alpha
     return loftq_batch(weight.unsqueeze(0), config, rank, iters, column_weights=column_weights, **kwargs)[0]
