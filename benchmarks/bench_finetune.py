@@ -11,8 +11,10 @@ scale storage included (the profile's ``storage_bits``), LoRA not counted.
              PEFT's default init (A random, B = 0), as QLoRA;
 3. loftq:    the same config, W <- Q and A, B <- the LoftQ factors (weight-only LoftQ);
 4. first-k:  LoftQ's mix (first k layers nf4-b64, rest nf2-b64, largest k that fits), LoftQ start;
-5. bitalloc: ``bitalloc.plan(table, budget)`` on the data-aware profile (h from the built-in
-             calibration text), LoftQ start with the same h.
+5. bitalloc: ``bitalloc.plan(table, budget)`` on the diagonal data-aware profile (h from
+             the built-in calibration text), LoftQ start with the same h;
+6. bitalloc: the same on the output-objective profile (full input covariance H, issue 13),
+             LoftQ start whitened with the same H.
 
 Each arm is built in memory: the frozen block weights are set to the dequantized Q, PEFT's
 ``LoraConfig(r, lora_alpha, target_modules=[...])`` wraps the model, and for LoftQ starts
@@ -67,7 +69,8 @@ ARMS = {
     2: "uniform, QLoRA start",
     3: "uniform, LoftQ start",
     4: "first-k mix, LoftQ start",
-    5: "bitalloc plan (data-aware), LoftQ start",
+    5: "bitalloc plan (diagonal activation objective), LoftQ start",
+    6: "bitalloc plan (output objective, full H), LoftQ start",
 }
 WARMUP = 20  # steps of linear warmup, then cosine decay (as the example)
 
@@ -142,12 +145,14 @@ def evaluate(model, ids: torch.Tensor, context: int, reference: list[torch.Tenso
 class Decomposer:
     """Per-matrix Q (dequantized) and LoRA factors for an arm, from the original weights."""
 
-    def __init__(self, original: dict[str, torch.Tensor], rank: int, alpha: float, iters: int, h):
-        self.original, self.rank, self.alpha, self.iters, self.h = original, rank, alpha, iters, h
+    def __init__(self, original: dict[str, torch.Tensor], rank: int, alpha: float, iters: int, statistics):
+        self.original, self.rank, self.alpha, self.iters = original, rank, alpha, iters
+        self.statistics = statistics  # objective -> what its profile weighted the decomposition with
 
-    def __call__(self, module: str, config: str, start: str, weighted: bool):
+    def __call__(self, module: str, config: str, start: str, weighted: str | None):
         """(Q dequantized, lora_A or None, lora_B or None, scaling, error in the profile's objective)."""
         from bitalloc.loftq import loftq, module_seed
+        from bitalloc.profiling.calibration import weighting
 
         weight = self.original[module]
         if start == "qlora":  # nearest rounding, A = B = 0 (PEFT initializes A, B itself)
@@ -155,7 +160,8 @@ class Decomposer:
             return result.q.dequantize(), None, None, 1.0, result.qlora_error
         result = loftq(
             weight, config, self.rank, self.iters, lora_alpha=self.alpha,
-            seed=module_seed(module, config), column_weights=self.h[module] if weighted else None,
+            seed=module_seed(module, config),
+            **weighting(self.statistics[weighted] if weighted else None, module),
         )  # fmt: skip
         error = result.weighted_error if weighted else result.error
         return result.q.dequantize(), result.lora_A, result.lora_B, result.scaling, error
@@ -243,7 +249,7 @@ def main() -> None:
     parser.add_argument(
         "--full", action="store_true", help="budgets 3.0, 3.5, 4.0 and 300 steps (unless given)"
     )
-    parser.add_argument("--arms", default="1,2,3,4,5")
+    parser.add_argument("--arms", default="1,2,3,4,5,6")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 150; --full: 300)")
     parser.add_argument(
         "--seeds", type=int, default=1, help="training seeds (PEFT init and batches): seed, seed+1, ..."
@@ -283,7 +289,7 @@ def main() -> None:
     import bitalloc
     from bitalloc.evaluation import perplexity
     from bitalloc.planning.report import first_k_layers_baseline, uniform_baselines
-    from bitalloc.profiling.calibration import load_column_weights
+    from bitalloc.profiling.calibration import load_input_statistics
     from bitalloc.texts import evaluation_text, text_digest, text_name, tokenize
 
     work = Path(args.work)
@@ -302,9 +308,18 @@ def main() -> None:
     weight_table = bitalloc.profile(gguf, work / f"weight-{tag}.parquet", **common)
     activation_path = work / f"activation-{tag}-c{args.calibration_tokens}.parquet"
     activation_table = bitalloc.profile(
-        gguf, activation_path, calibration="default", calibration_tokens=args.calibration_tokens, **common
-    )
-    column_weights = load_column_weights(activation_path)
+        gguf, activation_path, calibration="default", calibration_tokens=args.calibration_tokens,
+        objective="activation", **common,
+    )  # fmt: skip
+    output_path = work / f"output-{tag}-c{args.calibration_tokens}.parquet"
+    output_table = bitalloc.profile(
+        gguf, output_path, calibration="default", calibration_tokens=args.calibration_tokens,
+        objective="output", **common,
+    )  # fmt: skip
+    statistics = {
+        "activation": load_input_statistics(activation_path),
+        "output": load_input_statistics(output_path),
+    }
     profiles_s = time.perf_counter() - t0
     print(f"profiles ready in {profiles_s:.0f}s", flush=True)
 
@@ -313,7 +328,7 @@ def main() -> None:
         p.requires_grad_(False)
     modules = sorted(set(weight_table["module"]))
     original = {m: base.get_submodule(m).weight.detach().clone() for m in modules}
-    decompose = Decomposer(original, args.rank, args.lora_alpha, args.iters, column_weights)
+    decompose = Decomposer(original, args.rank, args.lora_alpha, args.iters, statistics)
 
     text, dropped = training_text(example)
     train_ids = tokenize(tokenizer, text)
@@ -352,19 +367,23 @@ def main() -> None:
         qlora_error = math.fsum(chosen["qlora_error"])
         first_k = first_k_layers_baseline(weight_table, budget)
         planned = bitalloc.plan(activation_table, budget)
+        planned_output = bitalloc.plan(output_table, budget)
         specs = {
-            1: dict(assignments={}, start="none", weighted=False, bits=None, error=0.0,
+            1: dict(assignments={}, start="none", weighted=None, bits=None, error=0.0,
                     label="original weights, not quantized"),
-            2: dict(assignments=best.assignments, start="qlora", weighted=False, bits=best.achieved_bits,
+            2: dict(assignments=best.assignments, start="qlora", weighted=None, bits=best.achieved_bits,
                     error=qlora_error, label=f"uniform {best.name}"),
-            3: dict(assignments=best.assignments, start="loftq", weighted=False, bits=best.achieved_bits,
+            3: dict(assignments=best.assignments, start="loftq", weighted=None, bits=best.achieved_bits,
                     error=best.error, label=f"uniform {best.name}"),
-            5: dict(assignments=planned.assignments, start="loftq", weighted=True,
+            5: dict(assignments=planned.assignments, start="loftq", weighted="activation",
                     bits=planned.achieved_bits, error=planned.total_error,
                     label=f"plan: {mix(planned.assignments)}"),
+            6: dict(assignments=planned_output.assignments, start="loftq", weighted="output",
+                    bits=planned_output.achieved_bits, error=planned_output.total_error,
+                    label=f"plan: {mix(planned_output.assignments)}"),
         }  # fmt: skip
         if first_k is not None:
-            specs[4] = dict(assignments=first_k.assignments, start="loftq", weighted=False,
+            specs[4] = dict(assignments=first_k.assignments, start="loftq", weighted=None,
                             bits=first_k.achieved_bits, error=first_k.error, label=first_k.name)  # fmt: skip
         return specs
 

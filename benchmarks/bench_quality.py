@@ -1,24 +1,28 @@
-"""Does the data-aware plan win? Perplexity of four allocations of SmolLM2-135M per budget.
+"""Does the data-aware plan win? Perplexity of SmolLM2-135M allocations per budget.
 
 For each budget (average storage bits per parameter over the quantized matrices, exact
-storage counted, LoRA not counted) four allocations, all with LoftQ init (r=16, the
+storage counted, LoRA not counted) several allocations, all with LoftQ init (r=16, the
 profile's T), each built in memory by setting every planned W <- Q + B·A from `loftq`
-with the allocation's config (and, for the data-aware plan, the same h as its profile):
+with the allocation's config and the weighting its profile used (checked against the
+profile's error to 1e-4):
 
-1. uniform: one config for every matrix; the candidates that fit with the lowest profiled
-   error are evaluated and the best by measured perplexity is reported;
-2. first-k: LoftQ's mix, the first k layers nf4-b64, the rest nf2-b64, largest k that fits;
-3. weight: the ILP plan minimizing sum ||W - Q - BA||^2 (weight-only profile);
-4. activation: the ILP plan minimizing sum ||(W - Q - BA) diag(sqrt h)||^2 (data-aware
-   profile; h from the built-in calibration text, block by block).
+- uniform: one config for every matrix, the fitting one with the lowest profiled error;
+- weight: the ILP plan minimizing sum ||W - Q - BA||^2 (weight-only profile; --weight);
+- activation: the ILP plan minimizing sum ||(W - Q - BA) diag(sqrt h)||^2 (the diagonal
+  objective, today's default until issue 13), re-measured in the same run;
+- output: the ILP plan minimizing sum ||(W - Q - BA) L||^2, L L^T = H + λI (full input
+  covariance), for calibration variants: tokens, damping λ;
+- output + layer weights: the same with per-matrix coefficients (`--coefficients`).
 
-Perplexity is measured on the built-in evaluation text (disjoint from the calibration
-text; see `bitalloc.evaluate`). Profiles, calibration and perplexities are cached in
---work, so a rerun only computes what is missing (delete the folder to time a fresh run).
+Perplexity is measured on two held-out texts: the built-in evaluation text (disjoint from
+the calibration text; see `bitalloc.texts`) and the standard library's docstrings
+(`common.docstring_text`). Profiles, calibration and perplexities are cached in --work,
+so a rerun only computes what is missing (delete the folder to time a fresh run).
 
-    python benchmarks/bench_quality.py [--budgets 3.5,4] [--iters 2] [--eval-tokens 8192]
+    python benchmarks/bench_quality.py [--budgets 3,3.5,4] [--variants a8192,o8192,...]
 
-A fresh run takes about 9 minutes on a 2-core CPU machine (results: docs/data_aware.md).
+Variant names: a<tokens> (activation), o<tokens>[l<λ>] (output), o<tokens>[l<λ>]w (output
+with layer weights). Results: docs/data_aware.md.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ import hashlib
 import json
 import logging
 import platform
+import re
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from common import GGUF_FILE, Cache, smollm2_path
+from common import GGUF_FILE, Cache, docstring_text, smollm2_path
 
 CONFIGS = [f"nf{bits}-b{block}-s8b256" for bits in (2, 3, 4) for block in (64, 128)]
+DEFAULT_VARIANTS = "a8192,o8192,o4096,o16384,o50000,o8192l0.001,o8192l0.1"
 
 
 def timed_profile(model, output: Path, cache: Cache, key: str, **kwargs):
@@ -60,36 +66,49 @@ def load_model(path: Path):
     return model.eval(), tokenizer
 
 
+def parse_variant(name: str) -> dict:
+    match = re.fullmatch(r"([ao])(\d+)(?:l([0-9.e-]+))?(w?)", name)
+    if match is None:
+        raise SystemExit(f"bad variant {name!r}: a<tokens>, o<tokens>[l<lambda>][w]")
+    kind, tokens, lam, weights = match.groups()
+    options = {"objective": "activation" if kind == "a" else "output", "calibration_tokens": int(tokens)}
+    if lam is not None:
+        options["damping"] = float(lam)
+    return {"options": options, "layer_weights": bool(weights)}
+
+
 class Builder:
     """Puts Q + B·A of an allocation into the model's Linear layers (LoftQ seeded as the
-    profiler seeds it); reconstructions are cached, so allocations share their work."""
+    profiler seeds it, weighted as the profile was); reconstructions are cached."""
 
-    def __init__(self, model, rank: int, iters: int, column_weights: dict[str, torch.Tensor]):
-        self.model, self.rank, self.iters, self.h = model, rank, iters, column_weights
+    def __init__(self, model, rank: int, iters: int):
+        self.model, self.rank, self.iters = model, rank, iters
         self.original = {}
-        self.cache: dict[tuple[str, str, bool], tuple[torch.Tensor, float]] = {}
+        self.cache: dict[tuple[str, str, str], tuple[torch.Tensor, float]] = {}
 
-    def weight(self, module: str, config: str, weighted: bool) -> tuple[torch.Tensor, float]:
+    def weight(self, module: str, config: str, statistics, tag: str) -> tuple[torch.Tensor, float]:
         from bitalloc.loftq import loftq, module_seed
+        from bitalloc.profiling.calibration import weighting
 
-        key = (module, config, weighted)
+        if self.cache and next(iter(self.cache))[2] != tag:
+            self.cache.clear()  # reconstructions are shared within one weighting only
+        key = (module, config, tag)
         if key not in self.cache:
             if module not in self.original:
                 self.original[module] = self.model.get_submodule(module).weight.detach().clone()
-            original = self.original[module]
             result = loftq(
-                original, config, self.rank, self.iters, seed=module_seed(module, config),
-                column_weights=self.h[module] if weighted else None,
+                self.original[module], config, self.rank, self.iters, seed=module_seed(module, config),
+                **weighting(statistics, module),
             )  # fmt: skip
-            error = result.weighted_error if weighted else result.error
+            error = result.weighted_error if statistics is not None else result.error
             self.cache[key] = (result.q.dequantize() + result.lowrank(), error)
         return self.cache[key]
 
-    def build(self, assignments: dict[str, str], weighted: bool) -> float:
+    def build(self, assignments: dict[str, str], statistics, tag: str) -> float:
         """Set every assigned weight; returns the summed error (check against the profile)."""
         total = 0.0
         for module, config in assignments.items():
-            weight, error = self.weight(module, config, weighted)
+            weight, error = self.weight(module, config, statistics, tag)
             self.model.get_submodule(module).weight.data.copy_(weight)
             total += error
         return total
@@ -99,21 +118,28 @@ class Builder:
             self.model.get_submodule(module).weight.data.copy_(weight)
 
 
-def assignment_key(assignments: dict[str, str], weighted: bool) -> str:
-    text = json.dumps([sorted(assignments.items()), weighted])
+def assignment_key(assignments: dict[str, str], tag: str) -> str:
+    text = json.dumps([sorted(assignments.items()), tag])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def mix(assignments: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for config in assignments.values():
+        counts[config] = counts.get(config, 0) + 1
+    return ", ".join(f"{c.split('-s')[0]}x{n}" for c, n in sorted(counts.items()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--budgets", default="3.5,4")
+    parser.add_argument("--budgets", default="3,3.5,4")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--iters", type=int, default=2, help="LoftQ T (default 2)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--uniform-candidates", type=int, default=2, help="uniform configs to evaluate")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--weight", action="store_true", help="also the weight-only plan")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--work", default="/tmp/bitalloc-bench-quality")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,8 +148,8 @@ def main() -> None:
 
     from bitalloc.evaluation import perplexity
     from bitalloc.planning.planner import plan
-    from bitalloc.planning.report import first_k_layers_baseline, uniform_baselines
-    from bitalloc.profiling.calibration import load_column_weights
+    from bitalloc.planning.report import uniform_baselines
+    from bitalloc.profiling.calibration import load_input_statistics
     from bitalloc.texts import evaluation_text, text_digest, text_name, tokenize
 
     work = Path(args.work)
@@ -134,74 +160,77 @@ def main() -> None:
     common = dict(configs=CONFIGS, rank=args.rank, iters=args.iters)
     tag = f"r{args.rank}-t{args.iters}"
 
-    weight_table = timed_profile(gguf, work / f"weight-{tag}.parquet", cache, f"time weight {tag}", **common)
-    activation_path = work / f"activation-{tag}-c{args.calibration_tokens}.parquet"
-    activation_table = timed_profile(
-        gguf, activation_path, cache, f"time activation {tag} c{args.calibration_tokens}",
-        calibration="default", calibration_tokens=args.calibration_tokens, **common,
-    )  # fmt: skip
-    column_weights = load_column_weights(activation_path)
-
     model, tokenizer = load_model(gguf)
-    eval_ids = tokenize(tokenizer, evaluation_text(), args.eval_tokens)
-    builder = Builder(model, args.rank, args.iters, column_weights)
+    texts = {"eval": evaluation_text(), "docstrings": docstring_text()}
+    eval_ids = {name: tokenize(tokenizer, text, args.eval_tokens) for name, text in texts.items()}
+    text_keys = {name: text_digest(text)[:12] for name, text in texts.items()}
+    builder = Builder(model, args.rank, args.iters)
 
-    text_key = text_digest(evaluation_text())[:12]
-
-    def measure(assignments: dict[str, str], weighted: bool, expected_error: float) -> float:
-        key = f"ppl {tag} {text_key} {args.eval_tokens} {assignment_key(assignments, weighted)}"
-        if cache.get(key) is None:
+    def measure(assignments: dict[str, str], statistics, label: str, expected_error: float) -> dict:
+        keys = {
+            n: f"ppl {tag} {text_keys[n]} {args.eval_tokens} {assignment_key(assignments, label)}"
+            for n in texts
+        }
+        if any(cache.get(k) is None for k in keys.values()):
             start = time.perf_counter()
-            rebuilt = builder.build(assignments, weighted)
+            rebuilt = builder.build(assignments, statistics, label)
             if abs(rebuilt - expected_error) > 1e-4 * expected_error:  # the profile measured this
                 raise SystemExit(f"rebuilt error {rebuilt:.6g} != profiled {expected_error:.6g}")
-            value = perplexity(model, None, eval_ids, context=args.context)
+            for name, key in keys.items():
+                cache.put(key, perplexity(model, None, eval_ids[name], context=args.context))
             builder.restore()
-            cache.put(key, value)
-            print(f"  evaluated in {time.perf_counter() - start:.0f}s: ppl {value:.3f}", flush=True)
-        return cache.get(key)
+            shown = ", ".join(f"{n} {cache.get(k):.3f}" for n, k in keys.items())
+            print(f"  {label}: evaluated in {time.perf_counter() - start:.0f}s: ppl {shown}", flush=True)
+        return {name: cache.get(key) for name, key in keys.items()}
 
-    original_key = f"ppl original {text_key} {args.eval_tokens}"
-    if cache.get(original_key) is None:
-        cache.put(original_key, perplexity(model, None, eval_ids, context=args.context))
+    originals = {}
+    for name in texts:
+        key = f"ppl original {text_keys[name]} {args.eval_tokens}"
+        if cache.get(key) is None:
+            cache.put(key, perplexity(model, None, eval_ids[name], context=args.context))
+        originals[name] = cache.get(key)
+
     rows = []
+    weight_table = timed_profile(gguf, work / f"weight-{tag}.parquet", cache, f"time weight {tag}", **common)
     for budget in budgets:
-        print(f"budget {budget:g}", flush=True)
-        uniform = uniform_baselines(weight_table, budget)[: args.uniform_candidates]
-        measured = [(measure(b.assignments, False, b.error), b) for b in uniform]
-        ppl, best = min(measured, key=lambda item: item[0])
-        tried = ", ".join(f"{b.name} {p:.2f}" for p, b in measured)
-        rows.append((budget, f"uniform {best.name}", best.achieved_bits, ppl, tried))
-        first_k = first_k_layers_baseline(weight_table, budget)
-        if first_k is not None:
-            ppl = measure(first_k.assignments, False, first_k.error)
-            rows.append((budget, first_k.name, first_k.achieved_bits, ppl, ""))
-        for name, table, weighted in (
-            ("weight", weight_table, False),
-            ("activation", activation_table, True),
-        ):
+        best = uniform_baselines(weight_table, budget)[0]
+        rows.append((budget, f"uniform {best.name}", best.achieved_bits,
+                     measure(best.assignments, None, "weight", best.error), ""))  # fmt: skip
+        if args.weight:
+            result = plan(weight_table, budget)
+            ppl = measure(result.assignments, None, "weight", result.total_error)
+            rows.append((budget, "weight plan", result.achieved_bits, ppl, mix(result.assignments)))
+    for variant in args.variants.split(","):
+        spec = parse_variant(variant)
+        options = spec["options"]
+        base = variant.rstrip("w")
+        path = work / f"{base}-{tag}.parquet"
+        print(f"variant {variant}", flush=True)
+        table = timed_profile(
+            gguf, path, cache, f"time {base} {tag}", calibration="default", **options, **common
+        )
+        statistics = load_input_statistics(path)
+        for budget in budgets:
             result = plan(table, budget)
-            counts: dict[str, int] = {}
-            for config in result.assignments.values():
-                counts[config] = counts.get(config, 0) + 1
-            mix = ", ".join(f"{c.split('-s')[0]}x{n}" for c, n in sorted(counts.items()))
-            ppl = measure(result.assignments, weighted, result.total_error)
-            rows.append((budget, f"{name} plan", result.achieved_bits, ppl, mix))
+            ppl = measure(result.assignments, statistics, base, result.total_error)
+            rows.append((budget, variant, result.achieved_bits, ppl, mix(result.assignments)))
 
     timings = {k: v for k, v in cache.data.items() if k.startswith("time")}
     print()
     print(f"SmolLM2-135M-Instruct ({GGUF_FILE}), {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s), {time.strftime('%Y-%m-%d')}")  # fmt: skip
     print(f"configs {', '.join(CONFIGS)}; LoftQ r={args.rank}, T={args.iters}")
-    print(f"evaluation: {len(eval_ids)} tokens of {text_name('evaluation')}, context {args.context}")
-    print(f"calibration: {args.calibration_tokens} tokens of {text_name('calibration')}, context 512")
+    for name in texts:
+        described = text_name("evaluation") if name == "eval" else "stdlib docstrings (benchmarks/common.py)"
+        print(f"held-out {name}: {len(eval_ids[name])} tokens of {described}, context {args.context}; "
+              f"original ppl {originals[name]:.3f}")  # fmt: skip
+    print(f"calibration: {text_name('calibration')}, context 512")
     for key, value in sorted(timings.items()):
         print(f"{key}: profile {value['profile_s']:.0f}s, calibration {value['calibration_s']:.0f}s")
-    print(f"original (Q4_1 GGUF dequantized, fp32): ppl {cache.get(original_key):.3f}")
     print()
-    print("| budget | allocation | bits/param | perplexity | notes |\n|---|---|---|---|---|")
+    print("| budget | allocation | bits/param | ppl eval | ppl docstrings | mix |\n|---|---|---|---|---|---|")
     for budget, name, bits, ppl, notes in rows:
-        print(f"| {budget:g} | {name} | {bits:.4f} | {ppl:.2f} | {notes} |")
+        print(f"| {budget:g} | {name} | {bits:.4f} | {ppl['eval']:.2f} | {ppl['docstrings']:.2f} | {notes} |")
 
 
 if __name__ == "__main__":

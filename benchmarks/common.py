@@ -34,3 +34,30 @@ class Cache:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
+
+
+def docstring_text() -> str:
+    """A second held-out English text, from the Python installation and not in the
+    repository: the docstrings (module, class, function) of the top-level standard library
+    modules, in sorted file order, read with `ast` (nothing is imported or run). It shares
+    no source with the pydoc_data topics that calibrate and evaluate."""
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts = []
+    for file in sorted(stdlib.glob("*.py")):
+        if file.stem in {"this", "antigravity", "pydoc"} or file.stem.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 200:  # prose, not one-line stubs
+                parts.append(doc.strip())
+    return "\n\n".join(parts)

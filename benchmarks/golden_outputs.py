@@ -80,8 +80,8 @@ def golden(work: Path) -> dict:
     # (2) SmolLM2, first two layers, data-aware, through the CLI
     gguf = smollm2_path()
     configs = ",".join(SMOL_CONFIGS)
-    cli("profile", str(gguf), "-o", str(work / "smol.parquet"), "--configs", configs,
-        "--include", SMOL_INCLUDE, "--calibration", "default", "--iters", "2")  # fmt: skip
+    cli("profile", str(gguf), "-o", str(work / "smol.parquet"), "--configs", configs, "--include",
+        SMOL_INCLUDE, "--calibration", "default", "--objective", "activation", "--iters", "2")  # fmt: skip
     table = bitalloc.read_profile(work / "smol.parquet")
     out["smol_profile"] = profile_values(table)
     cli(

@@ -28,7 +28,8 @@ PROFILE_FLAGS = {
     "bits": "bits", "block_sizes": "block_sizes", "method": "methods", "scales": "scales",
     "configs": "configs", "rank": "rank", "iters": "iters", "lowrank": "lowrank", "device": "device",
     "include": "include", "exclude": "exclude", "objective": "objective",
-    "calibration_tokens": "calibration_tokens",
+    "calibration_tokens": "calibration_tokens", "damping": "damping", "layer_weights": "layer_weights",
+    "layer_tokens": "layer_tokens",
 }  # fmt: skip
 
 
@@ -58,15 +59,30 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exclude", action="append", metavar="REGEX")
     group.add_argument(
         "--objective",
-        choices=["auto", "activation", "weight"],
-        help="error to minimize: weight ||W - Q - BA||^2, activation (weighted by input second "
-        "moments on calibration text), auto (activation when the model can be run: config and "
-        "tokenizer). Default: auto for plan; for profile activation with --calibration, else weight",
+        choices=["auto", "output", "activation", "weight"],
+        help="error to minimize: weight ||W - Q - BA||^2; output: the layer's output error on "
+        "calibration text (full input covariance); activation: its diagonal approximation; auto: "
+        "output when the model can be run (config and tokenizer). Default: auto for plan; for "
+        "profile output with --calibration, else weight",
     )
     group.add_argument(
         "--calibration", metavar="TEXTFILE", help="text to measure activations on ('default': built-in text)"
     )
     group.add_argument("--calibration-tokens", type=int, help="calibration tokens (default 8192)")
+    group.add_argument(
+        "--damping",
+        type=float,
+        help="output objective: λ, added to H as a fraction of its mean diagonal (0.01)",
+    )
+    group.add_argument(
+        "--layer-weights",
+        action="store_true",
+        default=None,
+        help="weigh each matrix's error by a measured loss coefficient (noise injection; data-aware only)",
+    )
+    group.add_argument(
+        "--layer-tokens", type=int, help="tokens the layer weights are measured on (default 1024)"
+    )
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

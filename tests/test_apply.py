@@ -319,7 +319,7 @@ def reshape_module(data):
 
 
 def other_format(data):
-    data["format"] = "bitalloc.plan/v2"
+    data["format"] = "bitalloc.plan/v9"
 
 
 @pytest.mark.parametrize(
@@ -327,7 +327,7 @@ def other_format(data):
     [
         (rename_module, "plan module model.layers.7.mlp.up_proj not in model"),
         (reshape_module, "shape mismatch for model.layers.0.self_attn.q_proj: plan 64x256, model 128x128"),
-        (other_format, "unsupported plan format 'bitalloc.plan/v2'"),
+        (other_format, "unsupported plan format 'bitalloc.plan/v9'"),
     ],
 )
 def test_cli_rejects_bad_plans(llama_case, tmp_path, capsys, edit, message):

@@ -127,7 +127,7 @@ def test_only_one_block_is_ever_in_memory(tiny_dir):
 def calibrated_profile(tiny_dir, tmp_path_factory):
     directory, _ = tiny_dir
     output = tmp_path_factory.mktemp("profile") / "profile.parquet"
-    table = profile(directory, output, calibration_ids=calibration_ids(), **FAST)
+    table = profile(directory, output, calibration_ids=calibration_ids(), objective="activation", **FAST)
     return table, output
 
 
@@ -182,7 +182,7 @@ def test_calibrated_profile_resumes_and_reuses_h(calibrated_profile, tiny_dir, t
 
     monkeypatch.setattr(profiler_module, "loftq_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        profile(tiny_dir[0], output, calibration_ids=calibration_ids(), **FAST)
+        profile(tiny_dir[0], output, calibration_ids=calibration_ids(), objective="activation", **FAST)
     monkeypatch.setattr(profiler_module, "loftq_batch", real)
     assert calibration_path(output).is_file() and not output.exists()
 
@@ -190,12 +190,12 @@ def test_calibrated_profile_resumes_and_reuses_h(calibrated_profile, tiny_dir, t
         raise AssertionError("the saved calibration should have been reused")
 
     monkeypatch.setattr(calibration_module, "calibrate", no_second_run)
-    resumed = profile(tiny_dir[0], output, calibration_ids=calibration_ids(), **FAST)
+    resumed = profile(tiny_dir[0], output, calibration_ids=calibration_ids(), objective="activation", **FAST)
     for column in ("error", "weighted_error"):
         assert resumed[column].tolist() == pytest.approx(reference[column].tolist(), rel=1e-5)
     assert resumed.attrs["calibration"]["digest"] == reference.attrs["calibration"]["digest"]
     with pytest.raises(BitallocError, match="calibration"):  # other calibration tokens: no mixing
-        profile(tiny_dir[0], output, calibration_ids=calibration_ids(seed=1), **FAST)
+        profile(tiny_dir[0], output, calibration_ids=calibration_ids(seed=1), objective="activation", **FAST)
     with pytest.raises(BitallocError, match="calibration"):  # nor a weight-only profile
         profile(tiny_dir[0], output, **FAST)
 
@@ -294,6 +294,8 @@ def test_cli_profile_and_plan_with_calibration_text(tmp_path, capsys):
         str(text),
         "--calibration-tokens",
         "1024",
+        "--objective",
+        "activation",
     ]
     assert main(args + common) == 0
     attrs = read_profile(out).attrs

@@ -254,4 +254,4 @@ def test_cli_eval_bad_input_is_one_error_line(tiny, tmp_path, capsys):
         assert main([*args, "--quiet"]) == 2, args
         lines = error_lines(capsys)
         assert len(lines) == 1 and lines[0].startswith("bitalloc: error:") and message in lines[0], lines
-    assert json.loads((tiny["plans"]["weight", "2bit"]).read_text())["format"] == "bitalloc.plan/v1"
+    assert json.loads((tiny["plans"]["weight", "2bit"]).read_text())["format"] == "bitalloc.plan/v2"

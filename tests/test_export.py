@@ -491,14 +491,14 @@ def test_errors_are_one_clear_line(tmp_path):
     data = json.loads(PLAN.read_text())
     cases = [
         (lambda: export(PLAN, "exllamav2"), "unknown export target 'exllamav2': expected one of gptqmodel"),
-        (lambda: export({**data, "format": "bitalloc.plan/v2"}, "gptqmodel"), "unsupported plan format"),
+        (lambda: export({**data, "format": "bitalloc.plan/v9"}, "gptqmodel"), "unsupported plan format"),
         (lambda: export(PLAN, "gptqmodel", imatrix=True), "to gptqmodel takes no options, not imatrix"),
         (lambda: export(PLAN, "hqq", imatrix=True), "export to hqq takes only per_module, not imatrix"),
         (lambda: export(PLAN, "gptqmodel", PLAN), "is the input plan"),
     ]
     other = tmp_path / "v2.json"
-    other.write_text(json.dumps({**data, "format": "bitalloc.plan/v2"}))
-    cases.append((lambda: export(other, "torchao"), "unsupported plan format 'bitalloc.plan/v2'"))
+    other.write_text(json.dumps({**data, "format": "bitalloc.plan/v9"}))
+    cases.append((lambda: export(other, "torchao"), "unsupported plan format 'bitalloc.plan/v9'"))
     bert = plan_dict(
         {"encoder.layer.0.attention.self.query": "nf4-b64-s8b256"},
         {"encoder.layer.0.attention.self.query": (256, 256)},

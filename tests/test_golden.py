@@ -48,8 +48,8 @@ def test_api_applies_its_own_data_aware_plan(tmp_path):
     import bitalloc
 
     gguf = smollm2_path()
-    table = bitalloc.profile(gguf, tmp_path / "p.parquet", calibration="default", configs=SMOL_CONFIGS,
-                             include=SMOL_INCLUDE, iters=2, quiet=True)  # fmt: skip
+    table = bitalloc.profile(gguf, tmp_path / "p.parquet", calibration="default", objective="activation",
+                             configs=SMOL_CONFIGS, include=SMOL_INCLUDE, iters=2, quiet=True)  # fmt: skip
     plan = bitalloc.plan(table, 3.0)
     plan.save(tmp_path / "plan.json")
     assert sha(plan.to_json().replace(str(gguf), "<source>")) == EXPECTED["smol_plan_sha256"]

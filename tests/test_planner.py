@@ -382,8 +382,8 @@ def test_equal_error_ties_are_broken_deterministically():
     "mutate, message",
     [
         (
-            lambda d: d.update(format="bitalloc.plan/v2"),
-            "unsupported plan format 'bitalloc.plan/v2'",
+            lambda d: d.update(format="bitalloc.plan/v9"),
+            "unsupported plan format 'bitalloc.plan/v9'",
         ),
         (lambda d: d.pop("solver"), "'solver' is a required property"),
         (lambda d: d["budget"].update(target_bits=-1), "budget/target_bits"),
@@ -727,3 +727,42 @@ def test_extreme_error_magnitudes_stay_exact(scale, solver):
         result = plan(table, budget, solver=solver)
         assert result.total_error == brute_force(table, budget)
         assert total_storage(result) <= Fraction(budget) * sum(e["numel"] for e in result.modules.values())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_layer_weights_minimize_the_coefficient_weighted_error(seed):
+    """With layer coefficients the optimum is that of Σ c·weighted_error (brute force); the
+    plan records each matrix's coefficient and its raw weighted error; without them (or with
+    layer_weights=False) the plain weighted optimum."""
+    table = make_table(seed=seed, objective="output")
+    rng = np.random.default_rng(100 + seed)
+    modules = list(dict.fromkeys(table["module"]))
+    coefficients = {m: float(rng.lognormal(0.0, 1.5)) for m in modules}
+    record = {"method": "noise-injection-kl", "tokens": 512, "coefficients": coefficients}
+    table.attrs["layer_weights"] = record
+    scaled = table.assign(scaled=table["weighted_error"] * table["module"].map(coefficients))
+    budget = dyadic_budgets(table, fractions=(0.5,))[0]
+    result = plan(table, budget)
+    assert result.total_error == pytest.approx(brute_force(scaled, budget, column="scaled"), rel=1e-12)
+    for name, entry in result.modules.items():
+        row = table[(table.module == name) & (table.config == entry["config"])].iloc[0]
+        assert entry["coefficient"] == coefficients[name]
+        assert entry["weighted_error"] == row["weighted_error"]
+    data = json.loads(result.to_json())
+    assert data["layer_weights"] == {"method": "noise-injection-kl", "tokens": 512}
+    jsonschema.validate(data, plan_schema())
+    assert Plan.from_json(result.to_json()).to_json() == result.to_json()
+    plain = plan(table, budget, layer_weights=False)
+    assert plain.total_error == pytest.approx(brute_force(table, budget, column="weighted_error"), rel=1e-12)
+    assert plain.layer_weights is None and "coefficient" not in next(iter(plain.modules.values()))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), None, "2"])
+def test_bad_layer_coefficients_are_refused(bad):
+    table = make_table(seed=3, objective="output")
+    modules = list(dict.fromkeys(table["module"]))
+    coefficients = dict.fromkeys(modules, 1.0)
+    coefficients[modules[1]] = bad
+    table.attrs["layer_weights"] = {"method": "x", "coefficients": coefficients}
+    with pytest.raises(BitallocError, match="layer coefficient"):
+        plan(table, 4.0)

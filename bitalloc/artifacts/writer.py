@@ -34,6 +34,7 @@ from ..fileio import WorkFolder, atomic_path
 from ..loftq import LoraSettings, loftq, module_seed
 from ..loftq.decomposition import check_lora_alpha
 from ..planning.plan_file import Plan, most_common
+from ..profiling.calibration import weighting
 from ..quant import QuantConfig, QuantizedTensor
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
 
@@ -76,7 +77,7 @@ def apply(
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
     check_lora_alpha(lora_alpha)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    column_weights = plan.column_weights(calibration)
+    column_weights = plan.input_statistics(calibration)
     out = Path(out_dir)
     if out.exists() or out.is_symlink():
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
@@ -223,7 +224,7 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
             matrices.read(name), config, rank=rank, iters=plan.defaults["iters"],
             lora_alpha=(rank or None) if lora_alpha is None else lora_alpha, use_rslora=use_rslora,
             seed=module_seed(name, config), device=device,
-            column_weights=None if column_weights is None else column_weights[name],
+            **weighting(column_weights, name),
         )  # fmt: skip
         tensors = {f"weight.{part}": t.cpu().contiguous() for part, t in result.q.tensors().items()}
         tensors["lora_A"] = result.lora_A.float().cpu().contiguous()

@@ -303,6 +303,7 @@ def run_model(
     load: Callable[[str], torch.Tensor] | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[], None] | None = None,
+    start: Callable[[str], int] | None = None,
 ) -> None:
     """Run the whole of ``net`` (embeddings, every transformer block, what follows the blocks)
     over token id ``batches`` one block at a time, once for each of ``variants`` of the model.
@@ -322,6 +323,12 @@ def run_model(
     parameter missing from the checkpoint is read under its twin's name) onto ``device``
     (a skeleton's buffers are moved there too); an in-memory model runs where it is.
     ``progress()`` is called after each (block, variant) and each (row, variant).
+
+    ``start(variant)``, when given, is the index of the first block at which a variant can
+    differ from ``variants[0]`` (which starts at 0; ``len(blocks)``: at none). Before that
+    block the variant is not run (no ``prepare``, no ``progress``): its hidden states are
+    those of ``variants[0]``, copied when its first block is reached. So a variant that only
+    changes late blocks costs only those blocks, and holds no hidden states before them.
     """
     blocks_name, blocks = find_blocks(net, modules)
     skeleton = any(p.is_meta for p in net.parameters())
@@ -351,13 +358,19 @@ def run_model(
             hook.remove()
     _release(loaded)
     extras = [(args, kwargs) for _, args, kwargs in caught]
-    hidden = {variant: [h for h, _, _ in caught] for variant in variants}
+    first = _first_blocks(variants, start, len(blocks))
+    hidden = {variant: [h for h, _, _ in caught] for variant in variants if first[variant] == 0}
     del caught
     as_tuple = False
     for index, block in enumerate(blocks):
+        for variant in variants:  # before the first variant runs this block
+            if first[variant] == index and variant not in hidden:
+                hidden[variant] = [h.clone() for h in hidden[variants[0]]]
         _materialize(block, f"{blocks_name}.{index}.", load, loaded)
         try:
             for variant in variants:
+                if first[variant] > index:
+                    continue
                 undo = prepare(variant, f"{blocks_name}.{index}.", block) if prepare is not None else None
                 try:
                     with torch.inference_mode():
@@ -372,7 +385,22 @@ def run_model(
                     progress()
         finally:
             _release(loaded)
+    for variant in variants:  # differs at no block: the first variant's final states
+        hidden.setdefault(variant, hidden[variants[0]])
     _run_heads(net, blocks, batches, hidden, variants, on_output, head_load, as_tuple, progress)
+
+
+def _first_blocks(variants: list[str], start: Callable[[str], int] | None, blocks: int) -> dict[str, int]:
+    """The first block each variant runs (`run_model`'s ``start``), checked."""
+    if start is None:
+        return dict.fromkeys(variants, 0)
+    first = {variant: int(start(variant)) for variant in variants}
+    if first[variants[0]] != 0:
+        raise BitallocError(f"the first variant ({variants[0]}) must start at block 0")
+    for variant, index in first.items():
+        if not 0 <= index <= blocks:
+            raise BitallocError(f"variant {variant} starts at block {index}: the model has {blocks}")
+    return first
 
 
 def _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple, progress) -> None:

@@ -44,6 +44,7 @@ from ..errors import BitallocError
 from ..fileio import write_text_atomic
 from ..loftq import loftq, module_seed
 from ..planning.plan_file import Plan
+from ..profiling.calibration import weighting
 from ..quant import QuantConfig, QuantizedTensor
 from ..texts import describe_text, read_text, text_digest, tokenize, windows
 
@@ -132,7 +133,7 @@ def evaluate(
             f"cannot run {source_name} on text: it needs config.json and a tokenizer (or give input_ids)"
         )
     if starts is None:
-        starts = _plan_starts(plan, plan.column_weights(calibration), torch_device)
+        starts = _plan_starts(plan, plan.input_statistics(calibration), torch_device)
     result = _evaluate(model, plan, starts, text, tokens, context, input_ids, torch_device, quiet)
     result["model"]["source"] = source_name
     result["plan"] = {**plan_info, **_plan_summary(plan)}
@@ -281,7 +282,7 @@ def _plan_starts(plan: Plan, column_weights, device: torch.device) -> StartWeigh
         result = loftq(
             weight, config, rank=int(entry.get("rank", plan.defaults["rank"])), iters=plan.defaults["iters"],
             seed=module_seed(name, config), device=device,
-            column_weights=None if column_weights is None else column_weights[name],
+            **weighting(column_weights, name),
         )  # fmt: skip
         return {
             "loftq": result.q.dequantize() + result.lowrank(),

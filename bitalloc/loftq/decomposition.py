@@ -202,6 +202,7 @@ def loftq_batch(
     column_weights: torch.Tensor | None = None,
     input_covariance: torch.Tensor | None = None,
     damping: float = DEFAULT_DAMPING,
+    whitening: torch.Tensor | None = None,
     keep_q: bool = True,
     device: str | torch.device | None = None,
     timings: dict[str, float] | None = None,
@@ -215,7 +216,8 @@ def loftq_batch(
     low-rank step and the best-iterate choice (data-aware, diagonal); ``input_covariance``
     (b, in, in) or (in, in), H of the inputs, whitens them instead (output error, with
     ``damping`` λ as a fraction of mean(diag H); see the module docstring); the two
-    exclude each other. ``seeds`` (one per matrix) seed
+    exclude each other. ``whitening`` is ``whitening_factor(input_covariance, damping)``
+    computed once for several configs of the same matrices. ``seeds`` (one per matrix) seed
     the randomized factorization. ``timings``, if given, accumulates seconds spent in
     ``quantize`` and ``factorize``.
     """
@@ -250,6 +252,14 @@ def loftq_batch(
         raise BitallocError(f"got {len(seeds)} seeds for {batch} matrices")
     device = resolve_device(device, fallback=weights.device)
     factor = None
+    if whitening is not None:
+        if input_covariance is not None or column_weights is not None:
+            raise BitallocError("give whitening, input_covariance or column_weights, not two of them")
+        if whitening.dim() == 2:
+            whitening = whitening.unsqueeze(0)
+        if whitening.dim() != 3 or tuple(whitening.shape[-2:]) != (cols, cols):
+            raise BitallocError(f"whitening must be ({cols}, {cols}) per matrix, got {list(whitening.shape)}")
+        factor = whitening.to(device=device, dtype=torch.float32).expand(batch, cols, cols)
     if input_covariance is not None:
         if column_weights is not None:
             raise BitallocError("give column_weights (diagonal) or input_covariance (full), not both")
@@ -316,7 +326,10 @@ def _loftq_batch(
         residual = weight - fake_quantize(weight, config)
     qlora_sq = sq_norm(residual)
     err_sq = [qlora_sq]
-    werr_sq = [sq_norm(weigh(residual))] if weighted else err_sq
+    # the weighted residual: the error's matrix and the next low-rank step's target (with a
+    # full L the one big matmul of an iteration, so it is computed once per residual)
+    weighted_residual = weigh(residual) if weighted else residual
+    werr_sq = [sq_norm(weighted_residual)] if weighted else err_sq
     best_score = werr_sq[0].clone()
     best_iter = torch.zeros(batch, dtype=torch.long, device=device)
     best_u = torch.zeros(batch, rows, rank, device=device)
@@ -324,7 +337,7 @@ def _loftq_batch(
     best_q_input = q_input if keep_q else None
     warm = None
     for step in range(1, iters + 1):
-        target = weigh(residual) if weighted else residual
+        target = weighted_residual
         with clock("factorize"):
             if lowrank == "exact":
                 u, s, vh = exact_lowrank(target, rank)
@@ -341,12 +354,15 @@ def _loftq_batch(
         warm = vh.transpose(-1, -2)
         u = u * s.sqrt().unsqueeze(-2)
         vh = vh * s.sqrt().unsqueeze(-1)
+        if factor is not None:
+            # (R - B A) L = R L - U_r Σ_r V_rᵀ since A L = Σ_r^½ V_rᵀ: no in x in matmul
+            werr_sq.append(sq_norm(target - u @ vh))
         if weighted:
             vh = unweigh(vh)
         low = u @ vh
         err = residual - low
         err_sq.append(sq_norm(err))
-        if weighted:
+        if sqrt_h is not None:
             werr_sq.append(sq_norm(weigh(err)))
         improved = werr_sq[-1] < best_score
         if bool(improved.any()):
@@ -361,6 +377,7 @@ def _loftq_batch(
             q_input = weight - low
             with clock("quantize"):
                 residual = weight - fake_quantize(q_input, config)
+            weighted_residual = weigh(residual) if weighted else residual
 
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     root = math.sqrt(scaling)

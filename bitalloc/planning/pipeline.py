@@ -82,7 +82,12 @@ def profile_cache_path(
         "objective": calibration.objective,
         "calibration": None if calibration.text is None else str(calibration.text),
         "calibration_tokens": calibration.tokens,
+        "auto": "output",  # what auto and data without an objective mean since plan format v2
     }  # fmt: skip
+    defaults = CalibrationSettings()
+    for name in ("damping", "layer_weights", "layer_tokens"):
+        if getattr(calibration, name) != getattr(defaults, name):
+            key[name] = getattr(calibration, name)
     if isinstance(model, torch.nn.Module):
         raise BitallocError("plan_files profiles models on disk; for an nn.Module call profile() then plan()")
     key["model"] = str(Path(model).resolve()) if model else None

@@ -1,4 +1,4 @@
-"""The plan file: the `Plan` dataclass and its JSON form (``bitalloc.plan/v1``).
+"""The plan file: the `Plan` dataclass and its JSON form (``bitalloc.plan/v2``; v1 plans load).
 
 The JSON layout is a contract (docs/architecture.md, "Plan JSON") described by
 ``bitalloc/plan.schema.json``; `Plan.from_json` validates against it. Writing is
@@ -18,11 +18,12 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import BitallocError
-from ..fileio import atomic_path, write_text_atomic
-from ..profiling.calibration import calibration_path, read_verified
+from ..fileio import write_text_atomic
+from ..profiling.calibration import calibration_path, copy_verified, read_verified
 from ..quant import QuantConfig
 
-PLAN_FORMAT = "bitalloc.plan/v1"
+PLAN_FORMAT = "bitalloc.plan/v2"
+PLAN_FORMATS = ("bitalloc.plan/v1", PLAN_FORMAT)  # what loads
 
 
 # Key order of a per-module entry in the file (the contract); `weighted_error` only in
@@ -40,6 +41,7 @@ MODULE_KEYS = (
     "rank",
     "error",
     "weighted_error",
+    "coefficient",
 )
 
 
@@ -60,7 +62,7 @@ def validate_plan_dict(data: object) -> None:
 
     if not isinstance(data, dict):
         raise BitallocError(f"invalid plan: expected a JSON object, got {type(data).__name__}")
-    if data.get("format") != PLAN_FORMAT:
+    if data.get("format") not in PLAN_FORMATS:
         raise BitallocError(f"unsupported plan format {_shown(data.get('format'))}: expected {PLAN_FORMAT!r}")
     bad = _first_non_finite(data)
     if bad is not None:
@@ -179,7 +181,8 @@ class Plan:
     model: dict = field(default_factory=lambda: {"source": None, "fingerprint": None})
     budget: dict
     objective: str = "weight"
-    calibration: dict | None = None  # data-aware plans: the h they were measured with
+    calibration: dict | None = None  # data-aware plans: the h (or H) they were measured with
+    layer_weights: dict | None = None  # per-matrix coefficients: how they were measured
     solver: dict
     defaults: dict
     kept: list[str] = field(default_factory=list)
@@ -223,6 +226,7 @@ class Plan:
             "budget": {key: self.budget[key] for key in ("target_bits", "achieved_bits", "includes_lora")},
             "objective": self.objective,
             **({"calibration": dict(self.calibration)} if self.calibration else {}),
+            **({"layer_weights": dict(self.layer_weights)} if self.layer_weights else {}),
             "solver": {key: self.solver[key] for key in ("name", "status", "objective", "gap")},
             "defaults": {key: self.defaults[key] for key in ("rank", "iters")},
             "kept": list(self.kept),
@@ -298,16 +302,17 @@ class Plan:
                 "output file (profile(model, 'profile.parquet', ...)) so the statistics are saved"
             )
         source = Path(self.calibration_file)
-        data = read_verified(source, self.calibration.get("digest"))
         if target.exists() and target.resolve() == source.resolve():
+            read_verified(source, self.calibration.get("digest"), check_only=True)
             return
-        with atomic_path(target) as temp:
-            temp.write_bytes(data)
+        copy_verified(source, target, self.calibration.get("digest"))
 
-    def column_weights(self, calibration: str | os.PathLike | None = None) -> dict | None:
-        """The activation statistics h of a data-aware plan, by module (digest-checked), from
-        ``calibration`` or the file the plan carries; None for a weight-only plan."""
-        from ..profiling.calibration import read_calibration
+    def input_statistics(self, calibration: str | os.PathLike | None = None):
+        """What a data-aware plan's decompositions are weighted with, digest-checked, from
+        ``calibration`` or the file the plan carries: h by module (objective activation), or
+        a `Covariances` reader with the plan's λ (objective output); None for a weight-only
+        plan. `bitalloc.profiling.calibration.weighting` turns it into `loftq` arguments."""
+        from ..profiling.calibration import Covariances, read_calibration
 
         if self.objective == "weight":
             return None
@@ -317,11 +322,26 @@ class Plan:
                 f"this {self.objective} plan needs its calibration file (PLAN.calibration.safetensors "
                 "beside a saved plan, or calibration=PATH / --calibration) to rebuild its decomposition"
             )
-        column_weights = read_calibration(file, self.calibration["digest"])
-        missing = [name for name in self.modules if name not in column_weights]
+        if self.objective == "output":
+            lam = self.calibration.get("lambda")
+            if not isinstance(lam, (int, float)) or isinstance(lam, bool):
+                raise BitallocError("this output plan does not record its damping (calibration.lambda)")
+            statistics = Covariances(file, self.calibration["digest"], float(lam))
+        else:
+            statistics = read_calibration(file, self.calibration["digest"])
+        missing = [name for name in self.modules if name not in statistics]
         if missing:
-            raise BitallocError(f"calibration file {file} has no h for {missing[0]}")
-        return column_weights
+            raise BitallocError(f"calibration file {file} has no statistics for {missing[0]}")
+        return statistics
+
+    def column_weights(self, calibration: str | os.PathLike | None = None) -> dict | None:
+        """The h of an activation plan (see `input_statistics`, which also serves output plans)."""
+        statistics = self.input_statistics(calibration)
+        if statistics is not None and not isinstance(statistics, dict):
+            raise BitallocError(
+                "this output plan is weighted by input covariances, not h: use input_statistics()"
+            )
+        return statistics
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

@@ -34,7 +34,7 @@ from .plan_file import Plan, _shown, most_common
 
 __all__ = ["Plan", "feasible_range", "parse_sweep", "plan", "sweep"]
 
-OBJECTIVE_COLUMNS = {"weight": "error", "activation": "weighted_error"}
+OBJECTIVE_COLUMNS = {"weight": "error", "activation": "weighted_error", "output": "weighted_error"}
 LORA_BITS = 16  # LoRA factors are counted at 16 bits when the budget includes them
 MAX_SWEEP = 1000  # budgets in one sweep
 MAX_EXACT_INT = 2**53  # integer columns are read through float64: exact up to here
@@ -47,10 +47,12 @@ class _Row:
 
     storage_bits: int
     error: float
-    objective_error: float
+    objective_error: float  # what the solver minimizes: coefficient x weighted (or plain) error
     bits: int
     rank: int
     iters: int
+    weighted_error: float | None = None  # the profile's objective column, before the coefficient
+    coefficient: float | None = None  # the matrix's layer weight, when the profile has them
 
 
 @dataclass
@@ -103,6 +105,7 @@ def plan(
     pin: dict[str, str] | None = None,
     keep: Iterable[str] = (),
     source: str | None = None,
+    layer_weights: bool = True,
 ) -> Plan:
     """Choose one config per matrix minimizing the total error within ``budget`` bits/param.
 
@@ -123,9 +126,15 @@ def plan(
     zero gap, or "dp", an exact dynamic program over the same reduced problem (no ILP; much
     faster on hard budgets). Raises BitallocError for bad input and for an infeasible budget
     (with the achievable range).
+
+    A profile measured with layer weights (``attrs["layer_weights"]["coefficients"]``: how
+    much a unit of each matrix's output error costs the model, see
+    `bitalloc.profiling.sensitivity`) is planned on coefficient x weighted_error; with
+    ``layer_weights=False`` the coefficients are ignored.
     """
     problem = prepare_problem(
         profile_table,
+        layer_weights=layer_weights,
         count_lora=count_lora,
         tie=tie,
         min_bits=min_bits,
@@ -216,7 +225,9 @@ def _read_table(profile_table) -> tuple[dict[str, _Matrix], str, dict]:
     attrs = dict(profile_table.attrs)
     objective = attrs.get("objective") or "weight"
     if not isinstance(objective, str) or objective not in OBJECTIVE_COLUMNS:
-        raise BitallocError(f"unknown objective {objective!r} in the profile: expected weight or activation")
+        raise BitallocError(
+            f"unknown objective {objective!r} in the profile: expected weight, activation or output"
+        )
     if not isinstance(attrs.get("calibration") or {}, dict):
         raise BitallocError(f"the profile's calibration record is not a dict: {_shown(attrs['calibration'])}")
     needed = (*REQUIRED_COLUMNS, OBJECTIVE_COLUMNS[objective])
@@ -284,6 +295,25 @@ def _read_table(profile_table) -> tuple[dict[str, _Matrix], str, dict]:
             raise BitallocError(f"profile column {column!r}: values too large (their sum is not finite)")
     order = sorted(matrices, key=natural_key)
     return {name: matrices[name] for name in order}, objective, attrs
+
+
+def _apply_coefficients(matrices: dict[str, _Matrix], attrs: dict) -> None:
+    """Multiply each matrix's objective errors by its layer coefficient, if the profile has them."""
+    record = attrs.get("layer_weights")
+    if not record:
+        return
+    coefficients = record.get("coefficients") if isinstance(record, dict) else None
+    if not isinstance(coefficients, dict):
+        raise BitallocError("the profile's layer_weights record has no coefficients")
+    for name, matrix in matrices.items():
+        value = coefficients.get(name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or value < 0:
+            raise BitallocError(
+                f"the profile's layer coefficient for {name!r} is missing or bad: {_shown(value)}"
+            )
+        for row in matrix.rows.values():
+            row.weighted_error, row.coefficient = row.objective_error, float(value)
+            row.objective_error = float(value) * row.objective_error
 
 
 def _module_names(column: pd.Series) -> list[str]:
@@ -388,10 +418,22 @@ def _matching(pattern: str, regex: re.Pattern, names: Sequence[str], what: str) 
 
 
 def prepare_problem(
-    profile_table, *, count_lora=False, tie=(), min_bits=None, max_bits=None, pin=None, keep=()
+    profile_table,
+    *,
+    count_lora=False,
+    tie=(),
+    min_bits=None,
+    max_bits=None,
+    pin=None,
+    keep=(),
+    layer_weights=True,
 ) -> Problem:
     """Read the table, apply keep/pin/bit bounds/ties, and drop dominated configs."""
     matrices, objective, attrs = _read_table(profile_table)
+    if layer_weights:
+        _apply_coefficients(matrices, attrs)
+    else:
+        attrs.pop("layer_weights", None)
     if isinstance(count_lora, np.bool_):
         count_lora = bool(count_lora)
     if not isinstance(count_lora, bool):
@@ -572,7 +614,9 @@ def _build_plan(
             error=row.error,
         )
         if problem.objective != "weight":
-            entry["weighted_error"] = row.objective_error
+            entry["weighted_error"] = row.objective_error if row.coefficient is None else row.weighted_error
+        if row.coefficient is not None:
+            entry["coefficient"] = row.coefficient
         modules[name] = entry
         storage += matrix.storage(config, problem.count_lora)
         errors.append(row.objective_error)
@@ -592,6 +636,7 @@ def _build_plan(
         },
         objective=problem.objective,
         calibration=_calibration_record(problem),
+        layer_weights=_layer_weights_record(problem),
         solver={
             "name": solver,
             "status": "optimal",
@@ -622,6 +667,14 @@ def _calibration_file(problem: Problem) -> Path | None:
     if not isinstance(record["path"], (str, os.PathLike)):
         raise BitallocError(f"the profile's calibration path is not a path: {_shown(record['path'])}")
     return Path(record["path"])
+
+
+def _layer_weights_record(problem: Problem) -> dict | None:
+    """How the plan's coefficients were measured (the coefficients go in each module entry)."""
+    record = problem.attrs.get("layer_weights")
+    if not record:
+        return None
+    return {key: value for key, value in sorted(record.items()) if key not in ("coefficients", "points")}
 
 
 def _calibration_record(problem: Problem) -> dict | None:

@@ -26,10 +26,17 @@ from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import check_output
 from ..loftq import loftq_batch, module_seed
-from ..loftq.decomposition import check_rank
+from ..loftq.decomposition import check_rank, whitening_factor
 from ..quant import QuantConfig
-from .calibration import calibration_path, calibration_settings, prepare_calibration, resolve_objective
+from .calibration import (
+    Covariances,
+    calibration_path,
+    calibration_settings,
+    prepare_calibration,
+    resolve_objective,
+)
 from .distributed import Distributed, split_by_cost
+from .layer_weights import layer_weights_path, layer_weights_spec, prepare_layer_weights
 from .settings import CalibrationSettings, ProfileSettings, build_settings
 from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
 
@@ -98,8 +105,16 @@ def profile(
     }
     objective = resolve_objective(model, calibration)
     if objective != "weight":
-        meta["settings"]["calibration"] = calibration_settings(calibration)
+        meta["settings"]["calibration"] = calibration_settings(calibration, objective)
         meta["objective"] = objective
+    if objective == "output":
+        meta["settings"]["damping"] = float(calibration.damping)
+    if calibration.layer_weights:
+        if objective == "weight":
+            raise BitallocError(
+                "layer weights need a data-aware objective (activation or output), not 'weight'"
+            )
+        meta["settings"]["layer_weights"] = layer_weights_spec(calibration, grid)
     for module in source.modules():
         if rank > min(source.shape(module)):
             raise BitallocError(f"rank {rank} exceeds the size of {module} {source.shape(module)}")
@@ -107,6 +122,7 @@ def profile(
     store = ProfileStore(output, meta, overwrite, inputs) if output is not None else None
     if output is not None:
         check_output(calibration_path(output), inputs)
+        check_output(layer_weights_path(output), inputs)
     try:
         return _profile(model, output, source, grid, meta, objective, calibration, store, dist, device,
                         quiet, stats, verify)  # fmt: skip
@@ -138,10 +154,20 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
             "weights": meta["file_stats"] or source.content_digest(),
         }
         calibrated = dist.first(
-            lambda: prepare_calibration(model, shapes, output, identity, calibration, quiet=quiet)
+            lambda: prepare_calibration(
+                model, shapes, output, identity, calibration, quiet=quiet, objective=objective
+            )
         )
-        meta["calibration"] = calibrated.info
-        weights_by_module = calibrated.column_weights
+        meta["calibration"] = dict(calibrated.info)
+        if objective == "output":
+            meta["calibration"]["lambda"] = float(calibration.damping)
+        weights_by_module = calibrated.statistics
+        if calibration.layer_weights:
+            meta["layer_weights"] = dist.first(
+                lambda: prepare_layer_weights(
+                    model, source, source.modules(), output, identity, calibration, grid, quiet=quiet
+                )
+            )
         if stats is not None:
             stats["calibration"] = stats.get("calibration", 0.0) + time.perf_counter() - start
     done = store.done_modules() if store is not None else {}
@@ -205,12 +231,18 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
             if index + 1 < len(batches):
                 pending = reader.submit(read, batches[index + 1])
             rows = {m: [] for m in batch}
-            h = torch.stack([column_weights[m] for m in batch]) if column_weights is not None else None
+            weighting = {}
+            if isinstance(column_weights, Covariances):
+                h = torch.stack([column_weights[m] for m in batch]).to(device)
+                # factored once for every config (loftq_batch would do the same per call)
+                weighting = {"whitening": whitening_factor(h, column_weights.damping).to(torch.float32)}
+            elif column_weights is not None:
+                weighting = {"column_weights": torch.stack([column_weights[m] for m in batch])}
             for config in grid:
                 seeds = [module_seed(m, config) for m in batch]
                 outcome = loftq_batch(
                     weights, config, settings["rank"], settings["iters"], lowrank=settings["lowrank"],
-                    seeds=seeds, column_weights=h, keep_q=False, device=device, timings=timings,
+                    seeds=seeds, keep_q=False, device=device, timings=timings, **weighting,
                 )  # fmt: skip
                 for module, result in zip(batch, outcome):
                     rows[module].append(_row(module, tuple(weights.shape[1:]), config, result, settings))

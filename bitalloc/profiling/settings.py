@@ -21,7 +21,9 @@ DEFAULT_RANK = 16
 DEFAULT_ITERS = 5
 DEFAULT_TOKENS = 8192
 DEFAULT_CONTEXT = 512
-OBJECTIVES = ("weight", "activation", "auto")
+OBJECTIVES = ("weight", "activation", "output", "auto")
+DEFAULT_LAYER_TOKENS = 1024
+DEFAULT_DAMPING = 0.01  # λ of the output objective's whitening, a fraction of mean(diag H)
 
 
 def _tuple(value) -> tuple | None:
@@ -82,11 +84,13 @@ class ProfileSettings:
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """The data of a data-aware profile: ``objective`` ("weight", "activation", "auto":
-    activation whenever the model can be run, or None: activation when any data is given),
-    and the data: ``tokens`` of ``text`` (a file, or "default": the built-in text) in
-    windows of ``context``, or token ids (``input_ids``), or the statistics themselves
-    (``column_weights``: {module: h})."""
+    """The data of a data-aware profile: ``objective`` ("weight"; "activation": each input
+    channel weighted by its second moment h; "output": the layer's output error with the full
+    input covariance H; "auto": output whenever the model can be run; None: output when
+    text or ids are given, activation when h is), and the data: ``tokens`` of ``text`` (a
+    file, or "default": the built-in text) in windows of ``context``, or token ids
+    (``input_ids``), or the statistics themselves (``column_weights``: {module: h}).
+    ``damping`` is the output objective's λ (H + λ·mean(diag H)·I is factored)."""
 
     objective: str | None = None
     text: str | os.PathLike | None = None
@@ -94,6 +98,19 @@ class CalibrationSettings:
     context: int = DEFAULT_CONTEXT
     input_ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
     column_weights: dict | None = field(default=None, compare=False, repr=False)
+    damping: float = DEFAULT_DAMPING
+    layer_weights: bool = False  # measure a loss coefficient per matrix (sensitivity.py)
+    layer_tokens: int = DEFAULT_LAYER_TOKENS  # calibration tokens the coefficients are measured on
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer_weights, bool):
+            raise BitallocError(f"layer_weights must be True or False, got {self.layer_weights!r}")
+        tokens = self.layer_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            raise BitallocError(f"layer_tokens must be a positive whole number, got {tokens!r}")
+        damping = self.damping
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping <= 1:
+            raise BitallocError(f"damping must be a number from 0 to 1, got {damping!r}")
 
     @property
     def given(self) -> bool:
@@ -108,6 +125,9 @@ CALIBRATION_OPTIONS = {
     "calibration_context": "context",
     "calibration_ids": "input_ids",
     "column_weights": "column_weights",
+    "damping": "damping",
+    "layer_weights": "layer_weights",
+    "layer_tokens": "layer_tokens",
 }
 
 
