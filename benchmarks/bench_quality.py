@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import platform
 import re
 import time
@@ -74,6 +75,8 @@ def parse_variant(name: str) -> dict:
     options = {"objective": "activation" if kind == "a" else "output", "calibration_tokens": int(tokens)}
     if lam is not None:
         options["damping"] = float(lam)
+    if weights:
+        options["layer_weights"] = True
     return {"options": options, "layer_weights": bool(weights)}
 
 
@@ -140,6 +143,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--weight", action="store_true", help="also the weight-only plan")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--coefficients",
+        help="w variants: layer coefficients from this JSON ({'coefficients': {module: c}, 'info': {...}}, "
+        "as bench_sensitivity.py writes them) put on the base profile, instead of profiling with "
+        "layer_weights=True (the same measurement, without running it again)",
+    )
     parser.add_argument("--work", default="/tmp/bitalloc-bench-quality")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -203,16 +212,25 @@ def main() -> None:
     for variant in args.variants.split(","):
         spec = parse_variant(variant)
         options = spec["options"]
-        base = variant.rstrip("w")
-        path = work / f"{base}-{tag}.parquet"
+        base = variant.rstrip("w")  # the same H: the same reconstructions
+        path = work / f"{variant}-{tag}.parquet"
         print(f"variant {variant}", flush=True)
+        if spec["layer_weights"] and args.coefficients:
+            path = work / f"{base}-{tag}.parquet"
+            options.pop("layer_weights")
         table = timed_profile(
-            gguf, path, cache, f"time {base} {tag}", calibration="default", **options, **common
+            gguf, path, cache, f"time {variant} {tag}", calibration="default", **options, **common
         )
+        if spec["layer_weights"] and args.coefficients:
+            measured = json.loads(Path(args.coefficients).read_text())
+            table.attrs["layer_weights"] = {**measured["info"], "coefficients": measured["coefficients"]}
         statistics = load_input_statistics(path)
         for budget in budgets:
             result = plan(table, budget)
-            ppl = measure(result.assignments, statistics, base, result.total_error)
+            summed = math.fsum(
+                entry["weighted_error"] for entry in result.modules.values()
+            )  # before coefficients
+            ppl = measure(result.assignments, statistics, base, summed)
             rows.append((budget, variant, result.achieved_bits, ppl, mix(result.assignments)))
 
     timings = {k: v for k, v in cache.data.items() if k.startswith("time")}
