@@ -81,7 +81,7 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
         help="weigh each matrix's error by a measured loss coefficient (noise injection; data-aware only)",
     )
     group.add_argument(
-        "--layer-tokens", type=int, help="tokens the layer weights are measured on (default 1024)"
+        "--layer-tokens", type=int, help="tokens the layer weights are measured on (default 512)"
     )
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 

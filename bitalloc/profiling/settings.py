@@ -22,7 +22,7 @@ DEFAULT_ITERS = 5
 DEFAULT_TOKENS = 8192
 DEFAULT_CONTEXT = 512
 OBJECTIVES = ("weight", "activation", "output", "auto")
-DEFAULT_LAYER_TOKENS = 1024
+DEFAULT_LAYER_TOKENS = 512
 DEFAULT_DAMPING = 0.01  # λ of the output objective's whitening, a fraction of mean(diag H)
 
 
