@@ -151,7 +151,7 @@ class Decomposer:
 
     def __call__(self, module: str, config: str, start: str, weighted: str | None):
         """(Q dequantized, lora_A or None, lora_B or None, scaling, error in the profile's objective)."""
-        from bitalloc.loftq import loftq, module_seed
+        from bitalloc.lora import loftq, module_seed
         from bitalloc.profiling.calibration import weighting
 
         weight = self.original[module]

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bitalloc.loftq import loftq
+from bitalloc.lora import loftq
 from bitalloc.quant import QuantConfig, codebook
 
 

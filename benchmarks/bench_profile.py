@@ -167,7 +167,7 @@ def main() -> None:
     base = time.perf_counter() - start
     ours_row = table[(table.module == "model.layers.0.self_attn.q_proj") & (table.config == str(config))]
     start = time.perf_counter()
-    from bitalloc.loftq import loftq
+    from bitalloc.lora import loftq
 
     loftq(weight, config, keep_q=False)
     ours = time.perf_counter() - start

@@ -90,7 +90,7 @@ class Builder:
         self.cache: dict[tuple[str, str, str], tuple[torch.Tensor, float]] = {}
 
     def weight(self, module: str, config: str, statistics, tag: str) -> tuple[torch.Tensor, float]:
-        from bitalloc.loftq import loftq, module_seed
+        from bitalloc.lora import loftq, module_seed
         from bitalloc.profiling.calibration import weighting
 
         if self.cache and next(iter(self.cache))[2] != tag:

@@ -84,7 +84,7 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     from bitalloc.evaluation import perplexity
-    from bitalloc.loftq import loftq, module_seed, whitening_factor
+    from bitalloc.lora import loftq, module_seed, whitening_factor
     from bitalloc.planning.planner import plan
     from bitalloc.profiling.calibration import load_input_statistics
     from bitalloc.profiling.table import read_profile

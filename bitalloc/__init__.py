@@ -15,9 +15,9 @@ from .quant import QuantConfig, storage_bits
 __version__ = "0.1.0"
 
 _LAZY = {
-    "loftq": "loftq",
-    "loftq_batch": "loftq",
-    "LoftQResult": "loftq",
+    "loftq": "lora",
+    "loftq_batch": "lora",
+    "LoftQResult": "lora",
     "open_source": "checkpoints",
     "ProfileSettings": "profiling.settings",
     "CalibrationSettings": "profiling.settings",
@@ -31,8 +31,8 @@ _LAZY = {
     "plan_files": "planning.pipeline",
     "summarize": "planning.report",
     "apply": "artifacts.writer",
-    "LoraSettings": "loftq",
-    "Factorization": "loftq",
+    "LoraSettings": "lora",
+    "Factorization": "lora",
     "load_quantized": "artifacts.nn",
     "QuantLinear": "artifacts.nn",
     "perplexity": "evaluation",

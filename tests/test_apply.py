@@ -26,7 +26,7 @@ from bitalloc.artifacts.nn import QuantLinear, load_quantized
 from bitalloc.artifacts.writer import apply
 from bitalloc.checkpoints import demo_model_path
 from bitalloc.cli import main
-from bitalloc.loftq import loftq, module_seed
+from bitalloc.lora import loftq, module_seed
 from bitalloc.planning.planner import plan as make_plan
 from bitalloc.profiling.profiler import profile
 

@@ -13,7 +13,7 @@ from bitalloc.checkpoints.runnable import can_run
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 from bitalloc.evaluation import perplexity
-from bitalloc.loftq import loftq
+from bitalloc.lora import loftq
 from bitalloc.planning.planner import plan
 from bitalloc.profiling.calibration import (
     calibrate,
@@ -152,7 +152,7 @@ def test_profile_with_calibration(calibrated_profile):
 
 def test_weighted_errors_agree_with_the_core(calibrated_profile, tiny_dir):
     from bitalloc.checkpoints import open_source
-    from bitalloc.loftq import module_seed
+    from bitalloc.lora import module_seed
 
     table, output = calibrated_profile
     weights = load_column_weights(output)
@@ -315,7 +315,7 @@ def test_cli_profile_and_plan_with_calibration_text(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from bitalloc.checkpoints import open_source
-    from bitalloc.loftq import module_seed
+    from bitalloc.lora import module_seed
 
     adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
     h = load_column_weights(out)

@@ -14,7 +14,7 @@ from bitalloc.artifacts.writer import apply
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 from bitalloc.evaluation import evaluate, evaluation_sentences, perplexity
-from bitalloc.loftq import loftq, module_seed
+from bitalloc.lora import loftq, module_seed
 from bitalloc.planning.plan_file import Plan
 from bitalloc.planning.planner import plan
 from bitalloc.profiling.calibration import read_calibration

@@ -15,7 +15,7 @@ ROOT = Path(bitalloc.__file__).parent
 LAYERS = [
     {"errors", "fileio", "names", "devices"},
     {"quant"},
-    {"loftq"},
+    {"lora"},
     {"checkpoints"},
     {"texts"},
     {"profiling"},
@@ -89,7 +89,7 @@ def test_rule_catches_a_planted_violation(tmp_path):
 
     copy = tmp_path / "bitalloc"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    bad = "from ..planning.planner import plan\nfrom ..loftq.lowrank import _x\n"
+    bad = "from ..planning.planner import plan\nfrom ..lora.lowrank import _x\n"
     (copy / "quant" / "bad.py").write_text(bad)
     found = violations(copy)
     assert any("quant imports planning" in p for p in found)
@@ -109,10 +109,25 @@ def test_apply_loads_neither_pandas_nor_pulp(module):
 
 
 def test_package_names_do_not_shadow_the_public_functions():
-    assert not {"profile", "plan", "apply"} & {p.name for p in ROOT.iterdir() if p.is_dir()}
-    import bitalloc.artifacts  # noqa: F401  (a subpackage import must not replace the function)
-
-    assert callable(bitalloc.apply) and callable(bitalloc.plan) and callable(bitalloc.profile)
+    """No public name may change meaning with import order: a subpackage or module named like
+    a public function would replace it once imported. Checked in a fresh interpreter that
+    imports every submodule of bitalloc first, then reads every public name."""
+    code = """
+import importlib, inspect, pkgutil, types
+import bitalloc
+for info in pkgutil.walk_packages(bitalloc.__path__, "bitalloc."):
+    if info.name != "bitalloc.__main__":
+        importlib.import_module(info.name)
+bad = [n for n in bitalloc.__all__ if isinstance(getattr(bitalloc, n), types.ModuleType)]
+for package in ("evaluation", "export", "lora", "checkpoints", "quant"):
+    module = importlib.import_module("bitalloc." + package)
+    bad += [f"{package}.{n}" for n in getattr(module, "__all__", [])
+            if isinstance(getattr(module, n), types.ModuleType)]
+print(bad)
+print(inspect.isfunction(bitalloc.loftq), inspect.isfunction(bitalloc.perplexity))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "True True"], out
 
 
 HELPERS_DEFINED_ONCE = [

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from bitalloc.loftq import LoftQResult, loftq, loftq_batch, lora_scaling
-from bitalloc.loftq.lowrank import exact_lowrank, randomized_lowrank
+from bitalloc.lora import LoftQResult, loftq, loftq_batch, lora_scaling
+from bitalloc.lora.lowrank import exact_lowrank, randomized_lowrank
 
 
 def reconstruction_rel_error(weight: torch.Tensor, result: LoftQResult) -> float:

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from bitalloc.checkpoints import open_source
 from bitalloc.errors import BitallocError
-from bitalloc.loftq import loftq, module_seed
+from bitalloc.lora import loftq, module_seed
 from bitalloc.planning.plan_file import Plan
 from bitalloc.planning.planner import plan
 from bitalloc.profiling.calibration import Covariances, calibrate, calibration_path, weighting

@@ -15,7 +15,7 @@ from _models import llama_module_names, make_tiny_gguf, make_tiny_llama, tiny_ll
 from bitalloc.checkpoints import open_source
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
-from bitalloc.loftq import loftq, module_seed
+from bitalloc.lora import loftq, module_seed
 from bitalloc.profiling.distributed import split_by_cost
 from bitalloc.profiling.profiler import profile
 from bitalloc.profiling.settings import ProfileSettings

@@ -9,7 +9,7 @@ from _models import llama_module_names, make_tiny_llama
 
 import bitalloc
 from bitalloc.checkpoints import open_source
-from bitalloc.loftq import loftq, module_seed
+from bitalloc.lora import loftq, module_seed
 from bitalloc.quant import QuantConfig
 
 # hidden 192 (not a multiple of 128), intermediate 320 (not a multiple of 128)

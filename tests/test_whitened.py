@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.loftq import loftq, loftq_batch, whitening_factor
+from bitalloc.lora import loftq, loftq_batch, whitening_factor
 from bitalloc.quant import fake_quantize
 
 

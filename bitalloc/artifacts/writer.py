@@ -31,8 +31,8 @@ from ..checkpoints.runnable import check_linears
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import WorkFolder, atomic_path
-from ..loftq import LoraSettings, loftq, module_seed
-from ..loftq.decomposition import check_lora_alpha
+from ..lora import LoraSettings, loftq, module_seed
+from ..lora.decomposition import check_lora_alpha
 from ..planning.plan_file import Plan, most_common
 from ..profiling.calibration import weighting
 from ..quant import QuantConfig, QuantizedTensor

@@ -3,6 +3,6 @@ embedding cosine; `fidelity`), and the report figures (`report`)."""
 
 from .fidelity import evaluate, evaluation_sentences, format_evaluation
 from .figures import ReportFiles, report
-from .perplexity import perplexity
+from .likelihood import perplexity
 
 __all__ = ["ReportFiles", "evaluate", "evaluation_sentences", "format_evaluation", "perplexity", "report"]

@@ -42,7 +42,7 @@ from ..checkpoints.runnable import BATCH_TOKENS, can_run, find_blocks, load_toke
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import write_text_atomic
-from ..loftq import loftq, module_seed
+from ..lora import loftq, module_seed
 from ..planning.plan_file import Plan
 from ..profiling.calibration import weighting
 from ..quant import QuantConfig, QuantizedTensor

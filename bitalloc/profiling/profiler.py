@@ -25,8 +25,8 @@ from ..checkpoints.base import combine_digests
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import check_output
-from ..loftq import loftq_batch, module_seed
-from ..loftq.decomposition import check_rank, whitening_factor
+from ..lora import loftq_batch, module_seed
+from ..lora.decomposition import check_rank, whitening_factor
 from ..quant import QuantConfig
 from .calibration import (
     Covariances,
