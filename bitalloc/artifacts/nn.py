@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpoints.runnable import model_class, parameters_on_meta
 from ..checkpoints.safetensors import index_shards
-from ..errors import BitallocError
+from ..errors import BitallocError, check_path
 from ..quant import QuantConfig, QuantizedTensor
 from ..quant.blockwise import TORCH_DTYPES
 
@@ -265,6 +265,7 @@ def load_quantized(
     with ``PeftModel.from_pretrained``."""
     from safetensors.torch import load_file
 
+    check_path(path, "path (an OUT/quantized folder)")
     model = _assemble(Path(path), dtype, load_file)
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLinear):

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ..checkpoints import CONFIG_FILES, Source, open_source
 from ..checkpoints.runnable import check_linears
 from ..devices import resolve_device
-from ..errors import BitallocError
+from ..errors import BitallocError, check_path
 from ..fileio import WorkFolder, atomic_path
 from ..lora import LoraSettings, loftq, module_seed
 from ..lora.decomposition import check_lora_alpha
@@ -76,6 +76,9 @@ def apply(
     lora = dataclasses.replace(lora or LoraSettings(), **options)
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
     check_lora_alpha(lora_alpha)
+    if not isinstance(plan, Plan):
+        check_path(plan, "plan (a Plan or a plan file)")
+    check_path(out_dir, "out_dir")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     column_weights = plan.input_statistics(calibration)
     out = Path(out_dir)

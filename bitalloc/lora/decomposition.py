@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -77,6 +78,28 @@ def check_rank(rank: object, shape: tuple[int, int] | None = None) -> None:
         raise BitallocError(f"rank must be a whole number >= 0 (0: no LoRA correction), got {rank!r}")
     if shape is not None and rank > min(shape):
         raise BitallocError(f"rank {rank} exceeds the matrix size {shape[0]}x{shape[1]}")
+
+
+# LoftQ's error stops falling after a few iterations (the paper uses up to 5) and drifts to
+# NaN after ~1,300 in float32: the API, the profile settings and the plan schema all stop here.
+MAX_ITERS = 100
+
+
+def check_iters(iters: object) -> None:
+    """BitallocError unless ``iters`` is a whole number, 0 <= iters <= MAX_ITERS."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
+        raise BitallocError(f"iters must be a whole number from 0 to {MAX_ITERS}, got {iters!r}")
+
+
+def _check_tensor(value: object, what: str) -> torch.Tensor:
+    """``value`` if it is a tensor with values (not on the meta device), else BitallocError."""
+    if not isinstance(value, torch.Tensor):
+        raise BitallocError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_meta:
+        raise BitallocError(f"{what} is on the meta device (it has no values): load the weights first")
+    if not value.is_floating_point():
+        raise BitallocError(f"{what} must hold real floating-point values, got {value.dtype}")
+    return value
 
 
 def check_lora_alpha(lora_alpha: object) -> None:
@@ -234,6 +257,7 @@ def loftq_batch(
     lora_alpha, lowrank = lora.lora_alpha, factorization.method
     config = QuantConfig.parse(config)
     check_matrix(weights)
+    weights = weights.detach()  # results never carry the caller's autograd graph
     if weights.dim() == 2:
         weights = weights.unsqueeze(0)
     if weights.dim() != 3:
@@ -242,17 +266,38 @@ def loftq_batch(
         raise BitallocError(f"unknown low-rank method {lowrank!r}: expected one of {LOWRANK_METHODS}")
     batch, rows, cols = weights.shape
     check_rank(rank, (rows, cols))
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise BitallocError(f"iters must be a whole number >= 0, got {iters!r}")
+    check_iters(iters)
     check_lora_alpha(lora_alpha)
     if rank == 0:
         iters = 0  # no low-rank correction: plain quantization
-    seeds = [0] * batch if seeds is None else list(seeds)
+    seeds = [0] * batch if seeds is None else seeds
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+        raise BitallocError(f"seeds must be a list of whole numbers, got {type(seeds).__name__}")
+    seeds = list(seeds)
     if len(seeds) != batch:
         raise BitallocError(f"got {len(seeds)} seeds for {batch} matrices")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in seeds):
+        raise BitallocError(f"seeds must be whole numbers, got {seeds[:3]!r}")
     device = resolve_device(device, fallback=weights.device)
+    if device.type == "meta":
+        raise BitallocError("device meta has no values to compute with: use cpu or cuda")
+    if column_weights is not None:
+        column_weights = _check_tensor(column_weights, "column_weights").detach()
+        if column_weights.dim() == 1:
+            column_weights = column_weights.unsqueeze(0)
+        count = column_weights.shape[0] if column_weights.dim() == 2 else -1
+        if count not in (1, batch) or column_weights.shape[-1] != cols:
+            raise BitallocError(
+                f"column_weights must be ({cols},) or ({batch}, {cols}) for {batch} ({rows}, {cols}) "
+                f"matrices, got shape {tuple(column_weights.shape)}"
+            )
+        if not bool(torch.isfinite(column_weights).all()) or bool((column_weights <= 0).any()):
+            raise BitallocError("column_weights must be finite and positive (one weight per input column)")
+    if input_covariance is not None:
+        input_covariance = _check_tensor(input_covariance, "input_covariance").detach()
     factor = None
     if whitening is not None:
+        whitening = _check_tensor(whitening, "whitening").detach()
         if input_covariance is not None or column_weights is not None:
             raise BitallocError("give whitening, input_covariance or column_weights, not two of them")
         if whitening.dim() == 2:
@@ -272,7 +317,7 @@ def loftq_batch(
             raise BitallocError(f"got {input_covariance.shape[0]} input covariances for {batch} matrices")
         factor = whitening_factor(input_covariance.to(device), damping)
         factor = factor.to(torch.float32).expand(batch, cols, cols)
-    with one_cpu_thread(device, when=weights.numel() < SINGLE_THREAD_ELEMENTS):
+    with torch.no_grad(), one_cpu_thread(device, when=weights.numel() < SINGLE_THREAD_ELEMENTS):
         return _loftq_batch(
             weights.to(device=device, dtype=torch.float32), config, rank, iters, lora, factorization, seeds,
             column_weights, keep_q, timings, factor,
@@ -294,8 +339,6 @@ def _loftq_batch(
     sqrt_h = None
     if column_weights is not None:
         h = column_weights.to(device=device, dtype=torch.float32).expand(batch, cols)
-        if not bool(torch.isfinite(h).all()) or bool((h <= 0).any()):
-            raise ValueError("column weights must be finite and positive")
         sqrt_h = h.sqrt().unsqueeze(1)  # (b, 1, in)
     weighted = sqrt_h is not None or factor is not None
 
@@ -436,9 +479,15 @@ def loftq(
         kwargs["seeds"] = [seed]
     column_weights = kwargs.pop("column_weights", None)
     if column_weights is not None:
-        column_weights = column_weights.reshape(1, -1)
+        column_weights = _check_tensor(column_weights, "column_weights")
+        if column_weights.dim() != 1:
+            raise BitallocError(
+                f"column_weights must be one weight per input column, shape ({weight.shape[1]},), "
+                f"got shape {tuple(column_weights.shape)}"
+            )
     covariance = kwargs.pop("input_covariance", None)
     if covariance is not None:
+        covariance = _check_tensor(covariance, "input_covariance")
         kwargs["input_covariance"] = covariance.unsqueeze(0) if covariance.dim() == 2 else covariance
     if lora_alpha is not None:
         kwargs["lora_alpha"] = lora_alpha

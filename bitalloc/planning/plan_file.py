@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..errors import BitallocError
+from ..errors import BitallocError, check_path
 from ..fileio import write_text_atomic
 from ..profiling.calibration import calibration_path, copy_verified, read_verified
 from ..quant import QuantConfig
@@ -346,6 +346,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         """Read and validate a plan file (a data-aware plan's statistics are beside it)."""
+        check_path(path, "plan path")
         plan = cls.from_json(Path(path))
         if plan.objective != "weight":
             plan.calibration_file = calibration_path(path)

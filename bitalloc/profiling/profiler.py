@@ -26,7 +26,7 @@ from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import check_output
 from ..lora import loftq_batch, module_seed
-from ..lora.decomposition import check_rank, whitening_factor
+from ..lora.decomposition import MAX_ITERS, check_rank, whitening_factor
 from ..quant import QuantConfig
 from .calibration import (
     Covariances,
@@ -43,7 +43,6 @@ from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
 # GPU batches of same-shaped matrices stay under this many elements (fp32: 4 bytes each,
 # LoftQ holds about six copies)
 CUDA_BATCH_ELEMENTS = 1 << 27
-MAX_ITERS = 100
 
 
 def profile(

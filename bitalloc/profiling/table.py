@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import BitallocError
+from ..errors import BitallocError, check_path
 from ..fileio import WorkFolder, atomic_path, check_output
 
 PROFILE_FORMAT = "bitalloc.profile/v1"
@@ -44,6 +44,7 @@ def read_profile(path: str | os.PathLike) -> pd.DataFrame:
     """A profile table from Parquet (metadata in ``.attrs``) or CSV; BitallocError if unusable."""
     import pyarrow.parquet as pq
 
+    check_path(path, "profile path")
     path = Path(path)
     if not path.is_file():
         raise BitallocError(f"profile not found: {path}")

@@ -34,6 +34,8 @@ def check_matrix(weight: torch.Tensor, what: str = "weight") -> None:
     2-D tensor, empty, NaN or Inf."""
     if not isinstance(weight, torch.Tensor):
         raise BitallocError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.is_meta:
+        raise BitallocError(f"{what} is on the meta device (it has no values): load the weights first")
     if not weight.is_floating_point():
         raise BitallocError(f"{what} must hold real floating-point values, got {weight.dtype}")
     if weight.dim() < 2:
