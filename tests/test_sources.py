@@ -379,7 +379,13 @@ def test_reading_a_large_checkpoint_keeps_memory_small(tmp_path):
         print(len(source.modules()), (kib("VmHWM") - before) * 1024)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    count, growth = map(int, result.stdout.split())
-    assert count == 16
-    assert growth < size / 4, f"peak RSS grew {growth / 2**20:.0f} MiB reading {size / 2**20:.0f} MiB"
+    # The median of three fresh processes, against a third of the size: a kept map grows by
+    # ~the size (256 MiB), streaming by a few 16 MiB tensors (up to 68 MiB seen under load).
+    growths = []
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        count, growth = map(int, result.stdout.split())
+        assert count == 16
+        growths.append(growth)
+    growth = sorted(growths)[1]
+    assert growth < size / 3, f"peak RSS grew {[g >> 20 for g in growths]} MiB reading {size >> 20} MiB"
