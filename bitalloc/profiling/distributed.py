@@ -54,20 +54,55 @@ class Distributed:
 
             dist.barrier()
 
-    def first(self, fn):
-        """Run ``fn`` on rank 0, then share its result (or its error) with every rank."""
+    def first(self, fn, share: bool = True):
+        """Run ``fn`` on rank 0, then share its result (``share``; else the other ranks get
+        None) or its error with every rank: any exception on rank 0 ends every rank with the
+        same BitallocError."""
         if self.world == 1:
             return fn()
         import torch.distributed as dist
 
         box: list = [None]
+        value = None
         if self.rank == 0:
             try:
-                box[0] = ("ok", fn())
-            except BitallocError as exc:
-                box[0] = ("error", str(exc))
+                value = fn()
+                box[0] = ("ok", value if share else None)
+            except Exception as exc:  # noqa: BLE001 - any failure must reach every rank
+                box[0] = ("error", failure_message(exc, 0, self.world))
         dist.broadcast_object_list(box, src=0)
-        status, value = box[0]
+        status, shared = box[0]
         if status == "error":
-            raise BitallocError(value)
+            raise BitallocError(shared)
+        return shared if share or self.rank != 0 else value
+
+    def each(self, fn):
+        """Run ``fn`` on every rank, then check that every rank succeeded (an all-gather of
+        each rank's status, which is also a barrier): an exception on any rank ends every
+        rank with the same BitallocError (the lowest failing rank's message). Returns this
+        rank's result."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+
+        status, value = None, None
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 - any failure must reach every rank
+            status = failure_message(exc, self.rank, self.world)
+        statuses: list = [None] * self.world
+        dist.all_gather_object(statuses, status)
+        failed = next((message for message in statuses if message is not None), None)
+        if failed is not None:
+            raise BitallocError(failed)
         return value
+
+
+def failure_message(exc: BaseException, rank: int, world: int) -> str:
+    """One line for every rank: a BitallocError's own message, anything else with its type
+    and the rank it happened on."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, BitallocError):
+        return text
+    return f"rank {rank} of {world} failed: {type(exc).__name__}: {text}" if text else (
+        f"rank {rank} of {world} failed: {type(exc).__name__}")  # fmt: skip

@@ -169,23 +169,30 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
             )
         if stats is not None:
             stats["calibration"] = stats.get("calibration", 0.0) + time.perf_counter() - start
-    done = store.done_modules() if store is not None else {}
-    if store is not None:
-        store.check_weights(source, done, verify)
-    todo = [m for m in source.modules() if m not in done]
-    mine = split_by_cost(todo, source, len(grid), dist.world)[dist.rank]
     timings = stats if stats is not None else {}
-    new_rows = _run(
-        source, mine, grid, profile_settings, device, store, dist.rank, quiet, timings, weights_by_module
-    )
-    dist.barrier()  # every rank's matrices are in the logs
-    table = None
-    if dist.rank == 0:
+
+    def work():
+        done = store.done_modules() if store is not None else {}
+        if store is not None:
+            store.check_weights(source, done, verify)
+        todo = [m for m in source.modules() if m not in done]
+        mine = split_by_cost(todo, source, len(grid), dist.world)[dist.rank]
+        return _run(
+            source, mine, grid, profile_settings, device, store, dist.rank, quiet, timings, weights_by_module
+        )
+
+    # each guarded step ends every rank with the same error when any rank fails (no rank
+    # waits forever in a collective); `each` also waits until every rank's matrices are logged
+    new_rows = dist.each(work)
+
+    def merge():
         rows = store.done_modules() if store is not None else new_rows
         table = _assemble(source.modules(), rows, meta)
         if store is not None:
             store.finish(table)
-    dist.barrier()
+        return table
+
+    table = dist.first(merge, share=False)
     return table if table is not None else read_profile(output)
 
 
