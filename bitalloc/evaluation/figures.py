@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BitallocError
+from ..fileio import check_name
 from ..names import natural_key
 from ..planning.plan_file import PLAN_FORMAT, Plan
 from ..quant import QuantConfig
@@ -86,7 +87,7 @@ def report(
     (default ``report/``): PNGs, their data (CSV) and README.md. See the module docstring."""
     figure_class = _figure_class()
     found = _read_inputs(inputs)
-    folder = Path(output if output is not None else DEFAULT_OUTPUT)
+    folder = check_name(output if output is not None else DEFAULT_OUTPUT)
     _check_output(folder, [Path(p) for p in inputs])
     if points < 2:
         raise BitallocError(f"the frontier needs at least 2 budgets, got {points}")
