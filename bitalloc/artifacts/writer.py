@@ -88,7 +88,7 @@ def apply(
     ranks = {name: int(entry.get("rank", plan.defaults["rank"])) for name, entry in plan.modules.items()}
     for rank in sorted(set(ranks.values())):  # before any work: factors that stay finite
         check_lora_scaling(rank, (rank or None) if lora_alpha is None else lora_alpha, use_rslora)
-    _check_iters(plan)
+    check_plan_iters(plan)
     identity = {
         "format": WORK_FORMAT,
         "plan": hashlib.sha256(plan.to_json().encode()).hexdigest(),
@@ -132,7 +132,7 @@ def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_w
     work.folder.remove()
 
 
-def _check_iters(plan: Plan) -> None:
+def check_plan_iters(plan: Plan) -> None:
     """BitallocError for a plan (edited by hand) asking more LoftQ iterations than a profile
     may run: LoftQ drifts to NaN after about a thousand, and each one costs a factorization."""
     iters = plan.defaults.get("iters")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..artifacts.nn import PACKED_NAMES, packed_files, read_quant_info
-from ..artifacts.writer import PLAN_FILE, check_plan
+from ..artifacts.writer import PLAN_FILE, check_plan, check_plan_iters
 from ..checkpoints import DEMO_NAME, open_source
 from ..checkpoints.runnable import BATCH_TOKENS, can_run, find_blocks, load_tokenizer, run_model, runnable
 from ..devices import resolve_device
@@ -115,6 +115,7 @@ def evaluate(
             )
         plan_path = None if isinstance(plan, Plan) else Path(plan)
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        check_plan_iters(plan)  # eval runs LoftQ with them
         starts = None
         plan_info = {"path": None if plan_path is None else str(plan_path), "applied": False}
     wanted = output if output is not None else (DEFAULT_OUTPUT if save else None)

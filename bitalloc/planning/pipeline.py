@@ -60,10 +60,18 @@ class PlanRun:
     seconds: float  # solving time
 
 
+def budget_label(budget: float) -> str:
+    """The budget as a file name shows it: short (``2.5``, ``3``) when that reads back as the
+    same number, else exact (``2.1234567``: ``{:g}`` would show ``2.12346`` for several
+    budgets), so distinct budgets never share a file."""
+    short = f"{budget:g}"
+    return short if float(short) == budget else repr(float(budget))
+
+
 def sweep_path(output: str | os.PathLike, budget: float) -> Path:
-    """``plan.json`` and budget 2.5 -> ``plan-2.5.json``."""
+    """``plan.json`` and budget 2.5 -> ``plan-2.5.json`` (see `budget_label`)."""
     output = Path(output)
-    return output.with_name(f"{output.stem}-{budget:g}{output.suffix}")
+    return output.with_name(f"{output.stem}-{budget_label(budget)}{output.suffix}")
 
 
 def profile_cache_path(
@@ -127,6 +135,14 @@ def plan_files(
     sweep_budgets = parse_sweep(budgets) if isinstance(budgets, str) else budgets
     if sweep_budgets is not None and not sweep_budgets:
         raise BitallocError("no budgets to sweep")
+    if sweep_budgets is not None:
+        seen: set[float] = set()
+        for value in sweep_budgets:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                break  # `sweep` names the bad value
+            if float(value) in seen:
+                raise BitallocError(f"budget {value:g} is given twice: each budget writes one plan file")
+            seen.add(float(value))
     constraints = constraints or PlanConstraints()
     paths = [Path(output)] if sweep_budgets is None else [sweep_path(output, b) for b in sweep_budgets]
     text = calibration.text if isinstance(calibration, CalibrationSettings) else calibration
