@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoints import CONFIG_FILES, Source, open_source
-from ..checkpoints.runnable import check_linears
+from ..checkpoints.runnable import check_linears, unexpected_tensors
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import WorkFolder, atomic_path, check_name, save_safetensors
@@ -158,12 +158,16 @@ def check_plan(plan: Plan, source: Source) -> None:
 
 def _open_matrices(source, plan: Plan) -> Source:
     """The model's reader selecting exactly the plan's matrices (quantized and kept), after
-    checking names and shapes; warns when its fingerprint differs from the plan's."""
+    checking names and shapes, and that every other tensor has its place in the model (known
+    harmless extras are left out of the output); refuses a fingerprint other than the plan's."""
     reader = open_source(source, modules=[])
     reader.require_config()
     check_plan(plan, reader)
-    check_linears(source if isinstance(source, torch.nn.Module) else reader, [*plan.modules])
+    model = source if isinstance(source, torch.nn.Module) else reader
+    check_linears(model, [*plan.modules])
+    extras = unexpected_tensors(model, reader)  # every tensor has its place, before any work
     matrices = reader.with_modules([*plan.modules, *plan.kept])
+    matrices.dropped_tensors = frozenset(extras)
     expected = plan.model.get("fingerprint")
     if expected is not None and matrices.fingerprint() != expected:
         raise BitallocError(
@@ -259,6 +263,8 @@ def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]]) -> 
     """Every backbone tensor in order, each planned weight replaced by ``planned(module)``."""
     items: list[Item] = []
     for name in source.tensor_names():
+        if name in source.dropped_tensors:
+            continue
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in plan.modules:
             items += planned(module)

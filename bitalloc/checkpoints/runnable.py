@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,42 @@ def can_run(model) -> bool:
             return False
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     return (folder / "config.json").is_file() and has_tokenizer
+
+
+# Tensors old checkpoints hold that today's transformers computes instead and drops on load
+# (old llama/mistral checkpoints stored each layer's rotary inverse frequencies).
+HARMLESS_EXTRAS = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
+
+
+def unexpected_tensors(model, source) -> list[str]:
+    """Check every tensor of ``source`` (the checkpoint of ``model``) against the model built
+    from its config, before any work: the names of known-harmless extras that have no place
+    in it (`HARMLESS_EXTRAS`, the class's ``_keys_to_ignore_on_load_unexpected``: a writer
+    leaves them out); BitallocError for any other tensor without a place, or (safetensors)
+    one whose stored shape differs from the model's."""
+    with runnable(model) as (net, _, _):
+        shapes = {n: tuple(p.shape) for n, p in net.named_parameters(remove_duplicate=False)}
+        shapes.update((n, tuple(b.shape)) for n, b in net.named_buffers(remove_duplicate=False))
+        ignored = [re.compile(p) for p in getattr(net, "_keys_to_ignore_on_load_unexpected", None) or []]
+        kind = type(net).__name__
+    entries = getattr(source, "_entries", None) or {}
+    extras = []
+    for name in source.tensor_names():
+        if name in shapes:
+            entry = entries.get(name)
+            if entry is not None and tuple(entry.shape) != shapes[name]:
+                raise BitallocError(
+                    f"{source.name}: tensor {name} has shape {list(entry.shape)}, but {kind} built from "
+                    f"its config.json expects {list(shapes[name])}"
+                )
+        elif HARMLESS_EXTRAS.search(name) or any(p.search(name) for p in ignored):
+            extras.append(name)
+        else:
+            raise BitallocError(
+                f"{source.name}: tensor {name} has no place in {kind} built from its config.json: "
+                "is the config the checkpoint's own?"
+            )
+    return extras
 
 
 def check_linears(model, names: Sequence[str]) -> None:
