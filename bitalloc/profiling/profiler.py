@@ -22,6 +22,7 @@ import torch
 
 from ..checkpoints import Source, open_source
 from ..checkpoints.base import combine_digests
+from ..checkpoints.runnable import runnable
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import check_output
@@ -107,6 +108,9 @@ def profile(
     if objective != "weight":
         meta["settings"]["calibration"] = calibration_settings(calibration, objective)
         meta["objective"] = objective
+        if calibration.column_weights is None and not isinstance(model, torch.nn.Module):
+            with runnable(model):  # the model can be built from its config: before any work
+                pass
     if objective == "output":
         meta["settings"]["damping"] = float(calibration.damping)
     if calibration.layer_weights:
