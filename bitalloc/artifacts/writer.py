@@ -34,7 +34,7 @@ from ..lora import LoraSettings, loftq, module_seed
 from ..lora.decomposition import check_lora_alpha, check_lora_scaling
 from ..planning.plan_file import Plan, most_common
 from ..profiling.calibration import weighting
-from ..profiling.profiler import MAX_ITERS
+from ..profiling.settings import MAX_ITERS
 from ..quant import QuantConfig, QuantizedTensor
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
 

@@ -38,13 +38,12 @@ from .calibration import (
 )
 from .distributed import Distributed, split_by_cost
 from .layer_weights import layer_weights_path, layer_weights_spec, prepare_layer_weights
-from .settings import CalibrationSettings, ProfileSettings, build_settings
+from .settings import MAX_ITERS, CalibrationSettings, ProfileSettings, build_settings
 from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
 
 # GPU batches of same-shaped matrices stay under this many elements (fp32: 4 bytes each,
 # LoftQ holds about six copies)
 CUDA_BATCH_ELEMENTS = 1 << 27
-MAX_ITERS = 100
 
 
 def profile(

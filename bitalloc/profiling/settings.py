@@ -19,6 +19,7 @@ DEFAULT_BLOCK_SIZES = (32, 64, 128)
 DEFAULT_SCALES = ("8b256",)
 DEFAULT_RANK = 16
 DEFAULT_ITERS = 5
+MAX_ITERS = 100  # LoftQ iterations a profile (or a plan's apply) may run
 DEFAULT_TOKENS = 8192
 DEFAULT_CONTEXT = 512
 OBJECTIVES = ("weight", "activation", "output", "auto")
