@@ -112,7 +112,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .planning.pipeline import PlanConstraints, plan_files
+    from .planning.pipeline import PlanConstraints, budget_label, plan_files
     from .planning.report import config_counts, summarize
 
     constraints = PlanConstraints(
@@ -131,7 +131,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"{'budget':>7} {'achieved':>9} {'total error':>12}  configs used")
     for budget, result in zip(run.budgets, run.plans):
         used = ", ".join(f"{c}x{n}" for c, n in config_counts(result))
-        print(f"{budget:>7g} {result.achieved_bits:>9.4f} {result.total_error:>12.5g}  {used}")
+        print(f"{budget_label(budget):>7} {result.achieved_bits:>9.4f} {result.total_error:>12.5g}  {used}")
     stem = Path(args.output)
     print(f"solved {len(run.plans)} budgets in {run.seconds:.2f}s; wrote {stem.stem}-<budget>{stem.suffix}")
 

@@ -14,7 +14,8 @@ def resolve_device(
     device: str | torch.device | None = "auto", fallback: torch.device | None = None
 ) -> torch.device:
     """'auto' (or None without ``fallback``) is CUDA when available, else the CPU; None with
-    ``fallback`` is ``fallback``. BitallocError for an unknown name or CUDA without a GPU."""
+    ``fallback`` is ``fallback``. BitallocError for an unknown name, a device other than
+    the CPU and CUDA (``meta`` would compute nothing and write zeros), or CUDA without a GPU."""
     if device is None and fallback is not None:
         return fallback
     if device is None or str(device) == "auto":
@@ -23,6 +24,8 @@ def resolve_device(
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise BitallocError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type not in ("cpu", "cuda"):  # meta computes nothing; others are untested
+        raise BitallocError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise BitallocError(f"device {device} requested but CUDA is not available: use --device cpu")
     return resolved

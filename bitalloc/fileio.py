@@ -44,6 +44,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             os.fsync(handle.fileno())
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, with its I/O failures (a full disk, a quota, a read-only
+    folder) raised as the OSError they are: safetensors reports them as a SafetensorError
+    carrying only the OS error's text, which would otherwise escape as a traceback."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, os.fspath(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None and "I/O error" not in str(exc):
+            raise
+        code = int(found.group(1)) if found else 5  # EIO
+        raise OSError(code, os.strerror(code), os.fspath(path)) from None
+
+
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
@@ -65,9 +84,25 @@ def input_files(paths: Iterable[str | os.PathLike | None]) -> set[tuple[int, int
     return found
 
 
+def check_name(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` as a Path; BitallocError when its name is not valid UTF-8 (bytes Python keeps
+    as surrogate escapes): such a name cannot be recorded in JSON or Parquet metadata, so it
+    is refused before any work rather than after it."""
+    text = os.fspath(path)
+    text = os.fsdecode(text) if isinstance(text, bytes) else text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise BitallocError(f"{what} name {shown} is not valid UTF-8: choose a UTF-8 name") from None
+    return Path(text)
+
+
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """The real file an output path names (symlinks followed); BitallocError when it is one
-    of the command's inputs, or exists and is not a regular file (a folder, FIFO, device)."""
+    of the command's inputs, exists and is not a regular file (a folder, FIFO, device), or
+    its name is not UTF-8 (`check_name`)."""
+    check_name(path)
     target = Path(path).resolve()
     if target.exists() or target.is_symlink():
         mode = target.stat().st_mode
@@ -96,6 +131,7 @@ class WorkFolder:
     def open(self) -> WorkFolder:
         """Create (atomically) or adopt the folder, and lock it; BitallocError when it is not
         bitalloc's or another process holds it."""
+        check_name(self.path)
         if not self.path.exists() and not self.path.is_symlink():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))

@@ -12,7 +12,7 @@ from _models import make_tiny_llama
 import bitalloc
 from bitalloc.cli import main
 from bitalloc.export import export
-from bitalloc.planning.pipeline import PlanConstraints, plan_files
+from bitalloc.planning.pipeline import CACHE_FOLDER, PlanConstraints, plan_files
 
 CONFIGS = "nf2-b64-s8b256,nf4-b64-s8b256,nf3-b128-sfp16"
 OPTIONS = dict(configs=CONFIGS.split(","), rank=4, iters=1)
@@ -49,7 +49,8 @@ def test_plan_from_a_model_cli_and_api_write_the_same_files(model_dir, tmp_path)
     )  # fmt: skip
     cli_files = sorted(p.name for p in (tmp_path / "cli").iterdir())
     assert cli_files == sorted(p.name for p in (tmp_path / "api").iterdir())
-    assert any(name.startswith("plan.profile-") for name in cli_files)  # the same cache name
+    caches = [sorted(p.name for p in (tmp_path / side / CACHE_FOLDER).iterdir()) for side in ("cli", "api")]
+    assert caches[0] == caches[1] and any(n.startswith("profile-") for n in caches[0])  # the same cache name
     assert digest(tmp_path / "cli" / "plan.json") == digest(run.paths[0])
 
 

@@ -426,19 +426,18 @@ def smollm2():
 
 
 def test_llamacpp_patterns_match_one_smollm2_tensor_each(smollm2):
+    """Every pattern names exactly one tensor of the model (SmolLM2 ties its embeddings: no
+    output.weight, so the heads are set on the command line), with a type that fits its rows."""
     import gguf
 
     tensors, plan, module_of = smollm2
     result = export(plan, "llamacpp")
     tokens = result.text.split()
-    assert len(tokens) == 210 + 2 and "#" not in result.text
+    assert len(tokens) == 210 and "#" not in result.text
     matched, storage = set(), 0
     for token in tokens:
         pattern, type_name = token.rsplit("=", 1)
         hits = [name for name in tensors if re.search(pattern.lower(), name)]  # llama.cpp lower-cases
-        if pattern == r"^output\.weight$":
-            assert hits == [] and "output.weight" not in tensors  # SmolLM2 ties its embeddings
-            continue
         assert len(hits) == 1, token
         ggml_type = gguf.GGMLQuantizationType[type_name.upper()]
         block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
@@ -447,10 +446,37 @@ def test_llamacpp_patterns_match_one_smollm2_tensor_each(smollm2):
         matched.add(hits[0])
         if module_of.get(hits[0]) in plan["modules"]:
             storage += rows * columns // block * block_bytes * 8
-    assert matched == {n for n, s in tensors.items() if len(s) == 2}  # every matrix, token_embd included
+    assert matched == {n for n, s in tensors.items() if len(s) == 2 and n.startswith("blk.")}  # every matrix
+    assert "output.weight" not in tensors
     numel = sum(entry["numel"] for entry in plan["modules"].values())
     assert round(storage / numel, 6) == result.target_bits
-    assert r"^blk\.0\.ffn_down\.weight$=f16" in tokens and r"^token_embd\.weight$=q8_0" in tokens
+    assert r"^blk\.0\.ffn_down\.weight$=f16" in tokens
+    assert any("--token-embedding-type q8_0 --output-tensor-type q8_0" in n for n in result.notes)
+
+
+def test_llamacpp_predicts_what_llama_quantize_does():
+    """tensor_type_fallback (src/llama-quant.cpp): a fallback where one is defined, f16 when the
+    fallback does not fit either, and a refusal for the block-32 types that have none."""
+    from bitalloc.export.llamacpp import effective_type, head_type
+
+    assert effective_type("q4_K", 576).name == "q5_0"
+    assert effective_type("q2_K", 576).name == "q4_0"
+    assert effective_type("iq3_s", 576).name == "iq4_nl"
+    assert effective_type("q4_K", 100).name == "f16"  # q5_0 does not fit 100 either
+    assert effective_type("q8_0", 64).name == "q8_0"
+    for name in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"):
+        with pytest.raises(BitallocError, match="refuses"):
+            effective_type(name, 100)
+    assert head_type(576).name == "q8_0" and head_type(100).name == "f16"
+
+
+def test_llamacpp_writes_only_types_llama_quantize_applies():
+    """Rows of 100 columns (not a multiple of 32): only f16 is applied as written."""
+    shapes = {f"model.layers.0.self_attn.{p}_proj": (100, 100) for p in "qkvo"}
+    plan = plan_dict(dict.fromkeys(shapes, "nf4-b64-s8b256"), shapes)
+    result = export(plan, "llamacpp")
+    assert {token.rsplit("=", 1)[1] for token in result.text.split()} == {"f16"}
+    assert any("--token-embedding-type f16" in n for n in result.notes)
 
 
 def test_llamacpp_models_the_fallback_for_576_columns(smollm2):

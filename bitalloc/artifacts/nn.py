@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints.runnable import model_class, parameters_on_meta
+from ..checkpoints.runnable import build_skeleton
 from ..checkpoints.safetensors import index_shards
 from ..errors import BitallocError, check_path
 from ..quant import QuantConfig, QuantizedTensor
@@ -299,15 +299,8 @@ def check_quantized(path: str | os.PathLike) -> None:
 def _assemble(path: Path, dtype: torch.dtype, read, device: str | None = None) -> nn.Module:
     """The model skeleton with QuantLinears, filled from every packed file by ``read(file)``;
     BitallocError for a tensor without a place, a size mismatch or a missing tensor."""
-    from transformers import AutoConfig
-
     info = read_quant_info(path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:  # transformers raises many types for a bad config
-        raise BitallocError(f"{path}: cannot read config.json ({type(exc).__name__}: {exc})") from None
-    with parameters_on_meta():
-        model = model_class(config)(config)
+    model = build_skeleton(path, str(path))
     for name, entry in info["modules"].items():
         rows, cols = entry["shape"]
         old = model.get_submodule(name) if _has_module(model, name) else None

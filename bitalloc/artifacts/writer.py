@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..checkpoints import CONFIG_FILES, Source, open_source
-from ..checkpoints.runnable import check_linears
+from ..checkpoints.runnable import check_linears, unexpected_tensors
 from ..devices import resolve_device
 from ..errors import BitallocError, check_path
-from ..fileio import WorkFolder, atomic_path
+from ..fileio import WorkFolder, atomic_path, check_name, save_safetensors
 from ..lora import LoraSettings, loftq, module_seed
-from ..lora.decomposition import check_lora_alpha
+from ..lora.decomposition import check_lora_alpha, check_lora_scaling
 from ..planning.plan_file import Plan, most_common
 from ..profiling.calibration import weighting
+from ..profiling.settings import MAX_ITERS
 from ..quant import QuantConfig, QuantizedTensor
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
 
@@ -81,7 +81,7 @@ def apply(
     check_path(out_dir, "out_dir")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     column_weights = plan.input_statistics(calibration)
-    out = Path(out_dir)
+    out = check_name(out_dir)
     if out.exists() or out.is_symlink():
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
     if dequantized_dtype not in DEQUANTIZED_DTYPES:
@@ -89,6 +89,9 @@ def apply(
     torch_device = resolve_device(device)
     matrices = _open_matrices(source, plan)
     ranks = {name: int(entry.get("rank", plan.defaults["rank"])) for name, entry in plan.modules.items()}
+    for rank in sorted(set(ranks.values())):  # before any work: factors that stay finite
+        check_lora_scaling(rank, (rank or None) if lora_alpha is None else lora_alpha, use_rslora)
+    check_plan_iters(plan)
     identity = {
         "format": WORK_FORMAT,
         "plan": hashlib.sha256(plan.to_json().encode()).hexdigest(),
@@ -132,6 +135,14 @@ def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_w
     work.folder.remove()
 
 
+def check_plan_iters(plan: Plan) -> None:
+    """BitallocError for a plan (edited by hand) asking more LoftQ iterations than a profile
+    may run: LoftQ drifts to NaN after about a thousand, and each one costs a factorization."""
+    iters = plan.defaults.get("iters")
+    if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
+        raise BitallocError(f"plan iters must be a whole number from 0 to {MAX_ITERS}, got {iters!r}")
+
+
 def check_plan(plan: Plan, source: Source) -> None:
     """BitallocError naming the first plan module the model lacks or whose shape differs."""
     for name in [*plan.modules, *plan.kept]:
@@ -150,12 +161,16 @@ def check_plan(plan: Plan, source: Source) -> None:
 
 def _open_matrices(source, plan: Plan) -> Source:
     """The model's reader selecting exactly the plan's matrices (quantized and kept), after
-    checking names and shapes; warns when its fingerprint differs from the plan's."""
+    checking names and shapes, and that every other tensor has its place in the model (known
+    harmless extras are left out of the output); refuses a fingerprint other than the plan's."""
     reader = open_source(source, modules=[])
     reader.require_config()
     check_plan(plan, reader)
-    check_linears(source if isinstance(source, torch.nn.Module) else reader, [*plan.modules])
+    model = source if isinstance(source, torch.nn.Module) else reader
+    check_linears(model, [*plan.modules])
+    extras = unexpected_tensors(model, reader)  # every tensor has its place, before any work
     matrices = reader.with_modules([*plan.modules, *plan.kept])
+    matrices.dropped_tensors = frozenset(extras)
     expected = plan.model.get("fingerprint")
     if expected is not None and matrices.fingerprint() != expected:
         raise BitallocError(
@@ -229,11 +244,14 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
             seed=module_seed(name, config), device=device,
             **weighting(column_weights, name),
         )  # fmt: skip
+        factors = (result.lora_A, result.lora_B)
+        if not math.isfinite(result.rel_error) or not all(bool(torch.isfinite(f).all()) for f in factors):
+            raise BitallocError(f"LoftQ gave non-finite values for {name} (error {result.rel_error!r})")
         tensors = {f"weight.{part}": t.cpu().contiguous() for part, t in result.q.tensors().items()}
         tensors["lora_A"] = result.lora_A.float().cpu().contiguous()
         tensors["lora_B"] = result.lora_B.float().cpu().contiguous()
         with atomic_path(work.file(name)) as temp:
-            save_file(tensors, str(temp), metadata={"rel_error": repr(result.rel_error)})
+            save_safetensors(tensors, str(temp), metadata={"rel_error": repr(result.rel_error)})
         bar.set_postfix_str(f"{name} rel_error {result.rel_error:.4f}")
         bar.update(1)
     bar.close()
@@ -248,6 +266,8 @@ def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]]) -> 
     """Every backbone tensor in order, each planned weight replaced by ``planned(module)``."""
     items: list[Item] = []
     for name in source.tensor_names():
+        if name in source.dropped_tensors:
+            continue
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in plan.modules:
             items += planned(module)
@@ -290,7 +310,7 @@ def _write_checkpoint(folder: Path, items: list[Item], max_shard_bytes: int, ste
     weight_map = {}
     for file, shard in zip(names, shards):
         tensors = {name: load().contiguous() for name, _, load in shard}
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        save_safetensors(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
     if len(shards) > 1:
@@ -349,4 +369,4 @@ def _write_adapter(folder, base, source, plan, ranks, work, lora_alpha, use_rslo
     for name in targets:
         for part in ("lora_A", "lora_B"):
             tensors[f"base_model.model.{name}.{part}.weight"] = work.load(name, part)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

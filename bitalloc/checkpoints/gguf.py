@@ -175,6 +175,9 @@ class GGUFSource(Source):
             config = AutoConfig.from_pretrained(where, gguf_file=file)
         except Exception as exc:  # transformers raises many types for metadata it cannot map
             raise BitallocError(f"cannot build a transformers config from {self.path}: {exc}") from None
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            kind = config.model_type
+            raise BitallocError(f"{self.path}: transformers has no causal LM for model type {kind!r}")
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
         if "model.embed_tokens.weight" in self._tensors:  # absent tokenizer metadata: 32000
             config.vocab_size = self._tensor_shape("model.embed_tokens.weight")[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,42 @@ def can_run(model) -> bool:
             return False
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     return (folder / "config.json").is_file() and has_tokenizer
+
+
+# Tensors old checkpoints hold that today's transformers computes instead and drops on load
+# (old llama/mistral checkpoints stored each layer's rotary inverse frequencies).
+HARMLESS_EXTRAS = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
+
+
+def unexpected_tensors(model, source) -> list[str]:
+    """Check every tensor of ``source`` (the checkpoint of ``model``) against the model built
+    from its config, before any work: the names of known-harmless extras that have no place
+    in it (`HARMLESS_EXTRAS`, the class's ``_keys_to_ignore_on_load_unexpected``: a writer
+    leaves them out); BitallocError for any other tensor without a place, or (safetensors)
+    one whose stored shape differs from the model's."""
+    with runnable(model) as (net, _, _):
+        shapes = {n: tuple(p.shape) for n, p in net.named_parameters(remove_duplicate=False)}
+        shapes.update((n, tuple(b.shape)) for n, b in net.named_buffers(remove_duplicate=False))
+        ignored = [re.compile(p) for p in getattr(net, "_keys_to_ignore_on_load_unexpected", None) or []]
+        kind = type(net).__name__
+    entries = getattr(source, "_entries", None) or {}
+    extras = []
+    for name in source.tensor_names():
+        if name in shapes:
+            entry = entries.get(name)
+            if entry is not None and tuple(entry.shape) != shapes[name]:
+                raise BitallocError(
+                    f"{source.name}: tensor {name} has shape {list(entry.shape)}, but {kind} built from "
+                    f"its config.json expects {list(shapes[name])}"
+                )
+        elif HARMLESS_EXTRAS.search(name) or any(p.search(name) for p in ignored):
+            extras.append(name)
+        else:
+            raise BitallocError(
+                f"{source.name}: tensor {name} has no place in {kind} built from its config.json: "
+                "is the config the checkpoint's own?"
+            )
+    return extras
 
 
 def check_linears(model, names: Sequence[str]) -> None:
@@ -81,6 +118,8 @@ def run_blocks(
     blocks_name, blocks = find_blocks(net, modules)
     device = next((p.device for p in net.parameters() if not p.is_meta), torch.device("cpu"))
     input_ids = input_ids.to(device)
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise BitallocError(f"no tokens to run the model on (token ids of shape {tuple(input_ids.shape)})")
     batch = max(1, batch_tokens // input_ids.shape[1])
     loaded: list[tuple[nn.Module, str]] = []
     inside = {id(m) for m in blocks.modules()}
@@ -245,13 +284,15 @@ def model_class(config) -> type:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    names = list(getattr(config, "architectures", None) or [])
-    names.append(MODEL_MAPPING_NAMES.get(config.model_type, ""))
+    names = [name for name in getattr(config, "architectures", None) or [] if isinstance(name, str)]
+    names.append(MODEL_MAPPING_NAMES.get(getattr(config, "model_type", ""), ""))
     for name in names:
         cls = getattr(transformers, name, None) if name else None
         if cls is not None:
             return cls
-    raise BitallocError(f"no transformers model class for model type {config.model_type!r}")
+    raise BitallocError(
+        f"no transformers model class for model type {getattr(config, 'model_type', None)!r}"
+    )
 
 
 @contextlib.contextmanager
@@ -264,17 +305,36 @@ def runnable(model) -> Iterator[tuple[nn.Module, Callable | None, str | None]]:
         finally:
             model.train(training)
         return
-    from transformers import AutoConfig
-
     source = open_source(getattr(model, "path", model), modules=[])
     with tempfile.TemporaryDirectory(prefix="bitalloc-run-") as folder:
         with warnings.catch_warnings():  # e.g. a GGUF without tokenizer metadata: ids may be given
             warnings.simplefilter("ignore")
             source.write_config(Path(folder))
-        config = AutoConfig.from_pretrained(folder)
-        with parameters_on_meta():
-            net = model_class(config)(config)
+        net = build_skeleton(folder, source.name)
         yield net.eval(), source.load_tensor, folder
+
+
+def build_skeleton(folder: str | Path, name: str) -> nn.Module:
+    """The transformers model that ``folder``'s config.json describes, every parameter on
+    the meta device; BitallocError (naming ``name``) when transformers cannot read the config
+    (no or an unknown ``model_type``, a value it refuses) or cannot build the model from it."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # transformers raises ValueError, KeyError, OSError, ... for a bad config
+        detail = " ".join(str(exc).split(". ")[0].split()).replace(str(folder), "config.json")
+        raise BitallocError(
+            f"{name}: transformers cannot read its config.json ({type(exc).__name__}: {detail}); "
+            "it needs a model_type transformers knows"
+        ) from None
+    cls = model_class(config)
+    try:
+        with parameters_on_meta():
+            return cls(config)
+    except Exception as exc:  # a config whose values the model class refuses
+        detail = " ".join(str(exc).split())[:300]
+        raise BitallocError(f"{name}: cannot build {cls.__name__} from its config.json: {detail}") from None
 
 
 def load_tokenizer(folder: str | None, model):

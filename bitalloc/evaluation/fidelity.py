@@ -36,17 +36,17 @@ import torch
 from torch import nn
 
 from ..artifacts.nn import PACKED_NAMES, packed_files, read_quant_info
-from ..artifacts.writer import PLAN_FILE, check_plan
+from ..artifacts.writer import PLAN_FILE, check_plan, check_plan_iters
 from ..checkpoints import DEMO_NAME, open_source
 from ..checkpoints.runnable import BATCH_TOKENS, can_run, find_blocks, load_tokenizer, run_model, runnable
 from ..devices import resolve_device
 from ..errors import BitallocError
-from ..fileio import write_text_atomic
+from ..fileio import check_name, write_text_atomic
 from ..lora import loftq, module_seed
 from ..planning.plan_file import Plan
 from ..profiling.calibration import weighting
 from ..quant import QuantConfig, QuantizedTensor
-from ..texts import describe_text, read_text, text_digest, tokenize, windows
+from ..texts import describe_text, read_text, text_sha256, tokenize, windows
 
 EVAL_FORMAT = "bitalloc.eval/v1"
 DEFAULT_OUTPUT = "eval.json"  # where `bitalloc eval` writes its result
@@ -115,9 +115,11 @@ def evaluate(
             )
         plan_path = None if isinstance(plan, Plan) else Path(plan)
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        check_plan_iters(plan)  # eval runs LoftQ with them
         starts = None
         plan_info = {"path": None if plan_path is None else str(plan_path), "applied": False}
-    path = None if output is None and not save else Path(output if output is not None else DEFAULT_OUTPUT)
+    wanted = output if output is not None else (DEFAULT_OUTPUT if save else None)
+    path = None if wanted is None else check_name(wanted)
     if path is not None and plan_info["path"] is not None and _same_file(path, plan_info["path"]):
         raise BitallocError(f"output {path} would overwrite the plan: choose another -o")
     tokens = DEFAULT_TOKENS if tokens is None else int(tokens)
@@ -181,8 +183,9 @@ def _evaluate(model, plan, starts, text, tokens, context, input_ids, device, qui
         causal = getattr(net, "get_output_embeddings", lambda: None)() is not None
         if input_ids is None:
             tokenizer = load_tokenizer(tokenizer_dir, model)
+            digest = text_sha256(text, "evaluation")  # refuses an empty text before any work
             corpus = read_text(text, "evaluation")
-            name, digest = describe_text(text, "evaluation"), text_digest(corpus)
+            name = describe_text(text, "evaluation")
         else:
             tokenizer, corpus = None, None
             ids = input_ids.to(torch.long).contiguous()

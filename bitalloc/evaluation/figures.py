@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BitallocError
+from ..fileio import check_name
 from ..names import natural_key
 from ..planning.plan_file import PLAN_FORMAT, Plan
 from ..quant import QuantConfig
@@ -86,7 +87,7 @@ def report(
     (default ``report/``): PNGs, their data (CSV) and README.md. See the module docstring."""
     figure_class = _figure_class()
     found = _read_inputs(inputs)
-    folder = Path(output if output is not None else DEFAULT_OUTPUT)
+    folder = check_name(output if output is not None else DEFAULT_OUTPUT)
     _check_output(folder, [Path(p) for p in inputs])
     if points < 2:
         raise BitallocError(f"the frontier needs at least 2 budgets, got {points}")
@@ -121,6 +122,21 @@ def _figure_class():
     return Figure
 
 
+class _NonFinite(ValueError):
+    """A NaN or infinity in an input JSON file (no figure or CSV may carry one)."""
+
+
+def _non_finite(name: str):
+    raise _NonFinite(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise _NonFinite(text)
+    return value
+
+
 def _read_inputs(inputs: Sequence[str | os.PathLike]) -> _Inputs:
     from ..profiling.table import read_profile
 
@@ -137,7 +153,13 @@ def _read_inputs(inputs: Sequence[str | os.PathLike]) -> _Inputs:
             found.profile, found.profile_path = read_profile(path), path
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text, parse_constant=_non_finite, parse_float=_finite)
+        except _NonFinite as exc:
+            raise BitallocError(
+                f"{path} holds a non-finite number ({exc}): bitalloc writes finite values only; "
+                "was it edited by hand? run `bitalloc eval` again"
+            ) from None
         except (OSError, UnicodeDecodeError, ValueError):
             data = None
         kind = data.get("format") if isinstance(data, dict) else None

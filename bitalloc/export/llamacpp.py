@@ -4,8 +4,12 @@ llama.cpp (``tools/quantize/quantize.cpp``, ``src/llama-quant.cpp``) reads white
 ``pattern=type`` tokens (no comments), lower-cases the pattern, and gives a tensor the type of the
 first pattern that ``std::regex_search`` finds in its name; only when the base type on the command
 line is a quantized type. A row (``ne[0]``, the input dimension) that is not a multiple of the type's
-block falls back to another type (``tensor_type_fallback``); the choice here models that and writes
-the type llama.cpp will really use.
+block falls back to another type (``tensor_type_fallback``), or, for a type with no fallback (the
+block-32 types), makes llama-quantize stop; the choice here models that and writes only types that
+llama.cpp applies as written. Every pattern names one block tensor of the model the plan was made
+for; ``token_embd``/``output`` are set with ``--token-embedding-type``/``--output-tensor-type`` on
+the command line instead (llama.cpp applies those before the file, and a model that ties its
+embeddings has no ``output.weight`` for a pattern to match).
 """
 
 from __future__ import annotations
@@ -81,7 +85,6 @@ FALLBACK = {
 }
 KEPT_TYPE = "f16"
 HEAD_TYPE = "q8_0"  # token_embd and output: outside the plan's budget, kept near-lossless
-HEAD_TENSORS = ("token_embd.weight", "output.weight")
 
 # Hugging Face llama block Linears -> GGUF tensor names: the reader's table, inverted (one place)
 GGUF_NAMES = {hf: gguf for gguf, hf in LLAMA_BLOCK_NAMES.items() if hf.endswith("_proj")}
@@ -100,12 +103,35 @@ def gguf_name(module: str) -> str:
 
 
 def effective_type(name: str, columns: int) -> GgmlType:
-    """The type llama-quantize really writes for ``name`` on rows of ``columns`` weights."""
+    """The type llama-quantize really writes for ``name`` on rows of ``columns`` weights, as
+    ``tensor_type_fallback`` (src/llama-quant.cpp) decides: the type when ``columns`` is a
+    multiple of its block; else its fallback (`FALLBACK`), or f16 when that does not fit either.
+    BitallocError for a type with no fallback (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl: block 32)
+    on such rows: llama-quantize stops with "no tensor type fallback is defined"."""
     ggml_type = TYPES[name]
     if columns % ggml_type.block == 0:
         return ggml_type
-    fallback = TYPES[FALLBACK[name]] if name in FALLBACK else TYPES[KEPT_TYPE]
+    if name not in FALLBACK:
+        raise BitallocError(
+            f"llama-quantize refuses {name} on rows of {columns} (not a multiple of {ggml_type.block}, "
+            "and it defines no fallback for that type)"
+        )
+    fallback = TYPES[FALLBACK[name]]
     return fallback if columns % fallback.block == 0 else TYPES[KEPT_TYPE]
+
+
+def _applied(name: str, columns: int) -> str | None:
+    """`effective_type`'s name, or None where llama-quantize refuses the type."""
+    try:
+        return effective_type(name, columns).name
+    except BitallocError:
+        return None
+
+
+def head_type(hidden: int) -> GgmlType:
+    """``token_embd``/``output``: `HEAD_TYPE`, or f16 when rows of ``hidden`` do not fit its block
+    (llama.cpp applies ``--token-embedding-type``/``--output-tensor-type`` without a fallback)."""
+    return TYPES[HEAD_TYPE] if hidden % TYPES[HEAD_TYPE].block == 0 else TYPES[KEPT_TYPE]
 
 
 def choose_type(m: Matrix, imatrix: bool) -> tuple[GgmlType, GgmlType]:
@@ -117,7 +143,7 @@ def choose_type(m: Matrix, imatrix: bool) -> tuple[GgmlType, GgmlType]:
     def nearest(types: list[GgmlType]) -> GgmlType:
         return min(types, key=lambda t: abs(t.bits_per_weight - target))  # first on ties: preference
 
-    effective = {effective_type(t.name, m.columns).name for t in allowed}
+    effective = {_applied(t.name, m.columns) for t in allowed} - {None}
     return nearest([t for t in TYPES.values() if t.name in effective]), nearest(allowed)
 
 
@@ -132,10 +158,11 @@ def translate(plan: Plan, imatrix: bool = False) -> Translation:
         if chosen[m.name] != ideal:
             moved.append((m, ideal))
     tensor_types = {gguf_name(m.name): chosen[m.name] for m in mats} | kept
-    tokens = [f"{anchored(HEAD_TENSORS[0])}={HEAD_TYPE}"]
-    for name in sorted(tensor_types, key=_tensor_order):
-        tokens.append(f"{anchored(name)}={tensor_types[name].name}")
-    tokens.append(f"{anchored(HEAD_TENSORS[1])}={HEAD_TYPE}")
+    order = sorted(tensor_types, key=_tensor_order)
+    tokens = [f"{anchored(name)}={tensor_types[name].name}" for name in order]
+    # the embedding width: the input of every block matrix but ffn_down, whose output it is
+    hidden = most_common(m.rows if ".ffn_down." in gguf_name(m.name) else m.columns for m in mats)
+    head = head_type(hidden).name
     base = most_common(chosen[m.name].name for m in mats)
     if imatrix:
         scope = "importance-matrix types included (run llama-quantize with --imatrix)"
@@ -156,12 +183,14 @@ def translate(plan: Plan, imatrix: bool = False) -> Translation:
             "q4_K -> q5_0, q6_K -> q8_0, i-quants -> iq4_nl)"
         )
     notes.append(
-        f"kept matrices -> {KEPT_TYPE} ({len(kept)}); token_embd and output -> {HEAD_TYPE} (outside the "
-        "plan's budget; output.weight is absent when the model ties its embeddings)"
+        f"kept matrices -> {KEPT_TYPE} ({len(kept)}); token_embd and output -> {head} by the command's "
+        "--token-embedding-type/--output-tensor-type (outside the plan's budget; the file names only "
+        "tensors the model has: output.weight is absent when it ties its embeddings)"
     )
     notes.append(
-        f"run: llama-quantize --tensor-type-file FILE MODEL-F16.gguf OUT.gguf {base.upper()} "
-        "(the base type must be a quantized type: llama.cpp applies the file's types only then)"
+        f"run: llama-quantize --tensor-type-file FILE --token-embedding-type {head} --output-tensor-type "
+        f"{head} MODEL-F16.gguf OUT.gguf {base.upper()} (the base type must be a quantized type: llama.cpp "
+        "applies the file's types only then)"
     )
     text = "\n".join(tokens) + "\n"
     return finish(plan, mats, notes, TARGET, lambda m: chosen[m.name].storage_bits(m.rows, m.columns), text)

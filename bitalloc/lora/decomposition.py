@@ -119,6 +119,27 @@ def lora_scaling(rank: int, lora_alpha: float | None, use_rslora: bool = False) 
     return float(lora_alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
+# The adapter stores the correction as B/√s and A/√s (s: the scaling), so that PEFT's
+# s·B·A is the correction: a scaling far from 1 overflows or flushes the factors to zero
+# (float32 and the 16-bit dtypes they are trained in). Within these bounds they move by at
+# most a factor 1000.
+MIN_SCALING, MAX_SCALING = 1e-6, 1e6
+
+
+def check_lora_scaling(rank: int, lora_alpha: float | None, use_rslora: bool = False) -> None:
+    """BitallocError unless the scaling of ``lora_alpha`` at ``rank`` is in [MIN_SCALING,
+    MAX_SCALING] (see above): extreme finite alphas would write inf or all-zero factors."""
+    check_lora_alpha(lora_alpha)
+    scaling = lora_scaling(rank, lora_alpha, use_rslora)
+    if not MIN_SCALING <= scaling <= MAX_SCALING:
+        kind = "alpha/sqrt(r)" if use_rslora else "alpha/r"
+        raise BitallocError(
+            f"lora_alpha {lora_alpha!r} at rank {rank} gives a LoRA scaling {kind} = {scaling:.3g}, outside "
+            f"[{MIN_SCALING:g}, {MAX_SCALING:g}]: the stored factors would overflow or vanish; use an alpha "
+            "nearer the rank"
+        )
+
+
 class _Clock:
     """Adds the seconds spent in a named step to ``timings`` (no-op when it is None)."""
 
@@ -268,6 +289,7 @@ def loftq_batch(
     check_rank(rank, (rows, cols))
     check_iters(iters)
     check_lora_alpha(lora_alpha)
+    check_lora_scaling(rank, lora_alpha, lora.use_rslora)
     if rank == 0:
         iters = 0  # no low-rank correction: plain quantization
     seeds = [0] * batch if seeds is None else seeds

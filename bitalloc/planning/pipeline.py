@@ -1,12 +1,13 @@
 """Planning from a model or a profile file to plan files: what `bitalloc plan` does.
 
-The profile cache (beside the plan, named by model and settings), the sweep file names
+The profile cache (``.bitalloc-cache/`` beside the plan, named by model and settings), the sweep file names
 and the default objective ("auto": data-aware whenever the model can be run) live here,
 so the Python API reaches the same files as the command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,17 +61,54 @@ class PlanRun:
     seconds: float  # solving time
 
 
+def budget_label(budget: float) -> str:
+    """The budget as a file name shows it: short (``2.5``, ``3``) when that reads back as the
+    same number, else exact (``2.1234567``: ``{:g}`` would show ``2.12346`` for several
+    budgets), so distinct budgets never share a file."""
+    short = f"{budget:g}"
+    return short if float(short) == budget else repr(float(budget))
+
+
 def sweep_path(output: str | os.PathLike, budget: float) -> Path:
-    """``plan.json`` and budget 2.5 -> ``plan-2.5.json``."""
+    """``plan.json`` and budget 2.5 -> ``plan-2.5.json`` (see `budget_label`)."""
     output = Path(output)
-    return output.with_name(f"{output.stem}-{budget:g}{output.suffix}")
+    return output.with_name(f"{output.stem}-{budget_label(budget)}{output.suffix}")
+
+
+CACHE_FOLDER = ".bitalloc-cache"
+
+
+def model_identity(model) -> dict:
+    """What identifies a model on disk for the profile cache: its resolved path and the
+    (size, mtime) of the files its weights and config are read from. Cheap (no weight is
+    read); a copy, a move or an edit gives another identity, hence a fresh profile, and the
+    profile itself still checks every weight digest when it reuses its table."""
+    from ..checkpoints import demo_model_path
+    from ..checkpoints.safetensors import checkpoint_files
+
+    path = Path(demo_model_path() if model is None else model).resolve()
+    try:
+        files = checkpoint_files(path) if path.is_dir() or path.suffix == ".safetensors" else [path]
+    except BitallocError:
+        files = []  # not a model: the profile says why
+    folder = path if path.is_dir() else path.parent
+    files += [folder / "config.json"] if (folder / "config.json").is_file() and path.suffix != ".gguf" else []
+    stats = {}
+    for file in files:
+        with contextlib.suppress(OSError):
+            st = file.stat()
+            stats[str(file.resolve())] = [st.st_size, st.st_mtime_ns]
+    return {"model": str(path), "files": stats}
 
 
 def profile_cache_path(
     output: str | os.PathLike, model, settings: ProfileSettings, calibration: CalibrationSettings
 ) -> Path:
-    """Where `plan MODEL` caches its profile: beside the plan, named by model and settings,
-    so that changing a setting starts a new profile instead of clashing with the old one."""
+    """Where `plan MODEL` caches its profile: ``.bitalloc-cache/profile-<key>.parquet`` in the
+    plan's folder, the key a digest of the model's identity (`model_identity`) and every
+    profile setting. Any plan of the same model and settings, whatever its name or budget,
+    reuses (or resumes) that profile; another model or setting gets its own. Nothing is
+    written into the model's folder unless the plan is."""
     key = {
         "bits": list(settings.bits), "block_sizes": list(settings.block_sizes),
         "methods": list(settings.methods), "scales": list(settings.scales),
@@ -90,15 +128,18 @@ def profile_cache_path(
             key[name] = getattr(calibration, name)
     if isinstance(model, torch.nn.Module):
         raise BitallocError("plan_files profiles models on disk; for an nn.Module call profile() then plan()")
-    key["model"] = str(Path(model).resolve()) if model else None
+    key["model"] = model_identity(model)
+    if calibration.text is not None and Path(calibration.text).is_file():
+        st = Path(calibration.text).stat()
+        key["calibration_file"] = [str(Path(calibration.text).resolve()), st.st_size, st.st_mtime_ns]
     if calibration.context != CalibrationSettings().context:
         key["calibration_context"] = calibration.context
     if calibration.input_ids is not None:
         key["calibration_ids"] = hashlib.sha256(calibration.input_ids.numpy().tobytes()).hexdigest()
     if calibration.column_weights is not None:
         raise BitallocError("plan_files takes calibration text or ids; for given statistics call profile()")
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(output).with_name(f"{Path(output).stem}.profile-{digest}.parquet")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(output).parent / CACHE_FOLDER / f"profile-{digest}.parquet"
 
 
 def plan_files(
@@ -114,7 +155,8 @@ def plan_files(
     quiet: bool = False,
     **options,
 ) -> PlanRun:
-    """Plan ``model`` (profiled first, cached beside ``output``; None: the demo model) or
+    """Plan ``model`` (profiled first, cached in ``.bitalloc-cache/`` beside ``output`` for
+    any plan of the same model and settings: `profile_cache_path`; None: the demo model) or
     the profile at ``profile_path`` for ``budget``, or for each of ``budgets`` (a list or
     "START:STOP:STEP"; files ``OUTPUT-<budget>.json``), and save the plans (with their
     calibration statistics when data-aware). Profile ``settings``/``calibration``/keyword
@@ -127,6 +169,14 @@ def plan_files(
     sweep_budgets = parse_sweep(budgets) if isinstance(budgets, str) else budgets
     if sweep_budgets is not None and not sweep_budgets:
         raise BitallocError("no budgets to sweep")
+    if sweep_budgets is not None:
+        seen: set[float] = set()
+        for value in sweep_budgets:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                break  # `sweep` names the bad value
+            if float(value) in seen:
+                raise BitallocError(f"budget {value:g} is given twice: each budget writes one plan file")
+            seen.add(float(value))
     constraints = constraints or PlanConstraints()
     paths = [Path(output)] if sweep_budgets is None else [sweep_path(output, b) for b in sweep_budgets]
     text = calibration.text if isinstance(calibration, CalibrationSettings) else calibration

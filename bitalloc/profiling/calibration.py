@@ -37,7 +37,7 @@ from ..checkpoints import open_source
 from ..checkpoints.runnable import BATCH_TOKENS, can_run, load_tokenizer, run_blocks, runnable
 from ..errors import BitallocError
 from ..fileio import atomic_path
-from ..texts import DEFAULT_TEXT, describe_text, read_text, text_digest, tokenize, windows
+from ..texts import DEFAULT_TEXT, describe_text, text_sha256, tokenize_prefix, windows
 from .settings import DEFAULT_CONTEXT, DEFAULT_TOKENS, OBJECTIVES, CalibrationSettings
 
 DAMPING = 0.01
@@ -197,7 +197,7 @@ def calibration_spec(
         name, digest = "input_ids", hashlib.sha256(ids.numpy().tobytes()).hexdigest()
         context = ids.shape[-1] if ids.dim() == 2 else context
     else:
-        name, digest = describe_text(text), text_digest(read_text(text))
+        name, digest = describe_text(text), text_sha256(text)
     spec = {
         "text": name,
         "text_sha256": digest,
@@ -261,7 +261,7 @@ def token_windows(model, tokenizer_dir, text, tokens: int, context: int, input_i
     (tokenized with the model's tokenizer), or ``input_ids`` (1-D: cut and windowed; 2-D:
     as given)."""
     if input_ids is None:
-        ids = tokenize(load_tokenizer(tokenizer_dir, model), read_text(text), tokens)
+        ids = tokenize_prefix(load_tokenizer(tokenizer_dir, model), text, tokens)
     elif input_ids.dim() == 1:
         ids = input_ids.to(torch.long).reshape(-1)[:tokens]
     else:

@@ -25,7 +25,7 @@ from ..checkpoints.runnable import runnable
 from ..errors import BitallocError
 from ..fileio import atomic_path
 from ..quant import QuantConfig, fake_quantize
-from ..texts import DEFAULT_TEXT, describe_text, read_text, text_digest
+from ..texts import DEFAULT_TEXT, describe_text, text_sha256
 from .calibration import token_windows
 from .sensitivity import layer_coefficients
 from .settings import CalibrationSettings
@@ -57,7 +57,7 @@ def layer_weights_spec(calibration: CalibrationSettings, grid: list[QuantConfig]
         }
     else:
         source = DEFAULT_TEXT if calibration.text is None else calibration.text
-        text = {"text": describe_text(source), "text_sha256": text_digest(read_text(source))}
+        text = {"text": describe_text(source), "text_sha256": text_sha256(source)}
     return {
         "method": "noise-injection-kl",
         "tokens": calibration.layer_tokens,

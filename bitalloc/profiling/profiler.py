@@ -22,11 +22,12 @@ import torch
 
 from ..checkpoints import Source, open_source
 from ..checkpoints.base import combine_digests
+from ..checkpoints.runnable import runnable
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import check_output
 from ..lora import loftq_batch, module_seed
-from ..lora.decomposition import MAX_ITERS, check_rank, whitening_factor
+from ..lora.decomposition import check_rank, whitening_factor
 from ..quant import QuantConfig
 from .calibration import (
     Covariances,
@@ -37,7 +38,7 @@ from .calibration import (
 )
 from .distributed import Distributed, split_by_cost
 from .layer_weights import layer_weights_path, layer_weights_spec, prepare_layer_weights
-from .settings import CalibrationSettings, ProfileSettings, build_settings
+from .settings import MAX_ITERS, CalibrationSettings, ProfileSettings, build_settings
 from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
 
 # GPU batches of same-shaped matrices stay under this many elements (fp32: 4 bytes each,
@@ -106,6 +107,9 @@ def profile(
     if objective != "weight":
         meta["settings"]["calibration"] = calibration_settings(calibration, objective)
         meta["objective"] = objective
+        if calibration.column_weights is None and not isinstance(model, torch.nn.Module):
+            with runnable(model):  # the model can be built from its config: before any work
+                pass
     if objective == "output":
         meta["settings"]["damping"] = float(calibration.damping)
     if calibration.layer_weights:

@@ -19,6 +19,8 @@ DEFAULT_BLOCK_SIZES = (32, 64, 128)
 DEFAULT_SCALES = ("8b256",)
 DEFAULT_RANK = 16
 DEFAULT_ITERS = 5
+from ..lora.decomposition import MAX_ITERS  # noqa: E402,F401  (one limit: LoftQ's)
+
 DEFAULT_TOKENS = 8192
 DEFAULT_CONTEXT = 512
 OBJECTIVES = ("weight", "activation", "output", "auto")

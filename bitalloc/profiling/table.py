@@ -1,5 +1,11 @@
 """The profile table on disk: Parquet (metadata in the file) or CSV, and the resume log.
 
+Both formats keep the metadata (settings, objective, fingerprint, calibration record): in
+Parquet's schema metadata, and in a CSV as its first line, ``# bitalloc: {json}``, before
+the header row. A CSV without that line (written by hand, or by an older bitalloc) reads
+with no metadata, and is refused when it holds data-aware columns that would otherwise be
+planned as weight-only.
+
 ``OUT.partial/`` holds a header (what the profile is of) and one JSONL log per rank, a
 line per finished matrix, fsynced; the Parquet table is written atomically at the end.
 """
@@ -19,6 +25,7 @@ PROFILE_FORMAT = "bitalloc.profile/v1"
 # 2: a sha256 of every stored byte per matrix (format 1 sampled 4,096 elements per matrix)
 DIGEST_FORMAT = 2
 METADATA_KEY = b"bitalloc"
+CSV_METADATA = "# bitalloc: "  # a CSV profile's first line: its metadata as one line of JSON
 REQUIRED_COLUMNS = (
     "module", "shape", "numel", "config", "method", "bits", "block_size", "bits_per_param",
     "storage_bits", "error", "rel_error", "qlora_error", "rank", "iters",
@@ -32,7 +39,10 @@ def write_profile(table: pd.DataFrame, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as temp:
         if str(path).endswith(".csv"):
-            table.to_csv(temp, index=False)
+            with open(temp, "w", encoding="utf-8", newline="") as handle:
+                meta = json.dumps(dict(table.attrs), sort_keys=True, allow_nan=False)
+                handle.write(f"{CSV_METADATA}{meta}\n")
+                table.to_csv(handle, index=False)
             return
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         metadata = dict(arrow.schema.metadata or {})
@@ -50,7 +60,7 @@ def read_profile(path: str | os.PathLike) -> pd.DataFrame:
         raise BitallocError(f"profile not found: {path}")
     try:
         if path.suffix == ".csv":
-            table = pd.read_csv(path)
+            table = _read_csv(path)
         else:
             arrow = pq.read_table(path)
             table = arrow.to_pandas()
@@ -61,6 +71,27 @@ def read_profile(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise BitallocError(f"{path} is not a bitalloc profile: missing columns {', '.join(missing)}")
+    if "weighted_error" in table.columns and not table.attrs.get("objective"):
+        raise BitallocError(
+            f"{path} holds data-aware errors (weighted_error) but no metadata saying how they were "
+            "measured (a CSV from an older bitalloc?): profile again, or write Parquet"
+        )
+    return table
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV profile and, when its first line is ``# bitalloc: {json}``, its metadata."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        first = handle.readline()
+        attrs = {}
+        if first.startswith(CSV_METADATA):
+            attrs = json.loads(first[len(CSV_METADATA) :])
+            if not isinstance(attrs, dict):
+                raise ValueError("metadata line is not a JSON object")
+        else:
+            handle.seek(0)
+        table = pd.read_csv(handle)
+    table.attrs.update(attrs)
     return table
 
 

@@ -68,10 +68,89 @@ def text_digest(text: str) -> str:
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """The text's token ids (1-D, no special tokens), cut to ``max_tokens``."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    ids = torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
+    """The text's token ids (1-D, no special tokens), cut to ``max_tokens``.
+
+    With ``max_tokens``, only a prefix of the text is tokenized (see `tokenize_prefix`): the
+    same ids as tokenizing the whole text, at the cost of the tokens asked for."""
+    if max_tokens is None:
+        return torch.tensor(_encode(tokenizer, text), dtype=torch.long)
+    return _stable_prefix_ids(tokenizer, lambda chars: (text[:chars], chars >= len(text)), max_tokens)
+
+
+def tokenize_prefix(tokenizer, text, max_tokens: int, which: str = "calibration") -> torch.Tensor:
+    """The first ``max_tokens`` token ids of ``text`` (a file, or None/"default" for the
+    built-in ``which`` text), reading and tokenizing only a prefix of it.
+
+    Prefixes of growing length (doubling from 16 characters per token) are tokenized until
+    two consecutive ones agree on their first ``max_tokens`` ids and both have more: a token
+    never spans the cut then, so the ids equal those of the whole text (a text shorter than
+    the prefix is tokenized whole, as before). Memory and time follow the tokens asked for,
+    not the size of the file. BitallocError when the text has no tokens."""
+    if is_default(text):
+        full = read_text(text, which)
+        ids = tokenize(tokenizer, full, max_tokens)
+    else:
+        ids = _stable_prefix_ids(tokenizer, lambda chars: _read_prefix(text, chars, which), max_tokens)
+    if ids.numel() == 0:
+        name = describe_text(text, which)
+        raise BitallocError(f"the {which} text {name} has no tokens: give a text with words")
     return ids
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _stable_prefix_ids(tokenizer, prefix, max_tokens: int) -> torch.Tensor:
+    """``prefix(chars) -> (text, complete)``; see `tokenize_prefix`."""
+    chars, previous = max(4096, 16 * max_tokens), None
+    while True:
+        text, complete = prefix(chars)
+        ids = _encode(tokenizer, text)
+        if complete:
+            return torch.tensor(ids[:max_tokens], dtype=torch.long)
+        if len(ids) > max_tokens:
+            if previous is not None and previous[:max_tokens] == ids[:max_tokens]:
+                return torch.tensor(ids[:max_tokens], dtype=torch.long)
+            previous = ids
+        chars *= 2
+
+
+def _read_prefix(text, chars: int, which: str) -> tuple[str, bool]:
+    """The first ``chars`` characters of the text file ``text`` and whether that is all of it."""
+    path = _text_file(text, which)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            prefix = handle.read(chars)
+            return prefix, handle.read(1) == ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BitallocError(f"cannot read {which} text {text}: {exc}") from None
+
+
+def _text_file(text, which: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise BitallocError(f"{which} text not found: {text}")
+    return path
+
+
+def text_sha256(text, which: str = "calibration") -> str:
+    """`text_digest` of a text file (streamed: the file is never held whole) or of the
+    built-in ``which`` text for None/"default". BitallocError when the text is empty or
+    only whitespace (checked here, before any work: nothing to measure on)."""
+    if is_default(text):
+        return text_digest(read_text(text, which))
+    digest, words = hashlib.sha256(), False
+    try:
+        with open(_text_file(text, which), encoding="utf-8") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk.encode("utf-8"))
+                words = words or not chunk.isspace()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BitallocError(f"cannot read {which} text {text}: {exc}") from None
+    if not words:
+        raise BitallocError(f"the {which} text {text} is empty or only whitespace: give a text with words")
+    return digest.hexdigest()
 
 
 def windows(ids: torch.Tensor, context: int) -> torch.Tensor:
@@ -93,9 +172,7 @@ def read_text(text, which: str = "calibration") -> str:
     """The text of a file, or the built-in ``which`` text for None/"default"."""
     if is_default(text):
         return calibration_text() if which == "calibration" else evaluation_text()
-    path = Path(text)
-    if not path.is_file():
-        raise BitallocError(f"{which} text not found: {text}")
+    path = _text_file(text, which)
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
