@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -143,7 +144,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
     out = apply(
         args.model, args.plan, args.output, LoraSettings(args.lora_alpha, args.use_rslora),
         dequantized=args.dequantized, dequantized_dtype=args.dequantized_dtype,
-        device=args.device, quiet=args.quiet, calibration=args.calibration,
+        device=args.device, quiet=args.quiet, calibration=args.calibration, verify=args.verify,
     )  # fmt: skip
     parts = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out} ({parts}) in {time.perf_counter() - start:.1f}s")
@@ -275,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", default=None, metavar="FILE",
         help="data-aware plans: the h file (default: PLAN.calibration.safetensors beside the plan)",
     )  # fmt: skip
+    ap.add_argument(
+        "--verify", action="store_true",
+        help="when resuming, re-hash the weights of every matrix already done (one read of them) "
+        "instead of trusting unchanged file size and time",
+    )  # fmt: skip
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.set_defaults(func=cmd_apply)
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
+    terminate = _on_sigterm()
     try:
         args.func(args)
     except BitallocError as exc:
@@ -353,12 +360,31 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"bitalloc: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("bitalloc: interrupted (a rerun of the same command resumes)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
     finally:
         warnings.showwarning = previous
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it stops as Ctrl-C does (work saved,
+    temporary files removed, one line, resumable)."""
+
+
+def _on_sigterm():
+    """Install the SIGTERM handler; the previous one (None outside the main thread)."""
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 if __name__ == "__main__":

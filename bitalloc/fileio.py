@@ -72,8 +72,10 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def input_files(paths: Iterable[str | os.PathLike | None]) -> set[tuple[int, int]]:
-    """(device, inode) of every input file: a file itself, or every file in a folder (a
-    model folder's weights, config and tokenizer), symlinks followed."""
+    """(device, inode) of every input file: a file itself, or every file in a folder (an
+    applied folder's parts), symlinks followed. A model counts as the files its reader
+    reads (`bitalloc.checkpoints.model_input_files`), not its whole folder, so that outputs
+    bitalloc wrote into a model folder earlier never block the next run."""
     found = set()
     for path in paths:
         if path is None or not isinstance(path, (str, os.PathLike)):
@@ -132,6 +134,7 @@ class WorkFolder:
         """Create (atomically) or adopt the folder, and lock it; BitallocError when it is not
         bitalloc's or another process holds it."""
         check_name(self.path)
+        self.sweep(self.path)
         if not self.path.exists() and not self.path.is_symlink():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
@@ -173,12 +176,53 @@ class WorkFolder:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def remove(self) -> None:
-        """Delete the folder (it is ours: checked) and release the lock."""
+        """Delete the folder (it is ours: checked) and release the lock. Crash-safe: the
+        folder is first renamed away (atomic) to `trash_path`, then emptied with its mark
+        last, so a kill at any point leaves either the whole marked folder or a trash folder
+        that `sweep` (called by `open` and here) can still recognise and finish deleting."""
         self._check_ours()
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.sweep(self.path)
+        trash = self.trash_path(self.path)
+        if trash.exists() or trash.is_symlink():  # someone else's folder of that name: in place
+            self.close()
+            _delete_marked(self.path, self.MARKER)
+            return
+        os.rename(self.path, trash)
         self.close()
+        self.sweep(self.path)
+
+    @classmethod
+    def trash_path(cls, path: str | os.PathLike) -> Path:
+        """Where `remove` moves a work folder before deleting it: ``.NAME.removing``."""
+        path = Path(path)
+        return path.with_name(f".{path.name}.removing")
+
+    @classmethod
+    def sweep(cls, path: str | os.PathLike) -> None:
+        """Finish deleting the trash of a work folder whose removal was cut short: only a
+        folder carrying the mark (deleted last), or an empty one; anything else is left."""
+        _delete_marked(cls.trash_path(path), cls.MARKER)
 
     def close(self) -> None:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _delete_marked(folder: Path, marker: str) -> None:
+    """Delete ``folder`` if it carries ``marker`` (deleted last, so that a kill midway leaves
+    it recognisable) or is empty; leave anything else."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    mark = folder / marker
+    if mark.is_file():
+        for entry in folder.iterdir():
+            if entry.name == marker:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        mark.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: not ours to delete
+        folder.rmdir()

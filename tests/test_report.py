@@ -174,10 +174,14 @@ def test_output_folder_rules(inputs, tmp_path):
     # an input inside the output folder is never overwritten
     with pytest.raises(BitallocError, match="inside the output folder"):
         report([inputs["plans"][0]], inputs["root"])
-    # a folder an earlier report wrote is replaced whole
+    # a folder an earlier report wrote is replaced whole (its old figures go), unless it
+    # holds a file the report did not write: that is the user's, never deleted
     out = tmp_path / "report"
     report([inputs["plans"][0]], out)
-    (out / "stale.png").write_text("old")
+    (out / "stale.png").write_text("the user's")
+    with pytest.raises(BitallocError, match="stale.png"):
+        report([inputs["plans"][1]], out)
+    (out / "stale.png").unlink()
     files = report([inputs["plans"][1]], out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [".bitalloc-report", "README.md", "heatmap-plan-4.png", "heatmap-plan-4.csv"]

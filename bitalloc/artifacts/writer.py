@@ -56,6 +56,7 @@ def apply(
     quiet: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     calibration: str | os.PathLike | None = None,
+    verify: bool = False,
     **options,
 ) -> Path:
     """Run LoftQ for every matrix of ``plan`` on ``source`` and write ``out_dir`` (see above).
@@ -72,6 +73,13 @@ def apply(
     h it was planned with: ``calibration`` (a file), by default the one the plan carries
     (``PLAN.calibration.safetensors`` beside a saved plan); its sha256 must match the plan's
     record.
+
+    An interrupted run resumes from ``OUT.partial/``; the matrices done there are trusted
+    when the weight files' size and modification time are unchanged. ``verify`` re-hashes
+    every weight a done matrix was computed from and refuses work from edited weights
+    (costs one read of those weights; the default trusts file stats). A run stopped after
+    its output was renamed into place but before ``OUT.partial/`` was deleted is finished
+    by the rerun (a warning, and ``out_dir`` returned).
     """
     lora = dataclasses.replace(lora or LoraSettings(), **options)
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
@@ -82,7 +90,8 @@ def apply(
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     column_weights = plan.input_statistics(calibration)
     out = check_name(out_dir)
-    if out.exists() or out.is_symlink():
+    WorkFolder.sweep(f"{out}.partial")  # a clean-up cut short: finish deleting what is ours
+    if (out.exists() or out.is_symlink()) and not _finished_path(out).is_file():
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
     if dequantized_dtype not in DEQUANTIZED_DTYPES:
         raise BitallocError(f"unknown dequantized dtype {dequantized_dtype!r}: bf16, fp16 or fp32")
@@ -95,18 +104,75 @@ def apply(
     identity = {
         "format": WORK_FORMAT,
         "plan": hashlib.sha256(plan.to_json().encode()).hexdigest(),
-        "weights": matrices.file_stats() or matrices.content_digest(),
+        # by absolute path: the same model named relative or absolute is the same work
+        "weights": {str(Path(f).resolve()): v for f, v in matrices.file_stats().items()}
+        or matrices.content_digest(),
         "lora_alpha": lora_alpha,
         "use_rslora": use_rslora,
         "calibration": (plan.calibration or {}).get("digest"),
     }
+    if out.exists() or out.is_symlink():
+        if _finish(out, identity):
+            return out
+        raise BitallocError(f"output {out} already exists: remove it or choose another -o")
     work = _WorkDir(Path(f"{out}.partial"), identity)
     try:
+        if verify:
+            _verify(plan, matrices, work)
         _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
                dequantized, dequantized_dtype, max_shard_bytes)  # fmt: skip
     finally:
         work.folder.close()
     return out
+
+
+FINISHED_FILE = "finished.json"  # in OUT.partial/: its build is complete and renamed to OUT
+
+
+def _finished_path(out: Path) -> Path:
+    return Path(f"{out}.partial") / FINISHED_FILE
+
+
+def _finish(out: Path, identity: dict) -> bool:
+    """Whether ``out`` is the complete result of this very job whose clean-up was cut short
+    (``OUT.partial/`` still there, marked finished for the same identity, its build renamed
+    away): then delete ``OUT.partial/`` and say so."""
+    partial = Path(f"{out}.partial")
+    record = _finished_path(out)
+    if partial.is_symlink() or (partial / "build").exists() or not record.is_file():
+        return False
+    folder = WorkFolder(partial, legacy=("job.json",)).open()
+    try:
+        done = json.loads(record.read_text(encoding="utf-8")) == identity
+    except (OSError, ValueError):
+        done = False
+    if not done:
+        folder.close()
+        return False
+    folder.remove()
+    import warnings
+
+    warnings.warn(
+        f"{out} was already complete (an earlier run stopped during its clean-up): removed {partial}",
+        stacklevel=3,
+    )
+    return True
+
+
+def _verify(plan: Plan, matrices: Source, work: _WorkDir) -> None:
+    """Re-hash the weights of every matrix already done in ``work`` and compare them with
+    the digests recorded when it was computed; BitallocError on the first that differs."""
+    for name in plan.modules:
+        if not work.file(name).exists():
+            continue
+        recorded = work.digest(name)
+        if recorded is None:
+            raise BitallocError(f"{work.path} holds {name} with no digest to verify: delete it to start over")
+        if recorded != matrices.tensor_digest(name):
+            raise BitallocError(
+                f"{work.path} holds {name} computed from other weights (edited, with the same size "
+                "and time): delete it to start over"
+            )
 
 
 def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
@@ -131,6 +197,10 @@ def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_w
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() or out.is_symlink():
         raise BitallocError(f"output {out} appeared while apply ran: its work is kept in {work.path}")
+    # crash-safe finish: the record says the build is complete, so a rerun after a kill
+    # between the rename and the folder's removal finishes the clean-up (see `_finish`)
+    with atomic_path(_finished_path(out)) as temp:
+        temp.write_text(json.dumps(work.identity, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(build, out)
     work.folder.remove()
 
@@ -187,6 +257,7 @@ class _WorkDir:
     def __init__(self, path: Path, identity: dict) -> None:
         self.folder = WorkFolder(path, legacy=("job.json",)).open()
         self.path = path
+        self.identity = identity
         job = path / "job.json"
         if job.exists():
             try:
@@ -218,6 +289,11 @@ class _WorkDir:
         with safe_open(self.file(module), framework="pt") as handle:
             return float(handle.metadata()["rel_error"])
 
+    def digest(self, module: str) -> str | None:
+        """The sha256 of the weights ``module`` was computed from (`Source.tensor_digest`)."""
+        with safe_open(self.file(module), framework="pt") as handle:
+            return (handle.metadata() or {}).get("digest")
+
     def quantized(self, module: str, plan: Plan) -> QuantizedTensor:
         entry = plan.modules[module]
         with safe_open(self.file(module), framework="pt") as handle:
@@ -238,8 +314,9 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
     for name in todo:
         config = QuantConfig.parse(plan.modules[name]["config"])
         rank = ranks[name]
+        weight, digest = matrices.read_with_digest(name)  # the digest lets `apply --verify` resume
         result = loftq(
-            matrices.read(name), config, rank=rank, iters=plan.defaults["iters"],
+            weight, config, rank=rank, iters=plan.defaults["iters"],
             lora_alpha=(rank or None) if lora_alpha is None else lora_alpha, use_rslora=use_rslora,
             seed=module_seed(name, config), device=device,
             **weighting(column_weights, name),
@@ -251,7 +328,9 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
         tensors["lora_A"] = result.lora_A.float().cpu().contiguous()
         tensors["lora_B"] = result.lora_B.float().cpu().contiguous()
         with atomic_path(work.file(name)) as temp:
-            save_safetensors(tensors, str(temp), metadata={"rel_error": repr(result.rel_error)})
+            save_safetensors(
+                tensors, str(temp), metadata={"rel_error": repr(result.rel_error), "digest": digest}
+            )
         bar.set_postfix_str(f"{name} rel_error {result.rel_error:.4f}")
         bar.update(1)
     bar.close()

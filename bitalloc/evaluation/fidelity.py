@@ -37,11 +37,11 @@ from torch import nn
 
 from ..artifacts.nn import PACKED_NAMES, packed_files, read_quant_info
 from ..artifacts.writer import PLAN_FILE, check_plan, check_plan_iters
-from ..checkpoints import DEMO_NAME, open_source
+from ..checkpoints import DEMO_NAME, model_input_files, open_source
 from ..checkpoints.runnable import BATCH_TOKENS, can_run, find_blocks, load_tokenizer, run_model, runnable
 from ..devices import resolve_device
 from ..errors import BitallocError
-from ..fileio import check_name, write_text_atomic
+from ..fileio import check_name, check_output, write_text_atomic
 from ..lora import loftq, module_seed
 from ..planning.plan_file import Plan
 from ..profiling.calibration import weighting
@@ -122,6 +122,8 @@ def evaluate(
     path = None if wanted is None else check_name(wanted)
     if path is not None and plan_info["path"] is not None and _same_file(path, plan_info["path"]):
         raise BitallocError(f"output {path} would overwrite the plan: choose another -o")
+    if path is not None:  # nothing the run reads may be written over
+        check_output(path, _input_files(model, plan, plan_info, text, calibration))
     tokens = DEFAULT_TOKENS if tokens is None else int(tokens)
     context = DEFAULT_CONTEXT if context is None else int(context)
     if tokens <= 0 or context <= 1:
@@ -545,6 +547,15 @@ class _EmbeddingMetric:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+
+
+def _input_files(model, plan: Plan, plan_info: dict, text, calibration) -> list:
+    """Every file `evaluate` reads: the model's files (weights, config, tokenizer), the plan,
+    an applied folder's quantized backbone and adapter, the text and the calibration file."""
+    inputs = [*model_input_files(model), plan_info["path"], text, calibration, plan.calibration_file]
+    if plan_info["applied"]:
+        inputs += [Path(plan_info["path"]) / "quantized", Path(plan_info["path"]) / "adapter"]
+    return inputs
 
 
 def _is_applied(model) -> bool:

@@ -96,8 +96,10 @@ def report(
     try:
         files = ReportFiles(folder)
         _draw_all(figure_class, found, temp, files, points)
-        (temp / MARKER).write_text(json.dumps({"format": "bitalloc.report/v1"}) + "\n", encoding="utf-8")
         (temp / "README.md").write_text(_readme(found, files), encoding="utf-8")
+        written = sorted(entry.name for entry in temp.iterdir())  # the next report may replace these
+        marker = {"format": "bitalloc.report/v1", "files": written}
+        (temp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         os.chmod(temp, 0o755)  # mkdtemp makes it private
         _replace(temp, folder)
     except BaseException:
@@ -186,6 +188,30 @@ def _check_output(folder: Path, inputs: list[Path]) -> None:
             f"output folder {folder} is not empty and was not written by `bitalloc report`: "
             "choose another -o or empty it"
         )
+    if folder.is_dir() and (folder / MARKER).is_file():
+        ours = _report_files(folder)
+        for entry in sorted(folder.rglob("*")):
+            name = str(entry.relative_to(folder))
+            if name not in ours:
+                raise BitallocError(
+                    f"output folder {folder} holds {name}, which `bitalloc report` did not write: "
+                    "a report replaces its whole folder, so move that away or choose another -o"
+                )
+
+
+def _report_files(folder: Path) -> set[str]:
+    """What the report in ``folder`` wrote, as its mark lists it (a report from before the
+    list: its PNG, CSV and README files); only these may be replaced by another report."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        marker = None
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return {*files, MARKER}
+    return {MARKER, "README.md"} | {
+        e.name for e in folder.iterdir() if e.is_file() and e.suffix in (".png", ".csv")
+    }
 
 
 def _replace(temp: Path, folder: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..checkpoints import model_input_files
 from ..errors import BitallocError
 from ..fileio import check_output
 from ..profiling.calibration import calibration_path
@@ -180,7 +181,7 @@ def plan_files(
     constraints = constraints or PlanConstraints()
     paths = [Path(output)] if sweep_budgets is None else [sweep_path(output, b) for b in sweep_budgets]
     text = calibration.text if isinstance(calibration, CalibrationSettings) else calibration
-    inputs = [profile_path, model, text]
+    inputs = [profile_path, *model_input_files(model), text]
     if profile_path is not None:
         inputs.append(calibration_path(profile_path))
     for path in paths:  # before any work: no output may be an input, or anything but a file

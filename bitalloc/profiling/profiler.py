@@ -121,7 +121,7 @@ def profile(
     for module in source.modules():
         if rank > min(source.shape(module)):
             raise BitallocError(f"rank {rank} exceeds the size of {module} {source.shape(module)}")
-    inputs = (getattr(source, "path", None), calibration.text)
+    inputs = (*source.input_files(), calibration.text)
     store = ProfileStore(output, meta, overwrite, inputs) if output is not None else None
     if output is not None:
         check_output(calibration_path(output), inputs)
