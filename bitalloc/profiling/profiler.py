@@ -66,10 +66,12 @@ def profile(
     them with ``verify``) and refuses other weights. ``stats``, if given, receives
     read/quantize/factorize times.
 
-    Data-aware (objective "activation", implied by any calibration data; "auto": whenever
-    the model can be run): h = per-input-channel activation second moments over the
-    calibration tokens; every decomposition then minimizes the weighted error, reported as
-    ``weighted_error``, and h is saved beside ``output`` (see `bitalloc.profiling.calibration`).
+    Data-aware (objective "output": the full input covariance H; "activation": its diagonal
+    h; implied by any calibration data; "auto": whenever the model can be run): every
+    decomposition minimizes the output error on the calibration tokens, reported as
+    ``weighted_error``. The statistics are computed one transformer block at a time and the
+    block's matrices measured while they are in memory; nothing is stored (the metadata
+    records what they are computed from: see `bitalloc.profiling.calibration`).
     """
     settings, calibration = build_settings(settings, calibration, options)
     grid = settings.grid()
