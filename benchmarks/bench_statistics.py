@@ -52,8 +52,9 @@ else:
     errors = None
     bitalloc.apply(gguf, work / f"{objective}-plan.json", work / f"{objective}-out", quiet=True)
 seconds = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("RESULT " + json.dumps({"seconds": seconds, "rss_mib": rss, "errors": errors}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+rss, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+print("RESULT " + json.dumps({"seconds": seconds, "cpu": cpu, "rss_mib": rss, "errors": errors}))
 """
 
 
@@ -109,7 +110,10 @@ def main() -> None:
         f"{args.tokens} calibration tokens, {machine}, {args.threads} thread(s), "
         f"{time.strftime('%Y-%m-%d')}"
     )
-    print("| run | statistics on disk | profile s | profile peak RSS | apply s | apply peak RSS |")
+    print(
+        "| run | statistics on disk | profile s (CPU s) | profile peak RSS "
+        "| apply s (CPU s) | apply peak RSS |"
+    )
     print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         p, a = row["profile"], row["apply"]
@@ -128,7 +132,7 @@ def main() -> None:
             abs(now["profile"]["errors"][k] - v) / abs(v) for k, v in old["profile"]["errors"].items()
         )
         print(f"profile weighted errors, largest relative difference from before: {worst:.2e}")
-        for key, label in (("seconds", "time"), ("rss_mib", "peak RSS")):
+        for key, label in (("seconds", "time"), ("cpu", "CPU time"), ("rss_mib", "peak RSS")):
             print(
                 f"{label} this/before: profile {now['profile'][key] / old['profile'][key]:.2f}, "
                 f"apply {now['apply'][key] / old['apply'][key]:.2f}"
