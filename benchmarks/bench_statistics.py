@@ -118,13 +118,13 @@ def main() -> None:
     for name, row in rows.items():
         p, a = row["profile"], row["apply"]
         print(
-            f"| {name} | {row['disk'] / 2**20:.1f} MiB | {p['seconds']:.1f} | {p['rss_mib']:.0f} MiB "
-            f"| {a['seconds']:.1f} | {a['rss_mib']:.0f} MiB |"
+            f"| {name} | {row['disk'] / 2**20:.1f} MiB | {p['seconds']:.1f} ({p['cpu']:.0f}) "
+            f"| {p['rss_mib']:.0f} MiB | {a['seconds']:.1f} ({a['cpu']:.0f}) | {a['rss_mib']:.0f} MiB |"
         )
     now, weight = rows["output (this version)"], rows["weight (this version)"]
     print(
-        f"apply time, output / weight objective (the recomputation's cost): "
-        f"{now['apply']['seconds'] / weight['apply']['seconds']:.2f}"
+        f"apply CPU time, output / weight objective (the recomputation's cost): "
+        f"{now['apply']['cpu'] / weight['apply']['cpu']:.2f}"
     )
     if args.before is not None:
         old = rows["output (before)"]
