@@ -317,8 +317,8 @@ def main() -> None:
         objective="output", **common,
     )  # fmt: skip
     statistics = {
-        "activation": load_input_statistics(activation_path),
-        "output": load_input_statistics(output_path),
+        "activation": load_input_statistics(activation_path, gguf),
+        "output": load_input_statistics(output_path, gguf),
     }
     profiles_s = time.perf_counter() - t0
     print(f"profiles ready in {profiles_s:.0f}s", flush=True)

@@ -224,7 +224,7 @@ def main() -> None:
         if spec["layer_weights"] and args.coefficients:
             measured = json.loads(Path(args.coefficients).read_text())
             table.attrs["layer_weights"] = {**measured["info"], "coefficients": measured["coefficients"]}
-        statistics = load_input_statistics(path)
+        statistics = load_input_statistics(path, gguf)
         for budget in budgets:
             result = plan(table, budget)
             summed = math.fsum(

@@ -96,7 +96,7 @@ def main() -> None:
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run bench_quality.py --variants {args.variant} first")
     table = read_profile(path)
-    covariances = load_input_statistics(path)
+    covariances = load_input_statistics(path, smollm2_path())
     model, tokenizer = load_model(smollm2_path())
     texts = {"eval": evaluation_text(), "docstrings": docstring_text()}
     ids = {name: tokenize(tokenizer, text, args.eval_tokens) for name, text in texts.items()}

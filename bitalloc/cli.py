@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dequantized-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument(
         "--calibration", default=None, metavar="FILE",
-        help="data-aware plans: the h file (default: PLAN.calibration.safetensors beside the plan)",
+        help="data-aware plans: their calibration text, if not at the path the plan records",
     )  # fmt: skip
     ap.add_argument(
         "--verify", action="store_true",
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--context", type=int, default=None, help="window length (default 512)")
     ev.add_argument(
         "--calibration", default=None, metavar="FILE",
-        help="data-aware plans: the h file (default: PLAN.calibration.safetensors beside the plan)",
+        help="data-aware plans: their calibration text, if not at the path the plan records",
     )  # fmt: skip
     ev.add_argument("-o", "--output", default=None, help="result JSON (default eval.json)")
     ev.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")

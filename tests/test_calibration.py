@@ -15,12 +15,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluation import perplexity
 from bitalloc.lora import loftq
 from bitalloc.planning.planner import plan
-from bitalloc.profiling.calibration import (
-    calibrate,
-    calibration_path,
-    collect_column_weights,
-    load_column_weights,
-)
+from bitalloc.profiling.calibration import calibrate, collect_column_weights
 from bitalloc.profiling.profiler import profile
 from bitalloc.profiling.table import read_profile
 from bitalloc.texts import calibration_text, evaluation_text, windows
@@ -131,19 +126,15 @@ def calibrated_profile(tiny_dir, tmp_path_factory):
     return table, output
 
 
-def test_profile_with_calibration(calibrated_profile):
+def test_profile_with_calibration(calibrated_profile, tiny_dir):
     table, output = calibrated_profile
     assert table.attrs["objective"] == "activation"
     assert "weighted_error" in table.columns and bool((table["weighted_error"] > 0).all())
     info = read_profile(output).attrs["calibration"]
-    file = calibration_path(output)
-    assert file.name == "profile.calibration.safetensors"
-    assert info["digest"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert sorted(p.name for p in output.parent.iterdir()) == ["profile.parquet"]  # no statistics on disk
     assert (info["tokens"], info["context"], info["text"]) == (6 * 64, 64, "input_ids")
-    weights = load_column_weights(output)
-    assert sorted(weights) == sorted(NAMES)
-    for name in NAMES:  # the profile's weighted errors are loftq's with exactly this h
-        torch.testing.assert_close(weights[name], load_column_weights(table)[name], rtol=0, atol=0)
+    ids = calibration_ids()
+    assert info["text_sha256"] == info["ids_sha256"] == hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     result = plan(table, 3.0)
     assert result.objective == "activation"
     chosen = table.set_index(["module", "config"]).loc[list(result.assignments.items()), "weighted_error"]
@@ -155,7 +146,7 @@ def test_weighted_errors_agree_with_the_core(calibrated_profile, tiny_dir):
     from bitalloc.lora import module_seed
 
     table, output = calibrated_profile
-    weights = load_column_weights(output)
+    weights = calibrate(tiny_dir[0], NAMES, input_ids=calibration_ids()).column_weights
     source = open_source(tiny_dir[0])
     name, config = "model.layers.1.mlp.down_proj", CONFIGS[0]
     result = loftq(
@@ -166,7 +157,9 @@ def test_weighted_errors_agree_with_the_core(calibrated_profile, tiny_dir):
     assert row["error"] == pytest.approx(result.error, rel=1e-5)
 
 
-def test_calibrated_profile_resumes_and_reuses_h(calibrated_profile, tiny_dir, tmp_path, monkeypatch):
+def test_calibrated_profile_resumes_and_calibrates_only_unfinished_blocks(
+    calibrated_profile, tiny_dir, tmp_path, monkeypatch
+):
     import bitalloc.profiling.profiler as profiler_module
 
     reference, _ = calibrated_profile
@@ -176,7 +169,7 @@ def test_calibrated_profile_resumes_and_reuses_h(calibrated_profile, tiny_dir, t
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 10:
+        if calls["n"] > 8 * len(CONFIGS):  # block 0's 7 matrices and one of block 1 are done
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -184,31 +177,24 @@ def test_calibrated_profile_resumes_and_reuses_h(calibrated_profile, tiny_dir, t
     with pytest.raises(KeyboardInterrupt):
         profile(tiny_dir[0], output, calibration_ids=calibration_ids(), objective="activation", **FAST)
     monkeypatch.setattr(profiler_module, "loftq_batch", real)
-    assert calibration_path(output).is_file() and not output.exists()
+    assert not output.exists()
+    hooked: list[str] = []
+    real_hooks = calibration_module._Collector.hooks
 
-    def no_second_run(*args, **kwargs):
-        raise AssertionError("the saved calibration should have been reused")
+    def hooks(self, block):
+        hooked.extend(self.names)
+        return real_hooks(self, block)
 
-    monkeypatch.setattr(calibration_module, "calibrate", no_second_run)
+    monkeypatch.setattr(calibration_module._Collector, "hooks", hooks)
     resumed = profile(tiny_dir[0], output, calibration_ids=calibration_ids(), objective="activation", **FAST)
+    assert hooked == NAMES[8:]  # only the unfinished matrices' statistics were computed again
     for column in ("error", "weighted_error"):
         assert resumed[column].tolist() == pytest.approx(reference[column].tolist(), rel=1e-5)
-    assert resumed.attrs["calibration"]["digest"] == reference.attrs["calibration"]["digest"]
+    assert resumed.attrs["calibration"] == reference.attrs["calibration"]
     with pytest.raises(BitallocError, match="calibration"):  # other calibration tokens: no mixing
         profile(tiny_dir[0], output, calibration_ids=calibration_ids(seed=1), objective="activation", **FAST)
     with pytest.raises(BitallocError, match="calibration"):  # nor a weight-only profile
         profile(tiny_dir[0], output, **FAST)
-
-
-def test_tampered_calibration_is_refused(calibrated_profile, tmp_path):
-    _, output = calibrated_profile
-    copy = tmp_path / "profile.parquet"
-    copy.write_bytes(output.read_bytes())
-    data = bytearray(calibration_path(output).read_bytes())
-    data[-1] ^= 1
-    calibration_path(copy).write_bytes(bytes(data))
-    with pytest.raises(BitallocError, match="does not hold"):
-        load_column_weights(copy)
 
 
 def test_weighted_decomposition_lowers_the_output_error():
@@ -305,10 +291,11 @@ def test_cli_profile_and_plan_with_calibration_text(tmp_path, capsys):
     assert main(["plan", "--profile", str(out), "--budget", "3", "-o", str(plan_path)]) == 0
     plan_data = json.loads(plan_path.read_text())
     assert plan_data["objective"] == "activation"
-    # the plan records h's digest and keeps h beside it; apply rebuilds the weighted decomposition
-    h_file = tmp_path / "plan.calibration.safetensors"
-    assert plan_data["calibration"]["digest"] == attrs["calibration"]["digest"]
-    assert hashlib.sha256(h_file.read_bytes()).hexdigest() == attrs["calibration"]["digest"]
+    # the plan records the text (path and sha256) and its token windows, no side file; apply
+    # computes h again and rebuilds the weighted decomposition
+    assert plan_data["calibration"]["text_path"] == str(text.resolve())
+    assert plan_data["calibration"]["ids_sha256"] == attrs["calibration"]["ids_sha256"]
+    assert not list(tmp_path.glob("*.safetensors"))
     assert (
         main(["apply", str(model_dir), "--plan", str(plan_path), "-o", str(tmp_path / "out"), "--quiet"]) == 0
     )
@@ -318,7 +305,7 @@ def test_cli_profile_and_plan_with_calibration_text(tmp_path, capsys):
     from bitalloc.lora import module_seed
 
     adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
-    h = load_column_weights(out)
+    h = calibrate(model_dir, NAMES, text=text, tokens=1024).column_weights
     module = "model.layers.1.mlp.down_proj"
     config = plan_data["modules"][module]["config"]
     with open_source(model_dir) as source:
@@ -329,10 +316,13 @@ def test_cli_profile_and_plan_with_calibration_text(tmp_path, capsys):
     assert torch.allclose(adapter[key], direct.lora_B, atol=1e-6)
     plain = loftq(weight, config, rank=4, iters=1, seed=module_seed(module, config))
     assert not torch.allclose(adapter[key], plain.lora_B, atol=1e-3)
-    # a wrong h file is refused before anything is written
-    h_file.write_bytes(h_file.read_bytes()[:-8] + b"\0" * 8)
+    # an edited calibration text is refused before anything is written
+    original = text.read_text(encoding="utf-8")
+    text.write_text(original.replace("the", "a"), encoding="utf-8")
     assert main(["apply", str(model_dir), "--plan", str(plan_path), "-o", str(tmp_path / "out2")]) == 2
-    assert not (tmp_path / "out2").exists()
+    assert "is not the plan's calibration text" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
+    text.write_text(original, encoding="utf-8")
     weight_plan = tmp_path / "weight.json"
     assert (
         main(

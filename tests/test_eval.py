@@ -17,7 +17,7 @@ from bitalloc.evaluation import evaluate, evaluation_sentences, perplexity
 from bitalloc.lora import loftq, module_seed
 from bitalloc.planning.plan_file import Plan
 from bitalloc.planning.planner import plan
-from bitalloc.profiling.calibration import read_calibration
+from bitalloc.profiling.calibration import calibrate
 from bitalloc.quant import QuantizedTensor
 from bitalloc.texts import evaluation_text, tokenize, windows
 
@@ -100,7 +100,10 @@ def whole_model_numbers(model_dir, plan_path, ids: torch.Tensor) -> dict:
     """The same numbers from the whole model in memory: W <- Q + B·A (LoftQ, with the plan's
     h) or Q (QLoRA) in every planned Linear, logits of each window in float64."""
     saved = Plan.load(plan_path)
-    h = read_calibration(saved.calibration_file, saved.calibration["digest"])
+    record = saved.calibration  # the plan's h, computed independently of eval's block stepping
+    h = calibrate(
+        model_dir, list(saved.modules), tokens=record["tokens"], context=record["context"]
+    ).column_weights
     model = LlamaForCausalLM.from_pretrained(model_dir).eval()
     original = {name: model.get_submodule(name).weight.detach().clone() for name in saved.modules}
     starts = {"loftq": {}, "qlora": {}}
@@ -138,7 +141,8 @@ def _nll_ppl(logp, ids) -> dict:
 
 
 def test_streamed_eval_equals_whole_model_in_memory(tiny, tmp_path):
-    """A data-aware plan (its h beside it), streamed block by block and window by window,
+    """A data-aware plan (its h computed again in step with eval's own run of the blocks),
+    streamed block by block and window by window,
     against a whole-model computation written independently."""
     plan_path = tiny["plans"]["activation", "2bit"]
     first = run(tiny, plan_path, output=tmp_path / "a.json")

@@ -124,8 +124,8 @@ def test_written_tensors_unchanged(outputs, key):
 
 def test_api_applies_its_own_data_aware_plan(tmp_path):
     """The issue-9 path: data-aware profile -> plan -> save -> apply from the Python API alone
-    gives the CLI's plan JSON and written tensors; the plan still applies after it is moved
-    (its calibration statistics travel beside it), and what it wrote loads with PEFT."""
+    gives the CLI's plan JSON and quantized tensors; the plan still applies after it is moved
+    alone (apply computes its statistics again), and what it wrote loads with PEFT."""
     import shutil
 
     from common import smollm2_path
@@ -140,10 +140,10 @@ def test_api_applies_its_own_data_aware_plan(tmp_path):
     plan = bitalloc.plan(table, 3.0)
     plan.save(tmp_path / "plan.json")
     compare_json(json.loads(plan.to_json().replace(str(gguf), "<source>")), EXPECTED["smol_plan"])
+    assert not list(tmp_path.glob("*.safetensors"))  # self-contained: no statistics beside it
     moved = tmp_path / "moved"
     moved.mkdir()
-    for name in ("plan.json", "plan.calibration.safetensors"):
-        shutil.move(tmp_path / name, moved / name)
+    shutil.move(tmp_path / "plan.json", moved / "plan.json")  # apply computes h again
     bitalloc.apply(gguf, moved / "plan.json", tmp_path / "out", quiet=True)
     test_written_tensors_unchanged({"smol_tensors": tensor_summary(tmp_path / "out")}, "smol_tensors")
     model = bitalloc.load_quantized(tmp_path / "out" / "quantized")

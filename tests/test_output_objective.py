@@ -1,5 +1,5 @@
-"""The output objective: full input covariances H, streamed to a file, through profile,
-plan and apply (which must reproduce the profiled decomposition exactly)."""
+"""The output objective: full input covariances H, computed block by block, through profile,
+plan and apply (which computes them again and must reproduce the profiled decomposition)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.lora import loftq, module_seed
 from bitalloc.planning.plan_file import Plan
 from bitalloc.planning.planner import plan
-from bitalloc.profiling.calibration import Covariances, calibrate, calibration_path, weighting
+from bitalloc.profiling.calibration import calibrate, weighting
 from bitalloc.profiling.profiler import profile
 
 NAMES = llama_module_names()
@@ -72,48 +72,47 @@ def test_covariances_match_a_whole_model_computation_and_share_inputs(tiny, tmp_
             torch.testing.assert_close(found[name].double(), expected[name], rtol=1e-5, atol=1e-6)
     gguf = tmp_path / "tiny.gguf"
     make_tiny_gguf(gguf, model)
-    found = calibrate(gguf, NAMES, input_ids=ids(), covariance=True, path=tmp_path / "h.safetensors")
+    found = calibrate(gguf, NAMES, input_ids=ids(), covariance=True).covariances
     for name in NAMES:
-        torch.testing.assert_close(found.covariances[name].double(), expected[name], rtol=1e-4, atol=1e-5)
-    # q/k/v read one tensor and gate/up another: one stored H each, 4 per layer
-    groups = found.covariances.groups
+        torch.testing.assert_close(found[name].double(), expected[name], rtol=1e-4, atol=1e-5)
+    # q/k/v read one tensor and gate/up another: one H each (the same tensor), 4 per layer
     for layer in (0, 1):
-        attention = {groups[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv"}
-        mlp = {groups[f"model.layers.{layer}.mlp.{p}_proj"] for p in ("gate", "up")}
+        attention = {id(found[f"model.layers.{layer}.self_attn.{p}_proj"]) for p in "qkv"}
+        mlp = {id(found[f"model.layers.{layer}.mlp.{p}_proj"]) for p in ("gate", "up")}
         assert len(attention) == 1 and len(mlp) == 1
-    with safe_open(str(tmp_path / "h.safetensors"), framework="pt") as handle:
-        assert len(list(handle.keys())) == 8
-        sizes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
-    assert sizes["model.layers.0.mlp.down_proj"] == [256, 256]  # d_in of down_proj: the intermediate size
-    assert sizes["model.layers.0.self_attn.q_proj"] == [128, 128]
+    assert len({id(h) for h in found.values()}) == 8
+    assert tuple(found["model.layers.0.mlp.down_proj"].shape) == (256, 256)  # d_in: the intermediate size
+    assert tuple(found["model.layers.0.self_attn.q_proj"].shape) == (128, 128)
+    assert not list(tmp_path.glob("*.safetensors"))  # nothing is written
 
 
-def test_covariances_are_written_one_block_at_a_time(tiny, tmp_path, monkeypatch):
-    """Each block's H leave memory (to the writer) before the next block runs."""
-    import bitalloc.profiling.calibration as calibration_module
+def test_covariances_leave_memory_one_block_at_a_time(tiny, tmp_path, monkeypatch):
+    """Each block's H go to the consumer (the profile's matrices of that block) and are dropped
+    before the next block runs: the profile measures block 0's matrices before block 1 runs."""
+    import bitalloc.profiling.profiler as profiler_module
+    from bitalloc.checkpoints.runnable import BlockRunner
 
     directory, _ = tiny
     events: list[str] = []
-    real_add = calibration_module.CovarianceWriter.add
+    real_step = BlockRunner.step
 
-    def add(self, key, covariance, modules):
-        events.append(f"write {key.split('.')[2]}")
-        return real_add(self, key, covariance, modules)
+    def step(self, index, *args, **kwargs):
+        events.append(f"run {index}")
+        return real_step(self, index, *args, **kwargs)
 
-    real_run = calibration_module.run_blocks
+    real_run = profiler_module._run
 
-    def run_blocks(net, input_ids, modules, on_block, **kwargs):
-        def spy(prefix, block):
-            hooks = on_block(prefix, block)
-            events.append(f"run {prefix.split('.')[2]}")
-            return hooks
+    def run(source, modules, *args, **kwargs):
+        events.append("profile " + ",".join(sorted({m.split(".")[2] for m in modules})))
+        statistics = args[7]
+        assert sorted(statistics) == sorted(modules)  # only this block's statistics are handed over
+        return real_run(source, modules, *args, **kwargs)
 
-        return real_run(net, input_ids, modules, spy, **kwargs)
-
-    monkeypatch.setattr(calibration_module.CovarianceWriter, "add", add)
-    monkeypatch.setattr(calibration_module, "run_blocks", run_blocks)
-    calibrate(directory, NAMES, input_ids=ids(), covariance=True, path=tmp_path / "h.safetensors")
-    assert events == ["run 0"] + ["write 0"] * 4 + ["run 1"] + ["write 1"] * 4
+    monkeypatch.setattr(BlockRunner, "step", step)
+    monkeypatch.setattr(profiler_module, "_run", run)
+    profile(directory, tmp_path / "p.parquet", calibration_ids=ids(), **FAST)
+    assert events == ["run 0", "profile 0", "run 1", "profile 1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]  # no statistics on disk
 
 
 def test_profile_plan_and_apply_reproduce_the_decomposition_exactly(tiny, output_profile, tmp_path):
@@ -126,7 +125,7 @@ def test_profile_plan_and_apply_reproduce_the_decomposition_exactly(tiny, output
     assert info["statistic"] == "covariance" and info["lambda"] == 0.01
     assert bool((table["weighted_error"] > 0).all())
     # the profile's weighted error is the true output error on the calibration tokens (λ aside)
-    covariances = Covariances(calibration_path(output), info["digest"], damping=0.01)
+    covariances = calibrate(directory, NAMES, input_ids=ids(), covariance=True).covariances
     source = open_source(directory)
     name, config = "model.layers.1.self_attn.o_proj", CONFIGS[1]
     seed = module_seed(name, config)
@@ -145,12 +144,18 @@ def test_profile_plan_and_apply_reproduce_the_decomposition_exactly(tiny, output
     saved = chosen.save(tmp_path / "plan.json")
     data = json.loads(saved.read_text())
     assert data["format"] == "bitalloc.plan/v2" and data["calibration"]["statistic"] == "covariance"
-    # move the plan with its side file: apply finds H beside it and checks its digest
+    assert data["calibration"]["text_sha256"] == data["calibration"]["ids_sha256"]  # 2-D ids: as given
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]  # self-contained: no side file
+    # move the plan alone: apply computes H again from the same ids, given again
     moved = tmp_path / "moved"
     moved.mkdir()
     os.replace(saved, moved / "plan.json")
-    os.replace(calibration_path(saved), calibration_path(moved / "plan.json"))
-    apply(directory, moved / "plan.json", tmp_path / "out", quiet=True)
+    with pytest.raises(BitallocError, match="give the same ids again"):
+        apply(directory, moved / "plan.json", tmp_path / "out", quiet=True)
+    with pytest.raises(BitallocError, match="not the plan's"):
+        apply(directory, moved / "plan.json", tmp_path / "out", quiet=True, calibration_ids=ids(seed=5))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    apply(directory, moved / "plan.json", tmp_path / "out", quiet=True, calibration_ids=ids())
     adapter = {}
     with safe_open(str(tmp_path / "out/adapter/adapter_model.safetensors"), framework="pt") as handle:
         for key in handle.keys():
@@ -164,7 +169,10 @@ def test_profile_plan_and_apply_reproduce_the_decomposition_exactly(tiny, output
         assert expected.weighted_error == pytest.approx(row["weighted_error"], rel=1e-6)
         a = adapter[f"base_model.model.{name}.lora_A.weight"]
         b = adapter[f"base_model.model.{name}.lora_B.weight"]
-        assert torch.equal(a, expected.lora_A.to(a.dtype)) and torch.equal(b, expected.lora_B.to(b.dtype))
+        # same ids, same code: H equal to float rounding (identical on one machine and thread
+        # count), so the factors are the profiled ones
+        torch.testing.assert_close(a, expected.lora_A.to(a.dtype), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b, expected.lora_B.to(b.dtype), rtol=1e-4, atol=1e-6)
 
 
 def test_damping_is_part_of_the_profile_and_changes_the_result(tiny, output_profile, tmp_path):
@@ -190,21 +198,32 @@ def test_objectives_resolve_and_diagonal_remains_an_option(tiny, tmp_path):
         profile(directory, None, objective="output", column_weights=ones, **FAST)
 
 
-def test_tampered_or_missing_covariances_are_refused(output_profile, tmp_path):
-    table, output = output_profile
-    chosen = plan(table, 3.2)
-    saved = chosen.save(tmp_path / "plan.json")
-    side = calibration_path(saved)
-    data = bytearray(side.read_bytes())
-    data[-1] ^= 1
-    side.unlink()  # may be a hard link to the profile's file: never edit it in place
-    side.write_bytes(bytes(data))
-    with pytest.raises(BitallocError, match="does not hold"):
-        Plan.load(saved).input_statistics()
-    side.unlink()
-    with pytest.raises(BitallocError, match="cannot be read"):
-        Plan.load(saved).input_statistics()
-    assert calibration_path(output).is_file()  # the profile's own file was never touched
+def test_plans_of_earlier_versions_compute_their_statistics_again(tiny, output_profile, tmp_path):
+    """A plan written before statistics were recomputed records the sha256 of its side file
+    (digest) and no ids_sha256: it still applies (its side file is not read), from the same
+    ids; a hand-edited record without its data is one clear error."""
+    from bitalloc.artifacts.writer import apply
+
+    directory, _ = tiny
+    table, _ = output_profile
+    data = json.loads(plan(table, 3.2).to_json())
+    data["calibration"].pop("ids_sha256")
+    data["calibration"]["digest"] = "0" * 64
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    (tmp_path / "old.calibration.safetensors").write_bytes(b"not read any more")
+    apply(directory, old, tmp_path / "out", quiet=True, calibration_ids=ids())
+    new = tmp_path / "new"
+    apply(directory, plan(table, 3.2), new, quiet=True, calibration_ids=ids())
+    part = "adapter/adapter_model.safetensors"
+    with safe_open(str(tmp_path / "out" / part), "pt") as a, safe_open(str(new / part), "pt") as b:
+        for key in a.keys():
+            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-5, atol=1e-7)
+    data["calibration"] = {"digest": "0" * 64}
+    old.write_text(json.dumps(data))
+    with pytest.raises(BitallocError, match="does not record its calibration data"):
+        apply(directory, old, tmp_path / "out2", quiet=True)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_version_1_plans_still_load(output_profile, tmp_path):
@@ -247,9 +266,23 @@ def test_cli_output_objective_damping_and_bad_combinations(tmp_path, capsys):
     assert main(["plan", "--profile", str(out), "--budget", "3", "-o", str(plan_path)]) == 0
     data = json.loads(plan_path.read_text())
     assert data["objective"] == "output" and data["calibration"]["lambda"] == 0.05
+    assert data["calibration"]["text_path"] == str(text.resolve())
+    assert not list(tmp_path.glob("*.safetensors"))  # no statistics on disk
     assert (
         main(["apply", str(model_dir), "--plan", str(plan_path), "-o", str(tmp_path / "out"), "--quiet"]) == 0
     )
+    # the text moved: apply says which text it needs; given it (checked by sha256), it works
+    moved = tmp_path / "texts"
+    moved.mkdir()
+    os.replace(text, moved / "notes.txt")
+    capsys.readouterr()
+    apply_args = ["apply", str(model_dir), "--plan", str(plan_path), "--quiet"]
+    assert main([*apply_args, "-o", str(tmp_path / "o2")]) == 2
+    assert "notes.txt" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    assert main([*apply_args, "-o", str(tmp_path / "o2"), "--calibration", str(plan_path)]) == 2
+    assert "is not the plan's calibration text" in capsys.readouterr().err
+    assert main([*apply_args, "-o", str(tmp_path / "o2"), "--calibration", str(moved / "notes.txt")]) == 0
+    os.replace(moved / "notes.txt", text)
     capsys.readouterr()
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, message in (
@@ -267,3 +300,18 @@ def test_cli_output_objective_damping_and_bad_combinations(tmp_path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("bitalloc: error:") and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_load_input_statistics_computes_the_profiles_statistics_again(tiny, output_profile):
+    from bitalloc.profiling.calibration import load_input_statistics
+
+    directory, _ = tiny
+    table, output = output_profile
+    with pytest.raises(BitallocError, match="give the same ids again"):
+        load_input_statistics(output, directory)
+    found = load_input_statistics(output, directory, input_ids=ids())
+    expected = calibrate(directory, NAMES, input_ids=ids(), covariance=True).covariances
+    assert sorted(found) == sorted(NAMES) and found.damping == 0.01
+    for name in NAMES:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-6, atol=1e-9)
+    assert weighting(found, NAMES[0])["damping"] == 0.01

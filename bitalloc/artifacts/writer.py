@@ -33,7 +33,7 @@ from ..fileio import WorkFolder, atomic_path, check_name, save_safetensors
 from ..lora import LoraSettings, loftq, module_seed
 from ..lora.decomposition import check_lora_alpha, check_lora_scaling
 from ..planning.plan_file import Plan, most_common
-from ..profiling.calibration import weighting
+from ..profiling.calibration import Calibrator, weighting
 from ..profiling.settings import MAX_ITERS
 from ..quant import QuantConfig, QuantizedTensor
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
@@ -57,6 +57,8 @@ def apply(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     calibration: str | os.PathLike | None = None,
     verify: bool = False,
+    calibration_ids: torch.Tensor | None = None,
+    column_weights: dict | None = None,
     **options,
 ) -> Path:
     """Run LoftQ for every matrix of ``plan`` on ``source`` and write ``out_dir`` (see above).
@@ -69,10 +71,12 @@ def apply(
     second time. Raises BitallocError when ``out_dir`` exists or the plan does not fit the
     model.
 
-    A data-aware plan (objective ``activation``) is decomposed with the activation moments
-    h it was planned with: ``calibration`` (a file), by default the one the plan carries
-    (``PLAN.calibration.safetensors`` beside a saved plan); its sha256 must match the plan's
-    record.
+    A data-aware plan (objective ``output`` or ``activation``) is decomposed with the
+    statistics it was profiled with, computed again one block at a time just before that
+    block's matrices (a calibration pass over the model: same tokens, same code, so the same
+    decomposition): from its calibration text (``calibration``: the text file when it is not
+    at the path the plan records; the built-in text is found by itself), or the same token ids
+    (``calibration_ids``) or h (``column_weights``) given again; each is checked by sha256.
 
     An interrupted run resumes from ``OUT.partial/``; the matrices done there are trusted
     when the weight files' size and modification time are unchanged. ``verify`` re-hashes
@@ -88,7 +92,6 @@ def apply(
         check_path(plan, "plan (a Plan or a plan file)")
     check_path(out_dir, "out_dir")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    column_weights = plan.input_statistics(calibration)
     out = check_name(out_dir)
     WorkFolder.sweep(f"{out}.partial")  # a clean-up cut short: finish deleting what is ours
     if (out.exists() or out.is_symlink()) and not _finished_path(out).is_file():
@@ -97,6 +100,8 @@ def apply(
         raise BitallocError(f"unknown dequantized dtype {dequantized_dtype!r}: bf16, fp16 or fp32")
     torch_device = resolve_device(device)
     matrices = _open_matrices(source, plan)
+    statistics = plan.statistics(source if source is not None else matrices, calibration=calibration,
+                                 calibration_ids=calibration_ids, column_weights=column_weights)  # fmt: skip
     ranks = {name: int(entry.get("rank", plan.defaults["rank"])) for name, entry in plan.modules.items()}
     for rank in sorted(set(ranks.values())):  # before any work: factors that stay finite
         check_lora_scaling(rank, (rank or None) if lora_alpha is None else lora_alpha, use_rslora)
@@ -119,7 +124,7 @@ def apply(
     try:
         if verify:
             _verify(plan, matrices, work)
-        _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
+        _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, (source, statistics),
                dequantized, dequantized_dtype, max_shard_bytes)  # fmt: skip
     finally:
         work.folder.close()
@@ -175,12 +180,12 @@ def _verify(plan: Plan, matrices: Source, work: _WorkDir) -> None:
             )
 
 
-def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
+def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, statistics,
            dequantized, dequantized_dtype, max_shard_bytes) -> None:  # fmt: skip
     """Decompose (resumable), write every part into ``OUT.partial/build``, check that it
     loads, and rename it to ``out``."""
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
-    _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet, column_weights)
+    _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet, statistics)
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
     _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes)
@@ -303,15 +308,19 @@ class _WorkDir:
         return QuantizedTensor.from_tensors(parts, entry["config"], tuple(entry["shape"]))
 
 
-def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quiet, column_weights=None):
-    """LoftQ for each planned matrix not yet done, one at a time, saved as it finishes."""
+def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quiet, statistics=(None, None)):
+    """LoftQ for each planned matrix not yet done, one at a time, saved as it finishes. A
+    data-aware plan's statistics (``statistics``: the model and a `Calibrator`, or given h)
+    are computed block by block for the blocks with matrices to do, each just before them."""
     from tqdm.auto import tqdm
 
+    model, weights = statistics
     todo = [name for name in plan.modules if not work.file(name).exists()]
     bar = tqdm(total=len(plan.modules), initial=len(plan.modules) - len(todo), unit="matrix",
                disable=quiet, dynamic_ncols=True, desc="apply")  # fmt: skip
     work.matrices.mkdir(exist_ok=True)
-    for name in todo:
+
+    def decompose(name: str, statistic: torch.Tensor | None) -> None:
         config = QuantConfig.parse(plan.modules[name]["config"])
         rank = ranks[name]
         weight, digest = matrices.read_with_digest(name)  # the digest lets `apply --verify` resume
@@ -319,7 +328,7 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
             weight, config, rank=rank, iters=plan.defaults["iters"],
             lora_alpha=(rank or None) if lora_alpha is None else lora_alpha, use_rslora=use_rslora,
             seed=module_seed(name, config), device=device,
-            **weighting(column_weights, name),
+            **weighting(statistic, name, plan.damping),
         )  # fmt: skip
         factors = (result.lora_A, result.lora_B)
         if not math.isfinite(result.rel_error) or not all(bool(torch.isfinite(f).all()) for f in factors):
@@ -333,7 +342,16 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
             )
         bar.set_postfix_str(f"{name} rel_error {result.rel_error:.4f}")
         bar.update(1)
-    bar.close()
+
+    try:
+        if isinstance(weights, Calibrator):
+            weights.stream(model if model is not None else matrices, todo,
+                           lambda names, found: [decompose(name, found[name]) for name in names])  # fmt: skip
+        else:
+            for name in todo:
+                decompose(name, None if weights is None else weights[name])
+    finally:
+        bar.close()
 
 
 # ---- writing ----------------------------------------------------------------------------

@@ -110,44 +110,107 @@ def run_blocks(
     load: Callable[[str], torch.Tensor] | None = None,
     batch_tokens: int = BATCH_TOKENS,
     quiet: bool = True,
+    after_block: Callable[[str], None] | None = None,
 ) -> None:
     """Run ``net`` over ``input_ids`` (n, context) one transformer block at a time, up to the
     last block holding one of ``modules``. Before each block runs, ``on_block(prefix, block)``
     registers hooks and returns their handles (removed after the block). Parameters on the
-    meta device are read with ``load(name)`` when their module runs and released after it."""
-    blocks_name, blocks = find_blocks(net, modules)
-    device = next((p.device for p in net.parameters() if not p.is_meta), torch.device("cpu"))
-    input_ids = input_ids.to(device)
-    if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise BitallocError(f"no tokens to run the model on (token ids of shape {tuple(input_ids.shape)})")
-    batch = max(1, batch_tokens // input_ids.shape[1])
-    loaded: list[tuple[nn.Module, str]] = []
-    inside = {id(m) for m in blocks.modules()}
-    outside = [m for m in net.modules() if id(m) not in inside]
-    handles = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)]
-    try:
-        states = [_catch(net, blocks, input_ids[i : i + batch]) for i in range(0, len(input_ids), batch)]
-    finally:
-        for handle in handles:
-            handle.remove()
-    _release(loaded)
-    last = max(int(m[len(blocks_name) + 1 :].split(".", 1)[0]) for m in modules)
+    meta device are read with ``load(name)`` when their module runs and released after it;
+    then ``after_block(prefix)``, if given, is called (the block's memory already freed)."""
+    runner = BlockRunner(net, input_ids, modules, load=load, batch_tokens=batch_tokens)
+    last = runner.last_block(modules)
     for index in range(last + 1):
-        block = blocks[index]
-        prefix = f"{blocks_name}.{index}."
-        _materialize(block, prefix, load, loaded)
-        hooks = on_block(prefix, block)
-        try:
-            with torch.inference_mode():
-                states = [
-                    (_hidden(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in states
-                ]
-        finally:
-            for hook in hooks:
-                hook.remove()
-        _release(loaded)
+        prefix = runner.prefix(index)
+        runner.step(index, lambda block, prefix=prefix: on_block(prefix, block))
         if not quiet:
             print(f"ran block {index + 1}/{last + 1}", flush=True)
+        if after_block is not None:
+            after_block(prefix)
+
+
+class BlockRunner:
+    """Token ids' hidden states moved through a model's transformer blocks one block at a
+    time (GPTQ-style): the inputs of block 0 are caught once (embeddings read from ``load``
+    when they run, then released), and `step` runs one block on them. Memory: the hidden
+    states (tokens x hidden x 4 bytes) plus the block being run."""
+
+    def __init__(self, net: nn.Module, input_ids: torch.Tensor, modules: Sequence[str], *,
+                 load: Callable[[str], torch.Tensor] | None = None,
+                 batch_tokens: int = BATCH_TOKENS) -> None:  # fmt: skip
+        self.net, self.load = net, load
+        self.blocks_name, self.blocks = find_blocks(net, modules)
+        device = next((p.device for p in net.parameters() if not p.is_meta), torch.device("cpu"))
+        input_ids = input_ids.to(device)
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            shape = tuple(input_ids.shape)
+            raise BitallocError(f"no tokens to run the model on (token ids of shape {shape})")
+        batch = max(1, batch_tokens // input_ids.shape[1])
+        loaded: list[tuple[nn.Module, str]] = []
+        inside = {id(m) for m in self.blocks.modules()}
+        outside = [m for m in net.modules() if id(m) not in inside]
+        handles = [
+            m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)
+        ]
+        try:
+            self.states = [
+                _catch(net, self.blocks, input_ids[i : i + batch]) for i in range(0, len(input_ids), batch)
+            ]
+        finally:
+            for handle in handles:
+                handle.remove()
+        _release(loaded)
+        self.next = 0  # the block the states are the inputs of
+
+    def prefix(self, index: int) -> str:
+        return f"{self.blocks_name}.{index}."
+
+    def block_of(self, module: str) -> int:
+        return int(module[len(self.blocks_name) + 1 :].split(".", 1)[0])
+
+    def last_block(self, modules: Sequence[str]) -> int:
+        return max(self.block_of(m) for m in modules)
+
+    def step(self, index: int, on_block: Callable[[nn.Module], list] | None = None,
+             materialized: bool = False) -> None:  # fmt: skip
+        """Run block ``index`` (the next one) on the states; ``on_block(block)`` registers
+        hooks first and returns their handles. The block's meta parameters are read from
+        ``load`` and released after (unless ``materialized``: the caller holds them)."""
+        if index != self.next:
+            raise BitallocError(f"block {index} cannot run before block {self.next}")  # a bug if reached
+        block = self.blocks[index]
+        loaded: list[tuple[nn.Module, str]] = []
+        if not materialized:
+            _materialize(block, self.prefix(index), self.load, loaded)
+        try:
+            device = next((p.device for p in block.parameters() if not p.is_meta), None)
+            if device is not None:
+                self.states = [_to_device(state, device) for state in self.states]
+            hooks = on_block(block) if on_block is not None else []
+            try:
+                with torch.inference_mode():
+                    self.states = [
+                        (_hidden(block(hidden, *args, **kwargs)), args, kwargs)
+                        for hidden, args, kwargs in self.states
+                    ]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        finally:
+            _release(loaded)
+        self.next = index + 1
+
+
+def _to_device(value, device: torch.device):
+    """``value`` with every tensor inside (tuples, lists, dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 class _Caught(Exception):

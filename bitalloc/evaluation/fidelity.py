@@ -44,7 +44,7 @@ from ..errors import BitallocError
 from ..fileio import check_name, check_output, write_text_atomic
 from ..lora import loftq, module_seed
 from ..planning.plan_file import Plan
-from ..profiling.calibration import weighting
+from ..profiling.calibration import Calibrator, weighting
 from ..quant import QuantConfig, QuantizedTensor
 from ..texts import describe_text, read_text, text_sha256, tokenize, windows
 
@@ -76,6 +76,8 @@ def evaluate(
     input_ids: torch.Tensor | None = None,
     device: str | torch.device = "auto",
     calibration: str | os.PathLike | None = None,
+    calibration_ids: torch.Tensor | None = None,
+    column_weights: dict | None = None,
     output: str | os.PathLike | None = None,
     save: bool = False,
     quiet: bool = True,
@@ -83,8 +85,10 @@ def evaluate(
     """Compare the original ``model`` with ``plan``'s LoftQ start (Q + B·A) and QLoRA start (Q).
 
     ``evaluate(MODEL, plan)`` decomposes the plan's matrices on the fly (the same seeds, and
-    for a data-aware plan the same h — ``calibration``, by default the file beside the plan —
-    so the weights equal what `bitalloc.apply` writes). ``evaluate(OUT)`` (no plan) reads what
+    for a data-aware plan the same statistics, computed again block by block from the plan's
+    calibration text — ``calibration``, when the file is not at its recorded path — or the same
+    ``calibration_ids`` or ``column_weights`` given again, so the weights equal what
+    `bitalloc.apply` writes). ``evaluate(OUT)`` (no plan) reads what
     `bitalloc.apply` wrote to ``OUT/quantized`` and ``OUT/adapter``; the original is
     ``reference``, by default the model recorded in the plan. ``model`` None is the demo model.
 
@@ -137,7 +141,9 @@ def evaluate(
             f"cannot run {source_name} on text: it needs config.json and a tokenizer (or give input_ids)"
         )
     if starts is None:
-        starts = _plan_starts(plan, plan.input_statistics(calibration), torch_device)
+        statistics = plan.statistics(model, calibration=calibration, calibration_ids=calibration_ids,
+                                     column_weights=column_weights)  # fmt: skip
+        starts = _PlanStarts(plan, statistics, torch_device)
     result = _evaluate(model, plan, starts, text, tokens, context, input_ids, torch_device, quiet)
     result["model"]["source"] = source_name
     result["plan"] = {**plan_info, **_plan_summary(plan)}
@@ -208,6 +214,8 @@ def _evaluate(model, plan, starts, text, tokens, context, input_ids, device, qui
             ) from None
         rows = sum(int(b.shape[0]) for b in batches)
         bar = tqdm(total=(blocks + rows) * len(VARIANTS), disable=quiet, dynamic_ncols=True, desc="eval")
+        if isinstance(starts, _PlanStarts):
+            starts.attach(net, load, modules)
         prepare = _Swapper(net, modules, starts, bar)
         try:
             run_model(
@@ -242,9 +250,14 @@ class _Swapper:
     def __init__(self, net: nn.Module, modules: list[str], starts: StartWeights, bar) -> None:
         self.net, self.modules, self.starts, self.bar = net, modules, starts, bar
         self.prefix: str | None = None
+        self.entered: str | None = None
         self.weights: dict[str, dict[str, torch.Tensor]] = {}
 
     def __call__(self, variant: str, prefix: str, block: nn.Module):
+        if prefix != self.entered:  # the block is read, its weights are the original ones
+            self.entered = prefix
+            if isinstance(self.starts, _PlanStarts):
+                self.starts.enter_block(int(prefix.rstrip(".").rsplit(".", 1)[1]))
         if variant == "original":
             return None
         names = [m for m in self.modules if m.startswith(prefix)]
@@ -277,24 +290,43 @@ class _Swapper:
         return linear
 
 
-def _plan_starts(plan: Plan, column_weights, device: torch.device) -> StartWeights:
-    """LoftQ's Q + B·A (as `bitalloc.apply` computes it: same rank, iterations, seed, h)
-    and QLoRA's Q for a planned matrix, from its W."""
+class _PlanStarts:
+    """LoftQ's Q + B·A (as `bitalloc.apply` computes it: same rank, iterations, seed and
+    statistics) and QLoRA's Q for a planned matrix, from its W. A data-aware plan's
+    statistics are computed block by block in step with the evaluation's own run
+    (`enter_block`, called when each block is read), from the calibration tokens."""
 
-    def weights(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __init__(self, plan: Plan, statistics, device: torch.device) -> None:
+        self.plan, self.statistics, self.device = plan, statistics, device
+        self.stepper = None
+        self.block: dict[str, torch.Tensor] = {}
+
+    def attach(self, net: nn.Module, load, modules: list[str]) -> None:
+        if isinstance(self.statistics, Calibrator):
+            self.stepper = self.statistics.stepper(net, load, modules)
+
+    def enter_block(self, index: int) -> None:
+        if self.stepper is not None:
+            self.block = {}
+            self.block = self.stepper.statistics(index)
+
+    def __call__(self, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        plan = self.plan
+        if self.stepper is not None:
+            statistic = self.block[name]
+        else:
+            statistic = None if self.statistics is None else self.statistics[name]
         entry = plan.modules[name]
         config = QuantConfig.parse(entry["config"])
         result = loftq(
             weight, config, rank=int(entry.get("rank", plan.defaults["rank"])), iters=plan.defaults["iters"],
-            seed=module_seed(name, config), device=device,
-            **weighting(column_weights, name),
+            seed=module_seed(name, config), device=self.device,
+            **weighting(statistic, name, plan.damping),
         )  # fmt: skip
         return {
             "loftq": result.q.dequantize() + result.lowrank(),
-            "qlora": _nearest(weight.to(device), config),
+            "qlora": _nearest(weight.to(self.device), config),
         }
-
-    return weights
 
 
 def _nearest(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:

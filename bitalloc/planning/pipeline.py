@@ -21,7 +21,6 @@ import torch
 from ..checkpoints import model_input_files
 from ..errors import BitallocError
 from ..fileio import check_output
-from ..profiling.calibration import calibration_path
 from ..profiling.profiler import profile
 from ..profiling.settings import CalibrationSettings, ProfileSettings, build_settings
 from ..profiling.table import read_profile
@@ -159,10 +158,10 @@ def plan_files(
     """Plan ``model`` (profiled first, cached in ``.bitalloc-cache/`` beside ``output`` for
     any plan of the same model and settings: `profile_cache_path`; None: the demo model) or
     the profile at ``profile_path`` for ``budget``, or for each of ``budgets`` (a list or
-    "START:STOP:STEP"; files ``OUTPUT-<budget>.json``), and save the plans (with their
-    calibration statistics when data-aware). Profile ``settings``/``calibration``/keyword
-    ``options`` apply to a model, and are refused with a profile file (it was measured
-    with its own settings)."""
+    "START:STOP:STEP"; files ``OUTPUT-<budget>.json``), and save the plans (self-contained:
+    a data-aware plan records its calibration data, no side file). Profile
+    ``settings``/``calibration``/keyword ``options`` apply to a model, and are refused
+    with a profile file (it was measured with its own settings)."""
     if budget is None and budgets is None:
         raise BitallocError("give a budget (e.g. --budget 2.5) or a sweep (--sweep START:STOP:STEP)")
     if budget is not None and budgets is not None:
@@ -182,11 +181,8 @@ def plan_files(
     paths = [Path(output)] if sweep_budgets is None else [sweep_path(output, b) for b in sweep_budgets]
     text = calibration.text if isinstance(calibration, CalibrationSettings) else calibration
     inputs = [profile_path, *model_input_files(model), text]
-    if profile_path is not None:
-        inputs.append(calibration_path(profile_path))
     for path in paths:  # before any work: no output may be an input, or anything but a file
         check_output(path, inputs)
-        check_output(calibration_path(path), inputs)
     if profile_path is not None:
         if model is not None:
             raise BitallocError("give a MODEL or a profile file, not both")

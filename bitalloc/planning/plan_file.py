@@ -19,7 +19,6 @@ from pathlib import Path
 
 from ..errors import BitallocError, check_path
 from ..fileio import write_text_atomic
-from ..profiling.calibration import calibration_path, copy_verified, read_verified
 from ..quant import QuantConfig
 
 PLAN_FORMAT = "bitalloc.plan/v2"
@@ -181,15 +180,12 @@ class Plan:
     model: dict = field(default_factory=lambda: {"source": None, "fingerprint": None})
     budget: dict
     objective: str = "weight"
-    calibration: dict | None = None  # data-aware plans: the h (or H) they were measured with
+    calibration: dict | None = None  # data-aware plans: the data their statistics are computed from
     layer_weights: dict | None = None  # per-matrix coefficients: how they were measured
     solver: dict
     defaults: dict
     kept: list[str] = field(default_factory=list)
     modules: dict[str, dict]
-    # data-aware plans: where their activation statistics are (not part of the JSON; `save`
-    # copies the file beside the plan, `load` finds it there)
-    calibration_file: Path | None = field(default=None, compare=False, repr=False)
 
     # ---- convenient views -----------------------------------------------------------
     @property
@@ -285,72 +281,45 @@ class Plan:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan atomically (a temporary file in the same folder, then os.replace).
 
-        A data-aware plan's activation statistics travel with it: they are copied (checked by
-        digest) to ``PLAN.calibration.safetensors`` beside the plan, where `load` and
-        `bitalloc.apply` find them, so the plan can be moved with its side file."""
+        The plan is self-contained: a data-aware plan records what its statistics are
+        computed from (``calibration``), and `bitalloc.apply` computes them again; no file
+        goes beside it."""
         path = Path(path)
         text = self.to_json()  # validated first: an invalid plan writes nothing
-        if self.objective != "weight" and self.calibration:
-            self._save_calibration(calibration_path(path))
         write_text_atomic(path, text)
         return path
 
-    def _save_calibration(self, target: Path) -> None:
-        if self.calibration_file is None:
-            raise BitallocError(
-                "this data-aware plan has no calibration file to keep beside it: profile with an "
-                "output file (profile(model, 'profile.parquet', ...)) so the statistics are saved"
-            )
-        source = Path(self.calibration_file)
-        if target.exists() and target.resolve() == source.resolve():
-            read_verified(source, self.calibration.get("digest"), check_only=True)
-            return
-        copy_verified(source, target, self.calibration.get("digest"))
+    def statistics(self, model, *, calibration: str | os.PathLike | None = None, calibration_ids=None,
+                   column_weights: dict | None = None):  # fmt: skip
+        """How the decompositions of this plan are weighted, for ``model``: None (weight-only),
+        the given h checked against the plan, or a
+        `bitalloc.profiling.calibration.Calibrator` that computes the statistics again block
+        by block from the recorded calibration text (``calibration``: the text file, if it
+        is not at the recorded path) or the same token ids (``calibration_ids``)."""
+        from ..profiling.calibration import statistics_for_plan
 
-    def input_statistics(self, calibration: str | os.PathLike | None = None):
-        """What a data-aware plan's decompositions are weighted with, digest-checked, from
-        ``calibration`` or the file the plan carries: h by module (objective activation), or
-        a `Covariances` reader with the plan's λ (objective output); None for a weight-only
-        plan. `bitalloc.profiling.calibration.weighting` turns it into `loftq` arguments."""
-        from ..profiling.calibration import Covariances, read_calibration
+        shapes = {name: None for name in self.kept}  # given h covered the kept matrices too
+        shapes.update({name: tuple(entry["shape"]) for name, entry in self.modules.items()})
+        return statistics_for_plan(
+            model, self.objective, self.calibration, shapes, text=calibration, input_ids=calibration_ids,
+            column_weights=column_weights,
+        )  # fmt: skip
 
-        if self.objective == "weight":
-            return None
-        file = calibration if calibration is not None else self.calibration_file
-        if not self.calibration or file is None:
-            raise BitallocError(
-                f"this {self.objective} plan needs its calibration file (PLAN.calibration.safetensors "
-                "beside a saved plan, or calibration=PATH / --calibration) to rebuild its decomposition"
-            )
-        if self.objective == "output":
-            lam = self.calibration.get("lambda")
-            if not isinstance(lam, (int, float)) or isinstance(lam, bool):
-                raise BitallocError("this output plan does not record its damping (calibration.lambda)")
-            statistics = Covariances(file, self.calibration["digest"], float(lam))
-        else:
-            statistics = read_calibration(file, self.calibration["digest"])
-        missing = [name for name in self.modules if name not in statistics]
-        if missing:
-            raise BitallocError(f"calibration file {file} has no statistics for {missing[0]}")
-        return statistics
-
-    def column_weights(self, calibration: str | os.PathLike | None = None) -> dict | None:
-        """The h of an activation plan (see `input_statistics`, which also serves output plans)."""
-        statistics = self.input_statistics(calibration)
-        if statistics is not None and not isinstance(statistics, dict):
-            raise BitallocError(
-                "this output plan is weighted by input covariances, not h: use input_statistics()"
-            )
-        return statistics
+    @property
+    def damping(self) -> float:
+        """λ of an output plan's whitening (``calibration.lambda``)."""
+        lam = (self.calibration or {}).get("lambda")
+        if self.objective != "output":
+            return 0.0
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool):
+            raise BitallocError("this output plan does not record its damping (calibration.lambda)")
+        return float(lam)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        """Read and validate a plan file (a data-aware plan's statistics are beside it)."""
+        """Read and validate a plan file."""
         check_path(path, "plan path")
-        plan = cls.from_json(Path(path))
-        if plan.objective != "weight":
-            plan.calibration_file = calibration_path(path)
-        return plan
+        return cls.from_json(Path(path))
 
 
 def most_common(values: Iterable) -> object:

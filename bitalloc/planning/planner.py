@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -646,7 +645,6 @@ def _build_plan(
         defaults={"rank": most_common(ranks), "iters": most_common(iters)},
         kept=list(problem.kept),
         modules=modules,
-        calibration_file=_calibration_file(problem),
     )
 
 
@@ -659,16 +657,6 @@ def _achieved_bits(ratio: Fraction, budget: float) -> float:
     return achieved
 
 
-def _calibration_file(problem: Problem) -> Path | None:
-    """Where the profile saved its h (a data-aware profile written to a file), else None."""
-    record = problem.attrs.get("calibration") or {}
-    if problem.objective == "weight" or not record.get("path"):
-        return None
-    if not isinstance(record["path"], (str, os.PathLike)):
-        raise BitallocError(f"the profile's calibration path is not a path: {_shown(record['path'])}")
-    return Path(record["path"])
-
-
 def _layer_weights_record(problem: Problem) -> dict | None:
     """How the plan's coefficients were measured (the coefficients go in each module entry)."""
     record = problem.attrs.get("layer_weights")
@@ -678,7 +666,8 @@ def _layer_weights_record(problem: Problem) -> dict | None:
 
 
 def _calibration_record(problem: Problem) -> dict | None:
-    """What a data-aware plan keeps of the profile's calibration (no machine-specific path)."""
+    """What a data-aware plan keeps of the profile's calibration: what its statistics are
+    computed from again (a user text's path is kept; earlier profiles' side-file path is not)."""
     record = problem.attrs.get("calibration")
     if problem.objective == "weight" or not record:
         return None

@@ -1,30 +1,29 @@
-"""Activation statistics for the data-aware objective: h = diag(XᵀX)/n per input channel.
+"""Input statistics of the data-aware objectives, computed block by block and never stored.
 
-What matters for a quantized layer is its output error ‖(W − Ŵ)X‖, whose diagonal
-approximation is ‖(W − Ŵ)·diag(√h)‖²_F with h the second moment of each input channel
-over calibration tokens. `calibrate` runs the model over those tokens one transformer
-block at a time (`bitalloc.checkpoints.runnable`), with forward hooks on the Linear layers,
-so a large model never sits whole in memory. h is damped (h + 0.01·mean(h)) so that
-dead channels cannot blow the weights up.
+What matters for a quantized layer is its output error ‖(W − Ŵ)Xᵀ‖ over calibration inputs
+X. The output objective weights each decomposition by the full second moment
+H = XᵀX/n (in × in) of the Linear's input; the activation objective by its diagonal
+h = diag(H) + 0.01·mean (damped so that dead channels cannot blow the weights up).
+Linears that read the same tensor (q/k/v, gate/up) share one H.
 
-h is stored per module in a safetensors file beside the profile (``profile.parquet`` ->
-``profile.calibration.safetensors``); its sha256 goes in the profile metadata, so `apply`
-can reuse exactly the same h (`load_column_weights`).
-
-The output objective needs the full second moment H = XᵀX/n (in x in) of each Linear's
-input instead. Linears that read the same tensor (q/k/v, gate/up) share one H. It is
-accumulated in float64 one block at a time, written to the same kind of file as float32
-(one tensor per shared input; `Covariances` reads them back one at a time), so memory
-holds one block's H and the file holds all of them: 4·d_in² bytes per distinct input.
+The statistics are computed one transformer block at a time (`Calibrator.stream`): the
+calibration tokens' hidden states (of the original model) run through block l with hooks on
+its Linears, the block's H (float64 sums, handed over as float32) go to the caller, which
+uses them (the profile measures that block's matrices; `apply` and `eval` decompose them)
+and drops them before the next block. Memory holds one block's statistics; nothing is
+written to disk. What is needed to compute them again goes in the profile and the plan
+(`Calibrator.record`): the text's name, sha256 and (for a user file) path, the token count,
+the context, the damping and the sha256 of the token ids; for token ids given directly only
+their sha256, so `apply` needs the same ids given again (checked). Same ids, same code: the
+recomputed statistics equal the profile's to float rounding (bit for bit on one machine and
+thread count).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,149 +33,101 @@ import torch
 from torch import nn
 
 from ..checkpoints import open_source
-from ..checkpoints.runnable import BATCH_TOKENS, can_run, load_tokenizer, run_blocks, runnable
+from ..checkpoints.runnable import BATCH_TOKENS, BlockRunner, can_run, load_tokenizer, runnable
 from ..errors import BitallocError
-from ..fileio import atomic_path
-from ..texts import DEFAULT_TEXT, describe_text, text_sha256, tokenize_prefix, windows
+from ..texts import DEFAULT_TEXT, describe_text, is_default, text_sha256, tokenize_prefix, windows
 from .settings import DEFAULT_CONTEXT, DEFAULT_TOKENS, OBJECTIVES, CalibrationSettings
 
 DAMPING = 0.01
 CALIBRATION_FORMAT = "bitalloc.calibration/v1"
-COVARIANCE_FORMAT = "bitalloc.covariance/v1"
-CHUNK = 1 << 24  # bytes per read when hashing or copying a (large) calibration file
-CALIBRATION_SUFFIX = ".calibration.safetensors"
+CALIBRATION_SUFFIX = ".calibration.safetensors"  # earlier versions' side file (no longer written)
+
+
+def calibration_path(path: str | os.PathLike) -> Path:
+    """The side file earlier versions kept beside a profile or plan (``profile.parquet`` ->
+    ``profile.calibration.safetensors``); nothing writes or reads it any more."""
+    path = Path(path)
+    return path.with_name(path.stem + CALIBRATION_SUFFIX)
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    """sha256 of token ids (as int64): identifies given ids, and the windows a text gave."""
+    return hashlib.sha256(ids.to(torch.long).contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
 @dataclass
 class Calibration:
-    """Damped per-input-channel second moments by module name (or, for the output objective,
-    the full input covariances), and what produced them."""
+    """The statistics of a calibration run held in memory (`calibrate`): h by module
+    (``column_weights``) or H by module (``covariances``; modules reading one input share
+    one tensor), and the run's record."""
 
     column_weights: dict[str, torch.Tensor] | None
-    info: dict  # text, text_sha256, tokens, context, damping, digest (of the safetensors bytes)
+    info: dict
     seconds: float = field(default=0.0, compare=False)
-    covariances: Covariances | None = field(default=None, compare=False, repr=False)
+    covariances: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
-    def statistics(self) -> dict[str, torch.Tensor] | Covariances:
-        """What the decomposition is weighted with: h by module, or the covariances."""
+    def statistics(self) -> dict[str, torch.Tensor]:
         return self.covariances if self.covariances is not None else self.column_weights
 
 
-class Covariances:
-    """The input covariances H of a calibration file, read one at a time (a large model's do
-    not fit in memory together). ``covariances[module]`` is H (in, in), float32; modules
-    reading the same input share one tensor in the file. The file's sha256 is checked
-    against ``digest`` (streamed) when it is opened. ``damping`` (λ, a fraction of mean
-    diag H) is what the decompositions add: a profile setting, carried along here."""
+class InputStatistics(dict):
+    """h or H by module, all in memory, with the λ (``damping``) of the profile they are from
+    (`load_input_statistics`)."""
 
-    def __init__(self, path: str | os.PathLike, digest: str | None = None, damping: float = DAMPING):
-        from safetensors import safe_open
-
-        self.path, self.damping = Path(path), damping
-        self.digest = file_digest(self.path)
-        if digest is not None and self.digest != digest:
-            raise BitallocError(
-                f"{self.path} does not hold the expected input covariances "
-                f"(sha256 {self.digest[:12]}, expected {digest[:12]})"
-            )
-        try:
-            with safe_open(str(self.path), framework="pt") as handle:
-                metadata = json.loads((handle.metadata() or {}).get("bitalloc", "{}"))
-                names = set(handle.keys())
-        except Exception as exc:  # safetensors raises its own error types
-            raise BitallocError(f"{self.path} is not a calibration file: {exc}") from None
-        if metadata.get("format") != COVARIANCE_FORMAT or not isinstance(metadata.get("groups"), dict):
-            raise BitallocError(f"{self.path} holds no input covariances (a diagonal calibration file?)")
-        self.groups: dict[str, str] = metadata["groups"]
-        self.info: dict = metadata.get("info", {})
-        missing = sorted(set(self.groups.values()) - names)
-        if missing:
-            raise BitallocError(f"{self.path} is incomplete: no tensor {missing[0]}")
-        self._cached: tuple[str, torch.Tensor] | None = None
-
-    def __contains__(self, module: object) -> bool:
-        return module in self.groups
-
-    def __iter__(self):
-        return iter(self.groups)
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def keys(self):
-        return self.groups.keys()
-
-    def __getitem__(self, module: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if module not in self.groups:
-            raise BitallocError(f"calibration file {self.path} has no input covariance for {module}")
-        key = self.groups[module]
-        if self._cached is None or self._cached[0] != key:
-            with safe_open(str(self.path), framework="pt") as handle:
-                self._cached = (key, handle.get_tensor(key))
-        return self._cached[1]
-
-    def shape(self, module: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt") as handle:
-            return tuple(handle.get_slice(self.groups[module]).get_shape())
+    damping: float = DAMPING
 
 
-def weighting(statistics, module: str) -> dict:
-    """The keyword arguments that weight `loftq`'s decomposition of ``module`` as its profile
-    did: ``column_weights`` (h), ``input_covariance`` and ``damping`` (H), or nothing."""
+def weighting(statistics, module: str, damping: float | None = None) -> dict:
+    """The keyword arguments that weight `loftq`'s decomposition of ``module``: by h
+    (1-D: ``column_weights``) or by H (2-D: ``input_covariance`` with ``damping`` λ, by
+    default the statistics' own or 0.01); nothing when ``statistics`` is None.
+    ``statistics`` maps modules to h or H, or is the statistic itself."""
     if statistics is None:
         return {}
-    if isinstance(statistics, Covariances):
-        return {"input_covariance": statistics[module], "damping": statistics.damping}
-    return {"column_weights": statistics[module]}
+    statistic = statistics if isinstance(statistics, torch.Tensor) else statistics[module]
+    if statistic.dim() == 2:
+        lam = getattr(statistics, "damping", DAMPING) if damping is None else damping
+        return {"input_covariance": statistic, "damping": lam}
+    return {"column_weights": statistic}
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                digest.update(chunk)
-    except OSError as exc:
-        raise BitallocError(f"calibration file {path} cannot be read: {exc.strerror or exc}") from None
-    return digest.hexdigest()
+def load_input_statistics(
+    profile_table_or_path,
+    model=None,
+    *,
+    text: str | os.PathLike | None = None,
+    input_ids: torch.Tensor | None = None,
+    column_weights: dict | None = None,
+    quiet: bool = True,
+) -> InputStatistics:
+    """Every statistic a data-aware profile's decompositions were weighted with, computed
+    again in memory (for small models: SmolLM2's H take 400 MB) from the profile's record:
+    ``model`` (default: the profile's recorded source), its calibration ``text`` if moved,
+    or the same ``input_ids``/``column_weights`` given again (checked by sha256)."""
+    import pandas as pd
 
+    from .table import read_profile
 
-def copy_verified(source: str | os.PathLike, target: str | os.PathLike, digest: str | None) -> None:
-    """Put a copy of calibration file ``source`` at ``target`` atomically, checked against
-    ``digest``: a hard link where the file system allows (no second copy of what may be
-    gigabytes), else a chunked copy. The copy's bytes are hashed before it is renamed in."""
-    source, target = Path(source), Path(target)
-    with atomic_path(target) as temp:
-        try:
-            temp.unlink()
-            os.link(source, temp)
-        except OSError:
-            try:
-                with open(source, "rb") as reader, open(temp, "wb") as writer:
-                    while chunk := reader.read(CHUNK):
-                        writer.write(chunk)
-            except OSError as exc:
-                raise BitallocError(
-                    f"calibration file {source} cannot be copied: {exc.strerror or exc}"
-                ) from None
-        found = file_digest(temp)
-        if digest is not None and found != digest:
-            raise BitallocError(
-                f"{source} does not hold the plan's calibration (sha256 {found[:12]}, expected {digest[:12]})"
-            )
-
-
-def calibration_path(path: str | os.PathLike) -> Path:
-    """Where the h of a profile or plan lives: ``profile.parquet`` ->
-    ``profile.calibration.safetensors``, ``plan.json`` -> ``plan.calibration.safetensors``."""
-    path = Path(path)
-    return path.with_name(path.stem + CALIBRATION_SUFFIX)
+    table = profile_table_or_path
+    if not isinstance(table, pd.DataFrame):
+        table = read_profile(table)
+    attrs = table.attrs
+    objective = attrs.get("objective")
+    if objective not in ("activation", "output"):
+        raise BitallocError("the profile is not data-aware: it has no calibration")
+    model = attrs.get("source") if model is None else model
+    modules = list(dict.fromkeys(table["module"]))
+    shapes = {
+        m: tuple(int(x) for x in str(shape).split("x")) for m, shape in zip(table["module"], table["shape"])
+    }
+    found = statistics_for_plan(model, objective, attrs.get("calibration"), shapes, text=text,
+                                input_ids=input_ids, column_weights=column_weights)  # fmt: skip
+    result = InputStatistics(
+        found if isinstance(found, dict) else found.statistics(model, modules, quiet=quiet)
+    )
+    result.damping = float((attrs.get("calibration") or {}).get("lambda", DAMPING))
+    return result
 
 
 def calibration_spec(
@@ -186,74 +137,26 @@ def calibration_spec(
     input_ids: torch.Tensor | None = None,
     covariance: bool = False,
 ) -> dict:
-    """What identifies a calibration run (it goes in the profile settings): the text's name
-    and sha256, the tokens asked for, the context and the damping (and, for full input
-    covariances, ``statistic``). ``text`` None or "default" is the built-in text;
-    ``input_ids`` (token ids given directly) replace it."""
-    if tokens <= 0 or context <= 0:
-        raise BitallocError(f"calibration tokens and context must be positive, got {tokens}, {context}")
+    """What identifies a calibration run (it goes in the profile settings: its resume
+    identity): the text's name and sha256, the tokens asked for, the context and the
+    damping (and, for full input covariances, ``statistic``). ``text`` None or "default"
+    is the built-in text; ``input_ids`` (token ids given directly) replace it."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise BitallocError(f"calibration tokens must be a positive whole number, got {tokens!r}")
+    if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
+        raise BitallocError(f"calibration context must be a positive whole number, got {context!r}")
     if input_ids is not None:
-        ids = input_ids.to(torch.long).contiguous()
-        name, digest = "input_ids", hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-        context = ids.shape[-1] if ids.dim() == 2 else context
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
+            raise BitallocError("calibration ids must be a non-empty 1-D or 2-D tensor of token ids")
+        name, digest = "input_ids", ids_digest(input_ids)
+        context = input_ids.shape[-1] if input_ids.dim() == 2 else context
     else:
         name, digest = describe_text(text), text_sha256(text)
-    spec = {
-        "text": name,
-        "text_sha256": digest,
-        "tokens": int(tokens),
-        "context": int(context),
-        "damping": DAMPING,
-    }
-    if covariance:  # H is stored undamped: λ is the profile's setting, not the file's
+    spec = {"text": name, "text_sha256": digest, "tokens": int(tokens), "context": int(context)}
+    spec["damping"] = DAMPING
+    if covariance:  # H itself is undamped: λ is the profile's setting (`lambda`)
         spec.update(statistic="covariance", damping=0.0)
     return spec
-
-
-def calibrate(
-    model: str | os.PathLike | nn.Module,
-    modules: Sequence[str] | None = None,
-    *,
-    text: str | os.PathLike | None = DEFAULT_TEXT,
-    tokens: int = DEFAULT_TOKENS,
-    context: int = DEFAULT_CONTEXT,
-    input_ids: torch.Tensor | None = None,
-    quiet: bool = True,
-    covariance: bool = False,
-    path: str | os.PathLike | None = None,
-) -> Calibration:
-    """h for every Linear in ``modules`` (default: what `profile` selects) of ``model``, or
-    with ``covariance`` the full input covariances H, written to ``path`` (a calibration
-    file; default: a temporary file that lives as long as the returned value).
-
-    ``model``: an HF folder (built on the meta device, blocks read from the safetensors one
-    at a time), a GGUF file (the same, tensors dequantized one at a time), or an in-memory
-    transformers model (run as it is). The tokens are the first ``tokens`` of ``text`` (a
-    file, or "default": the built-in text, see `bitalloc.texts`) in windows of
-    ``context``, or ``input_ids`` given directly ((n, context) or 1-D; no tokenizer needed).
-    """
-    start = time.perf_counter()
-    if modules is None:
-        with open_source(model) as source:
-            modules = source.modules()
-    info = calibration_spec(text, tokens, context, input_ids, covariance)
-    with runnable(model) as (net, load, tokenizer_dir):
-        ids = token_windows(model, tokenizer_dir, text, tokens, context, input_ids)
-        info.update(tokens=int(ids.numel()), context=int(ids.shape[1]))
-        if covariance:
-            keeper = None
-            if path is None:
-                keeper = tempfile.TemporaryDirectory(prefix="bitalloc-covariance-")
-                path = Path(keeper.name) / "calibration.safetensors"
-            writer = CovarianceWriter(path)
-            collect_covariances(net, ids, modules, writer, load=load, quiet=quiet)
-            info["digest"] = writer.finish(info)
-            covariances = Covariances(path, info["digest"])
-            covariances._keeper = keeper  # the temporary folder goes when the reader does
-            return Calibration(None, info, time.perf_counter() - start, covariances)
-        column_weights = collect_column_weights(net, ids, modules, load=load, quiet=quiet)
-    info["digest"] = hashlib.sha256(_serialize(column_weights, info)).hexdigest()
-    return Calibration(column_weights, info, time.perf_counter() - start)
 
 
 def token_windows(model, tokenizer_dir, text, tokens: int, context: int, input_ids=None) -> torch.Tensor:
@@ -269,249 +172,358 @@ def token_windows(model, tokenizer_dir, text, tokens: int, context: int, input_i
     return windows(ids, context)
 
 
+class Calibrator:
+    """Computes the statistics of one calibration (text or token ids, objective) block by
+    block, for a profile or again for `apply`/`eval`: ``ids`` are the (n, context) windows,
+    ``record`` what the profile and plan keep of it (`calibration_record`)."""
+
+    def __init__(self, ids: torch.Tensor, record: dict, covariance: bool,
+                 batch_tokens: int = BATCH_TOKENS) -> None:  # fmt: skip
+        self.ids, self.record, self.covariance, self.batch_tokens = ids, record, covariance, batch_tokens
+
+    def stream(
+        self,
+        model,
+        modules: Sequence[str],
+        consume: Callable[[list[str], dict[str, torch.Tensor]], None],
+        *,
+        quiet: bool = True,
+        timings: dict | None = None,
+    ) -> None:
+        """Run ``model`` over the tokens one block at a time, up to the last block holding
+        one of ``modules``; after each block that holds some, ``consume(names, statistics)``
+        gets them (in ``modules`` order) and their h or H (float32; shared inputs share a
+        tensor), which are dropped when it returns. ``timings["calibration"]`` (if given)
+        adds the seconds spent outside ``consume``."""
+        modules = list(modules)
+        if not modules:
+            return
+        start, spent = time.perf_counter(), 0.0
+
+        def timed(names: list[str], statistics: dict[str, torch.Tensor]) -> None:
+            nonlocal spent
+            begin = time.perf_counter()
+            consume(names, statistics)
+            spent += time.perf_counter() - begin
+
+        with runnable(model) as (net, load, _):
+            collect_statistics(net, self.ids, modules, timed, covariance=self.covariance, load=load,
+                               batch_tokens=self.batch_tokens, quiet=quiet)  # fmt: skip
+        if timings is not None:
+            timings["calibration"] = timings.get("calibration", 0.0) + time.perf_counter() - start - spent
+
+    def stepper(self, net: nn.Module, load, modules: Sequence[str]) -> BlockStepper:
+        """Statistics in step with a caller that runs the blocks itself (`eval`)."""
+        return BlockStepper(self, net, load, modules)
+
+    def statistics(self, model, modules: Sequence[str], *, quiet: bool = True) -> dict[str, torch.Tensor]:
+        """Every module's statistic in memory at once (small models, tests, benchmarks)."""
+        found: dict[str, torch.Tensor] = {}
+        self.stream(model, modules, lambda names, stats: found.update({n: stats[n] for n in names}),
+                    quiet=quiet)  # fmt: skip
+        return found
+
+
+def collect_statistics(
+    net: nn.Module,
+    input_ids: torch.Tensor,
+    modules: Sequence[str],
+    consume: Callable[[list[str], dict[str, torch.Tensor]], None],
+    *,
+    covariance: bool = False,
+    load: Callable[[str], torch.Tensor] | None = None,
+    batch_tokens: int = BATCH_TOKENS,
+    quiet: bool = True,
+) -> None:
+    """Run ``net`` over ``input_ids`` (n, context) one block at a time (parameters on the meta
+    device read with ``load`` when their block runs, released after it) up to the last block
+    holding one of ``modules``; after each block that holds some, ``consume(names,
+    statistics)`` gets their damped h, or with ``covariance`` their H (float32)."""
+    runner = BlockRunner(net, input_ids, modules, load=load, batch_tokens=batch_tokens)
+    by_block: dict[int, list[str]] = {}
+    for name in modules:
+        by_block.setdefault(runner.block_of(name), []).append(name)
+    last = max(by_block)
+    for index in range(last + 1):
+        names = by_block.get(index, [])
+        collector = _Collector(net, names, covariance)
+        runner.step(index, collector.hooks if names else None)
+        if not quiet:
+            print(f"calibrated block {index + 1}/{last + 1}", flush=True)
+        if names:
+            statistics = collector.result()
+            del collector
+            consume(names, statistics)
+            del statistics
+
+
 def collect_column_weights(
     net: nn.Module,
     input_ids: torch.Tensor,
     modules: Sequence[str],
     *,
-    load: Callable[[str], torch.Tensor] | None = None,
-    damping: float = DAMPING,
+    load=None,
     batch_tokens: int = BATCH_TOKENS,
-    quiet: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Damped diag(XᵀX)/n of each named Linear's input over ``input_ids`` (n, context),
-    running ``net`` one block at a time. Parameters still on the meta device are read with
-    ``load(name)`` when their module runs and released after their block."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def on_block(prefix: str, block: nn.Module) -> list:
-        hooks = []
-        for name in [m for m in modules if m.startswith(prefix)]:
-            linear = net.get_submodule(name)
-            if not isinstance(linear, nn.Linear):
-                raise BitallocError(
-                    f"{name} is a {type(linear).__name__}, not an nn.Linear: cannot calibrate it"
-                )
-            hooks.append(linear.register_forward_pre_hook(_accumulator(name, sums, counts)))
-        return hooks
-
-    run_blocks(net, input_ids, modules, on_block, load=load, batch_tokens=batch_tokens, quiet=quiet)
-    result = {}
-    for name in modules:
-        h = (sums[name] / counts[name]).float().cpu()
-        result[name] = (h + damping * h.mean()).contiguous()
-    return result
+    """Damped diag(XᵀX)/n of each named Linear's input, all in memory (`collect_statistics`)."""
+    found: dict[str, torch.Tensor] = {}
+    collect_statistics(net, input_ids, modules, lambda names, stats: found.update(stats), load=load,
+                       batch_tokens=batch_tokens)  # fmt: skip
+    return found
 
 
-def collect_covariances(
-    net: nn.Module,
-    input_ids: torch.Tensor,
-    modules: Sequence[str],
-    writer: CovarianceWriter,
-    *,
-    load: Callable[[str], torch.Tensor] | None = None,
-    batch_tokens: int = BATCH_TOKENS,
-    quiet: bool = True,
-) -> None:
-    """XᵀX/n (float64 sums, written as float32) of each named Linear's input over
-    ``input_ids``, one block at a time: each block's covariances go to ``writer`` when the
-    next block starts, so memory holds one block's. Linears whose forward receives the very
-    same input tensor (q/k/v, gate/up) share one accumulator and one stored tensor."""
-    state: dict = {"sums": {}, "counts": {}, "groups": {}, "seen": []}
+class BlockStepper:
+    """A calibration run advanced block by block by a caller that reads and runs the blocks
+    itself (`bitalloc.evaluation` runs the model over its own text): `statistics(index,
+    block)` runs the calibration states through the caller's materialized block (original
+    weights) and returns the statistics of the planned modules in it."""
 
-    def flush() -> None:
-        groups: dict[str, str] = state["groups"]
-        for key in dict.fromkeys(groups.values()):
-            covariance = (state["sums"][key] / state["counts"][key]).float()
-            writer.add(key, covariance, [m for m, k in groups.items() if k == key])
-        state.update(sums={}, counts={}, groups={}, seen=[])
+    def __init__(self, calibrator: Calibrator, net: nn.Module, load, modules: Sequence[str]) -> None:
+        self.calibrator, self.net, self.modules = calibrator, net, list(modules)
+        self.runner = BlockRunner(net, calibrator.ids, self.modules, load=load,
+                                  batch_tokens=calibrator.batch_tokens)  # fmt: skip
+        self.last = self.runner.last_block(self.modules)
 
-    def on_block(prefix: str, block: nn.Module) -> list:
-        flush()
+    def statistics(self, index: int) -> dict[str, torch.Tensor]:
+        """Run block ``index`` (materialized by the caller) and return its statistics; blocks
+        must come in order (each once), and nothing is run past the last planned one."""
+        if index > self.last or index < self.runner.next:
+            return {}
+        while self.runner.next < index:  # blocks without planned matrices: only advance the states
+            self.runner.step(self.runner.next)
+        names = [m for m in self.modules if self.runner.block_of(m) == index]
+        collector = _Collector(self.net, names, self.calibrator.covariance)
+        self.runner.step(index, collector.hooks if names else None, materialized=True)
+        return collector.result() if names else {}
+
+
+class _Collector:
+    """Forward pre-hooks on a block's named Linears accumulating Σx² (h) or XᵀX (H) in
+    float64; `result` gives them divided by the token count, as float32."""
+
+    def __init__(self, net: nn.Module, names: Sequence[str], covariance: bool) -> None:
+        self.net, self.names, self.covariance = net, list(names), covariance
+        self.state: dict = {"sums": {}, "counts": {}, "groups": {}, "seen": []}
+
+    def hooks(self, block: nn.Module) -> list:
+        state = self.state
         hooks = [block.register_forward_pre_hook(lambda *_: state["seen"].clear())]
-        for name in [m for m in modules if m.startswith(prefix)]:
-            linear = net.get_submodule(name)
+        for name in self.names:
+            linear = self.net.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise BitallocError(
                     f"{name} is a {type(linear).__name__}, not an nn.Linear: cannot calibrate it"
                 )
-            hooks.append(linear.register_forward_pre_hook(_covariance_accumulator(name, state)))
+            if self.covariance:
+                hooks.append(linear.register_forward_pre_hook(_covariance_accumulator(name, state)))
+            else:
+                accumulate = _accumulator(name, state["sums"], state["counts"])
+                hooks.append(linear.register_forward_pre_hook(accumulate))
         return hooks
 
-    run_blocks(net, input_ids, modules, on_block, load=load, batch_tokens=batch_tokens, quiet=quiet)
-    flush()
-    missing = [m for m in modules if m not in writer.groups]
-    if missing:
-        raise BitallocError(f"{missing[0]} never ran on the calibration tokens: no input covariance")
+    def result(self) -> dict[str, torch.Tensor]:
+        state, found = self.state, {}
+        missing = [m for m in self.names if m not in (state["groups"] if self.covariance else state["sums"])]
+        if missing:
+            raise BitallocError(f"{missing[0]} never ran on the calibration tokens: no input statistics")
+        if self.covariance:
+            shared: dict[str, torch.Tensor] = {}
+            for name in self.names:
+                key = state["groups"][name]
+                if key not in shared:
+                    shared[key] = (state["sums"].pop(key) / state["counts"][key]).float().cpu().contiguous()
+                found[name] = shared[key]
+        else:
+            for name in self.names:
+                h = (state["sums"].pop(name) / state["counts"][name]).float().cpu()
+                found[name] = (h + DAMPING * h.mean()).contiguous()
+        return found
 
 
-def _covariance_accumulator(name: str, state: dict):
-    def hook(module, args):
-        x = args[0]
-        # the same tensor object as an earlier Linear's input in this forward: a shared input
-        # (the list holds a reference, so an identity match cannot be a reused address)
-        key = next((k for tensor, k in state["seen"] if tensor is x), None)
-        if key is None:
-            key = state["groups"].get(name, name)
-            state["seen"].append((x, key))
-            rows = x.detach().reshape(-1, x.shape[-1]).double()
-            product = rows.T @ rows
-            sums = state["sums"]
-            sums[key] = sums[key] + product if key in sums else product
-            state["counts"][key] = state["counts"].get(key, 0) + rows.shape[0]
-        previous = state["groups"].setdefault(name, key)
-        if previous != key:
-            raise BitallocError(f"{name} shares its input with different Linears from one batch to the next")
-
-    return hook
+def calibrator_for(model, calibration: CalibrationSettings, objective: str) -> Calibrator | None:
+    """The profile's calibrator: the tokens of ``calibration`` (tokenized with the model's
+    tokenizer, or the given ids) for ``objective``; None for given ``column_weights``."""
+    if calibration.column_weights is not None:
+        return None
+    covariance = objective == "output"
+    spec = calibration_spec(calibration.text, calibration.tokens, calibration.context,
+                            calibration.input_ids, covariance)  # fmt: skip
+    ids = _windows_of(model, calibration.text, calibration.tokens, calibration.context, calibration.input_ids)
+    record = dict(spec, tokens=int(ids.numel()), context=int(ids.shape[1]), ids_sha256=ids_digest(ids))
+    if calibration.input_ids is None and not is_default(calibration.text):
+        record["text_path"] = str(Path(calibration.text).resolve())
+    return Calibrator(ids, dict(sorted(record.items())), covariance)
 
 
-class CovarianceWriter:
-    """Writes covariances to a safetensors file as they come, one block at a time: the
-    tensor bytes go to a side file first (the safetensors header, which lists every tensor,
-    must come first), then header and bytes are joined into ``path`` atomically."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.entries: list[tuple[str, list[int], int, int]] = []  # key, shape, begin, end
-        self.groups: dict[str, str] = {}
-        self._spool = tempfile.TemporaryFile(dir=self.path.parent if self.path.parent.is_dir() else None)
-        self._size = 0
-
-    def add(self, key: str, covariance: torch.Tensor, modules: Sequence[str]) -> None:
-        data = covariance.to(torch.float32).contiguous().numpy().tobytes()
-        self._spool.write(data)
-        self.entries.append((key, list(covariance.shape), self._size, self._size + len(data)))
-        self._size += len(data)
-        self.groups.update(dict.fromkeys(modules, key))
-
-    def finish(self, info: dict) -> str:
-        """Write the file; returns its sha256."""
-        meta = {k: v for k, v in info.items() if k not in ("digest", "path")}
-        metadata = {"format": COVARIANCE_FORMAT, "groups": self.groups, "info": meta}
-        header = {"__metadata__": {"bitalloc": json.dumps(metadata, sort_keys=True)}}
-        for key, shape, begin, end in self.entries:
-            header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
-        digest = hashlib.sha256()
-        self._spool.seek(0)
-        with atomic_path(self.path) as temp, open(temp, "wb") as out:
-            for chunk in (len(encoded).to_bytes(8, "little"), encoded):
-                out.write(chunk)
-                digest.update(chunk)
-            while chunk := self._spool.read(CHUNK):
-                out.write(chunk)
-                digest.update(chunk)
-        self._spool.close()
-        return digest.hexdigest()
-
-
-# ---- files -----------------------------------------------------------------------------
-
-
-def _serialize(column_weights: dict[str, torch.Tensor], info: dict) -> bytes:
-    from safetensors.torch import save
-
-    meta = {k: v for k, v in info.items() if k not in ("digest", "path")}
-    # one metadata key: safetensors writes several in a random order, and the digest is of the bytes
-    metadata = {"bitalloc": json.dumps({"format": CALIBRATION_FORMAT, "info": meta}, sort_keys=True)}
-    return save({k: column_weights[k] for k in sorted(column_weights)}, metadata=metadata)
-
-
-def save_calibration(calibration: Calibration, path: str | os.PathLike, identity: dict | None = None) -> None:
-    """Write h atomically; ``identity`` (model fingerprint, spec) lets a rerun reuse the file."""
-    data = _serialize(calibration.column_weights, calibration.info)
-    if hashlib.sha256(data).hexdigest() != calibration.info["digest"]:
-        raise BitallocError("calibration digest does not match its tensors")  # a bug if reached
-    with atomic_path(path) as temp:
-        temp.write_bytes(data)
-    record = Path(f"{path}.json")  # what `prepare_calibration` compares before reusing the file
-    if identity is None:
-        record.unlink(missing_ok=True)
-        return
-    with atomic_path(record) as temp:
-        temp.write_text(json.dumps({"identity": identity, "info": calibration.info}, sort_keys=True))
-
-
-def read_verified(path: str | os.PathLike, digest: str | None = None, check_only: bool = False) -> bytes:
-    """The bytes of a calibration file, checked against ``digest`` (its sha256) if given;
-    ``check_only``: the check alone (streamed; returns b"")."""
-    path = Path(path)
-    if check_only:
-        data, found = b"", file_digest(path)
+def recalibrator(
+    model,
+    objective: str,
+    record: dict | None,
+    *,
+    text: str | os.PathLike | None = None,
+    input_ids: torch.Tensor | None = None,
+) -> Calibrator:
+    """The calibrator that computes a data-aware plan's (or profile's) statistics again from
+    its ``record``: the same text (``text`` if given, else the recorded path or the built-in
+    text; checked by sha256) or the same token ids (``input_ids``, given again: checked by
+    sha256), tokenized to the same windows (checked by sha256 when recorded)."""
+    if not isinstance(record, dict) or not isinstance(record.get("text_sha256"), str):
+        raise BitallocError(f"this {objective} plan does not record its calibration data (text_sha256)")
+    covariance = objective == "output"
+    tokens, context = record.get("tokens"), record.get("context")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (tokens, context)):
+        raise BitallocError("this plan's calibration record has no valid tokens and context")
+    if record.get("text") == "input_ids":
+        if input_ids is None:
+            raise BitallocError(
+                "this plan was calibrated on token ids given directly: give the same ids again "
+                "(calibration_ids=...) to rebuild its decomposition"
+            )
+        if ids_digest(input_ids) != record["text_sha256"]:
+            raise BitallocError(
+                f"the calibration ids given are not the plan's (sha256 {ids_digest(input_ids)[:12]}, "
+                f"expected {record['text_sha256'][:12]})"
+            )
+        ids = input_ids.to(torch.long)
+        ids = windows(ids.reshape(-1)[:tokens], context) if ids.dim() == 1 else ids
     else:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BitallocError(f"calibration file {path} cannot be read: {exc.strerror or exc}") from None
-        found = hashlib.sha256(data).hexdigest()
-    if digest is not None and found != digest:
+        if input_ids is not None:
+            raise BitallocError("this plan was calibrated on a text, not on token ids: drop the ids")
+        ids = _windows_of(model, _recorded_text(record, text), tokens, context)
+    if record.get("ids_sha256") is not None and ids_digest(ids) != record["ids_sha256"]:
         raise BitallocError(
-            f"{path} does not hold the plan's calibration (sha256 {found[:12]}, expected {digest[:12]})"
+            "the calibration text gives other tokens than when the plan was profiled (another "
+            "tokenizer or tokenizer version?): its statistics cannot be rebuilt"
         )
-    return data
+    return Calibrator(ids, record, covariance)
 
 
-def read_calibration(path: str | os.PathLike, digest: str | None = None) -> dict[str, torch.Tensor]:
-    """h from a calibration file, checked against ``digest`` (sha256 of the file) if given."""
-    from safetensors.torch import load
-
-    data = read_verified(path, digest)
-    try:
-        return load(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise BitallocError(f"{path} is not a calibration file: {exc}") from None
+def _windows_of(model, text, tokens: int, context: int, input_ids=None) -> torch.Tensor:
+    if input_ids is not None:
+        return token_windows(model, None, text, tokens, context, input_ids)
+    with runnable(model) as (_, _, tokenizer_dir):
+        return token_windows(model, tokenizer_dir, text, tokens, context)
 
 
-def load_column_weights(profile_table_or_path) -> dict[str, torch.Tensor]:
-    """The h a data-aware profile was measured with, by module (for `apply`), digest-checked.
+def statistics_for_plan(
+    model,
+    objective: str,
+    record: dict | None,
+    shapes: dict[str, tuple[int, int]],
+    *,
+    text: str | os.PathLike | None = None,
+    input_ids: torch.Tensor | None = None,
+    column_weights: dict | None = None,
+) -> Calibrator | dict | None:
+    """How `apply` and `eval` get a plan's statistics again: None (weight plan), the given
+    h checked against the plan (a plan made from given ``column_weights``), or the
+    `recalibrator` that computes them block by block. ``shapes``: the planned matrices."""
+    if objective == "weight":
+        if text is not None or input_ids is not None or column_weights is not None:
+            raise BitallocError("this plan is weight-only: it takes no calibration data")
+        return None
+    if isinstance(record, dict) and record.get("text") == "column_weights":
+        if column_weights is None:
+            raise BitallocError(
+                "this plan was made from given column_weights (h): give the same ones again "
+                "(column_weights=...) to rebuild its decomposition"
+            )
+        checked = check_given(column_weights, shapes, record.get("digest"))
+        return {name: checked[name] for name in shapes if shapes[name] is not None}
+    if column_weights is not None:
+        raise BitallocError("this plan was calibrated on data, not on given column_weights: drop them")
+    return recalibrator(model, objective, record, text=text, input_ids=input_ids)
 
-    Takes the profile's path, or its table (then the file is the one recorded when the
-    profile was written: ``attrs["calibration"]["path"]``).
+
+def _recorded_text(record: dict, text) -> str | os.PathLike:
+    """The calibration text of ``record``: ``text`` if given, else its recorded path, else
+    the built-in text; BitallocError unless its sha256 is the recorded one."""
+    wanted = record["text_sha256"]
+    if text is not None:
+        candidates = [text]
+    else:
+        candidates = [record["text_path"]] if isinstance(record.get("text_path"), str) else []
+        candidates.append(DEFAULT_TEXT)
+    for candidate in candidates:
+        if not is_default(candidate) and not Path(candidate).is_file():
+            continue
+        found = text_sha256(candidate)
+        if found == wanted:
+            return candidate
+        if not is_default(candidate):
+            raise BitallocError(
+                f"{candidate} is not the plan's calibration text {record.get('text')!r} (sha256 "
+                f"{found[:12]}, expected {wanted[:12]}): give the text it was profiled on (--calibration)"
+            )
+    where = record.get("text_path") or record.get("text")
+    raise BitallocError(
+        f"the plan's calibration text {where} (sha256 {wanted[:12]}) was not found: "
+        "give it (--calibration FILE, or calibration=FILE)"
+    )
+
+
+def calibrate(
+    model: str | os.PathLike | nn.Module,
+    modules: Sequence[str] | None = None,
+    *,
+    text: str | os.PathLike | None = DEFAULT_TEXT,
+    tokens: int = DEFAULT_TOKENS,
+    context: int = DEFAULT_CONTEXT,
+    input_ids: torch.Tensor | None = None,
+    quiet: bool = True,
+    covariance: bool = False,
+) -> Calibration:
+    """h for every Linear in ``modules`` (default: what `profile` selects) of ``model``, or
+    with ``covariance`` the full input covariances H, all in memory (for small models: a
+    7B's H take 22 GB; `profile` and `apply` use `Calibrator.stream`, one block at a time).
+
+    ``model``: an HF folder (built on the meta device, blocks read from the safetensors one
+    at a time), a GGUF file (the same, tensors dequantized one at a time), or an in-memory
+    transformers model (run as it is). The tokens are the first ``tokens`` of ``text`` (a
+    file, or "default": the built-in text, see `bitalloc.texts`) in windows of
+    ``context``, or ``input_ids`` given directly ((n, context) or 1-D; no tokenizer needed).
     """
-    import pandas as pd
-
-    from .table import read_profile
-
-    if isinstance(profile_table_or_path, pd.DataFrame):
-        attrs, file = profile_table_or_path.attrs, None
-    else:
-        attrs = read_profile(profile_table_or_path).attrs
-        file = calibration_path(profile_table_or_path)
-    info = attrs.get("calibration")
-    if not info:
-        raise BitallocError("the profile is not data-aware: it has no calibration")
-    if file is None:
-        if not info.get("path"):
-            raise BitallocError("this profile was not written to a file: its h was not saved")
-        file = Path(info["path"])
-    return read_calibration(file, info["digest"])
+    start = time.perf_counter()
+    if modules is None:
+        with open_source(model) as source:
+            modules = source.modules()
+    settings = CalibrationSettings(text=text, tokens=tokens, context=context, input_ids=input_ids)
+    calibrator = calibrator_for(model, settings, "output" if covariance else "activation")
+    found = calibrator.statistics(model, modules, quiet=quiet)
+    seconds = time.perf_counter() - start
+    if covariance:
+        return Calibration(None, calibrator.record, seconds, found)
+    return Calibration(found, calibrator.record, seconds)
 
 
-def load_input_statistics(profile_table_or_path):
-    """What a data-aware profile's decompositions were weighted with (for `apply`-like
-    rebuilds): h by module (objective activation, as `load_column_weights`), or a
-    `Covariances` reader with the profile's λ (objective output); digest-checked."""
-    import pandas as pd
+def given_digest(column_weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of given h (checked vectors, by module): what a plan made from them records."""
+    return hashlib.sha256(_serialize(column_weights, {"text": "column_weights"})).hexdigest()
 
-    from .table import read_profile
 
-    if isinstance(profile_table_or_path, pd.DataFrame):
-        attrs = profile_table_or_path.attrs
-    else:
-        attrs = read_profile(profile_table_or_path).attrs
-    if attrs.get("objective") != "output":
-        return load_column_weights(profile_table_or_path)
-    info = attrs.get("calibration") or {}
-    if isinstance(profile_table_or_path, pd.DataFrame):
-        if not info.get("path"):
-            raise BitallocError("this profile was not written to a file: its covariances were not saved")
-        file = Path(info["path"])
-    else:
-        file = calibration_path(profile_table_or_path)
-    return Covariances(file, info.get("digest"), float(info.get("lambda", DAMPING)))
+def check_given(column_weights: dict, shapes: dict[str, tuple[int, int]], digest: str | None = None) -> dict:
+    """Given h checked against the matrices (``shapes``: name -> (out, in)) and, for a plan,
+    against its record's ``digest``."""
+    result = _given(column_weights, shapes)
+    if digest is not None and result.info["digest"] != digest:
+        raise BitallocError(
+            f"the column_weights given are not the plan's (sha256 {result.info['digest'][:12]}, "
+            f"expected {digest[:12]})"
+        )
+    return result.column_weights
+
+
+def calibration_settings(calibration: CalibrationSettings, objective: str = "activation") -> dict:
+    """The calibration part of a profile's settings (its resume identity)."""
+    if calibration.column_weights is not None:
+        return {"column_weights": hashlib.sha256(_serialize(calibration.column_weights, {})).hexdigest()}
+    return calibration_spec(
+        calibration.text,
+        calibration.tokens,
+        calibration.context,
+        calibration.input_ids,
+        objective == "output",
+    )
 
 
 def resolve_objective(model, calibration: CalibrationSettings) -> str:
@@ -543,70 +555,14 @@ def resolve_objective(model, calibration: CalibrationSettings) -> str:
     return data_aware
 
 
-def calibration_settings(calibration: CalibrationSettings, objective: str = "activation") -> dict:
-    """The calibration part of a profile's settings (its resume identity)."""
-    if calibration.column_weights is not None:
-        return {"column_weights": hashlib.sha256(_serialize(calibration.column_weights, {})).hexdigest()}
-    return calibration_spec(
-        calibration.text,
-        calibration.tokens,
-        calibration.context,
-        calibration.input_ids,
-        objective == "output",
-    )
-
-
-def prepare_calibration(
-    model,
-    shapes: dict[str, tuple[int, int]],
-    output: str | os.PathLike | None,
-    identity: dict,
-    calibration: CalibrationSettings,
-    *,
-    quiet: bool = True,
-    objective: str = "activation",
-) -> Calibration:
-    """The profiler's entry: h (or, for the output objective, H) for the matrices in
-    ``shapes`` (name -> (out, in)), saved beside ``output`` when given. Given
-    ``column_weights`` are checked and used as they are; otherwise a calibration file made
-    for the same model (``identity``: fingerprint, content digest) and spec is reused, or
-    the model is run."""
-    path = calibration_path(output) if output is not None else None
-    covariance = objective == "output"
-    if calibration.column_weights is not None:
-        result = _given(calibration.column_weights, shapes)
-    else:
-        spec = calibration_spec(
-            calibration.text, calibration.tokens, calibration.context, calibration.input_ids, covariance
-        )
-        wanted = {"spec": spec, **identity}
-        result = _reuse(path, wanted, shapes, calibration.damping) if path is not None else None
-        if result is not None:
-            return result
-        result = calibrate(
-            model, list(shapes), text=calibration.text, tokens=calibration.tokens,
-            context=calibration.context, input_ids=calibration.input_ids, quiet=quiet,
-            covariance=covariance, path=path,
-        )  # fmt: skip
-        if covariance:
-            result.covariances.damping = calibration.damping
-            if path is not None:
-                _write_record(path, wanted, result.info)
-                result.info["path"] = str(path.resolve())
-            return result
-    if path is not None:
-        save_calibration(result, path, None if calibration.column_weights is not None else wanted)
-        result.info["path"] = str(path.resolve())
-    return result
-
-
-def _given(column_weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> Calibration:
+def _given(column_weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int] | None]) -> Calibration:
     checked = {}
-    for name, (_, cols) in shapes.items():
+    for name, shape in shapes.items():
         h = column_weights.get(name)
         if h is None:
             raise BitallocError(f"column_weights has no entry for {name}")
         h = torch.as_tensor(h, dtype=torch.float32).reshape(-1).contiguous()
+        cols = h.numel() if shape is None else shape[1]  # None: a matrix of unknown shape
         if h.numel() != cols:
             raise BitallocError(f"column_weights[{name!r}] has {h.numel()} values, the matrix {cols} columns")
         if not bool(torch.isfinite(h).all()) or bool((h <= 0).any()):
@@ -617,28 +573,34 @@ def _given(column_weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     return Calibration(checked, info)
 
 
-def _write_record(path: Path, identity: dict, info: dict) -> None:
-    with atomic_path(Path(f"{path}.json")) as temp:
-        temp.write_text(json.dumps({"identity": identity, "info": info}, sort_keys=True))
+def _serialize(column_weights: dict[str, torch.Tensor], info: dict) -> bytes:
+    from safetensors.torch import save
+
+    meta = {k: v for k, v in info.items() if k not in ("digest", "path")}
+    # one metadata key: safetensors writes several in a random order, and the digest is of the bytes
+    metadata = {"bitalloc": json.dumps({"format": CALIBRATION_FORMAT, "info": meta}, sort_keys=True)}
+    return save({k: column_weights[k] for k in sorted(column_weights)}, metadata=metadata)
 
 
-def _reuse(path: Path, wanted: dict, shapes: dict, damping: float = DAMPING) -> Calibration | None:
-    record_file = Path(f"{path}.json")
-    if not (path.is_file() and record_file.is_file()):
-        return None
-    with contextlib.suppress(OSError, ValueError, KeyError, BitallocError):
-        record = json.loads(record_file.read_text(encoding="utf-8"))
-        if record["identity"] == wanted and wanted["spec"].get("statistic") == "covariance":
-            covariances = Covariances(path, record["info"]["digest"], damping)
-            if all(covariances.shape(m) == (cols, cols) for m, (_, cols) in shapes.items()):
-                info = dict(record["info"], path=str(path.resolve()))
-                return Calibration(None, info, covariances=covariances)
-            return None
-        if record["identity"] == wanted:
-            column_weights = read_calibration(path, record["info"]["digest"])
-            if all(tuple(column_weights[m].shape) == (cols,) for m, (_, cols) in shapes.items()):
-                return Calibration(column_weights, dict(record["info"], path=str(path.resolve())))
-    return None
+def _covariance_accumulator(name: str, state: dict):
+    def hook(module, args):
+        x = args[0]
+        # the same tensor object as an earlier Linear's input in this forward: a shared input
+        # (the list holds a reference, so an identity match cannot be a reused address)
+        key = next((k for tensor, k in state["seen"] if tensor is x), None)
+        if key is None:
+            key = state["groups"].get(name, name)
+            state["seen"].append((x, key))
+            rows = x.detach().reshape(-1, x.shape[-1]).double()
+            product = rows.T @ rows
+            sums = state["sums"]
+            sums[key] = sums[key] + product if key in sums else product
+            state["counts"][key] = state["counts"].get(key, 0) + rows.shape[0]
+        previous = state["groups"].setdefault(name, key)
+        if previous != key:
+            raise BitallocError(f"{name} shares its input with different Linears from one batch to the next")
+
+    return hook
 
 
 def _accumulator(name: str, sums: dict, counts: dict):

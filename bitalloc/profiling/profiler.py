@@ -29,13 +29,7 @@ from ..fileio import check_output
 from ..lora import loftq_batch, module_seed
 from ..lora.decomposition import check_rank, whitening_factor
 from ..quant import QuantConfig
-from .calibration import (
-    Covariances,
-    calibration_path,
-    calibration_settings,
-    prepare_calibration,
-    resolve_objective,
-)
+from .calibration import calibration_settings, calibrator_for, check_given, given_digest, resolve_objective
 from .distributed import Distributed, split_by_cost
 from .layer_weights import layer_weights_path, layer_weights_spec, prepare_layer_weights
 from .settings import MAX_ITERS, CalibrationSettings, ProfileSettings, build_settings
@@ -72,10 +66,12 @@ def profile(
     them with ``verify``) and refuses other weights. ``stats``, if given, receives
     read/quantize/factorize times.
 
-    Data-aware (objective "activation", implied by any calibration data; "auto": whenever
-    the model can be run): h = per-input-channel activation second moments over the
-    calibration tokens; every decomposition then minimizes the weighted error, reported as
-    ``weighted_error``, and h is saved beside ``output`` (see `bitalloc.profiling.calibration`).
+    Data-aware (objective "output": the full input covariance H; "activation": its diagonal
+    h; implied by any calibration data; "auto": whenever the model can be run): every
+    decomposition minimizes the output error on the calibration tokens, reported as
+    ``weighted_error``. The statistics are computed one transformer block at a time and the
+    block's matrices measured while they are in memory; nothing is stored (the metadata
+    records what they are computed from: see `bitalloc.profiling.calibration`).
     """
     settings, calibration = build_settings(settings, calibration, options)
     grid = settings.grid()
@@ -124,7 +120,6 @@ def profile(
     inputs = (*source.input_files(), calibration.text)
     store = ProfileStore(output, meta, overwrite, inputs) if output is not None else None
     if output is not None:
-        check_output(calibration_path(output), inputs)
         check_output(layer_weights_path(output), inputs)
     try:
         return _profile(model, output, source, grid, meta, objective, calibration, store, dist, device,
@@ -148,24 +143,23 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
             if not quiet and dist.rank == 0:
                 print(f"profile {output} is up to date ({len(finished)} rows)")
             return finished
-    weights_by_module = None
+    given, calibrator = None, None
     if objective != "weight":
         start = time.perf_counter()
         shapes = {m: source.shape(m) for m in source.modules()}
-        identity = {
-            "fingerprint": meta["fingerprint"],
-            "weights": meta["file_stats"] or source.content_digest(),
-        }
-        calibrated = dist.first(
-            lambda: prepare_calibration(
-                model, shapes, output, identity, calibration, quiet=quiet, objective=objective
-            )
-        )
-        meta["calibration"] = dict(calibrated.info)
+        if calibration.column_weights is not None:
+            given = check_given(calibration.column_weights, shapes)
+            meta["calibration"] = {"text": "column_weights", "digest": given_digest(given)}
+        else:  # every rank tokenizes and runs the calibration itself: nothing to share
+            calibrator = calibrator_for(model, calibration, objective)
+            meta["calibration"] = dict(calibrator.record)
         if objective == "output":
             meta["calibration"]["lambda"] = float(calibration.damping)
-        weights_by_module = calibrated.statistics
         if calibration.layer_weights:
+            identity = {
+                "fingerprint": meta["fingerprint"],
+                "weights": meta["file_stats"] or source.content_digest(),
+            }
             meta["layer_weights"] = dist.first(
                 lambda: prepare_layer_weights(
                     model, source, source.modules(), output, identity, calibration, grid, quiet=quiet
@@ -180,10 +174,11 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
         if store is not None:
             store.check_weights(source, done, verify)
         todo = [m for m in source.modules() if m not in done]
-        mine = split_by_cost(todo, source, len(grid), dist.world)[dist.rank]
-        return _run(
-            source, mine, grid, profile_settings, device, store, dist.rank, quiet, timings, weights_by_module
-        )
+        if calibrator is None:
+            mine = split_by_cost(todo, source, len(grid), dist.world)[dist.rank]
+            return _run(source, mine, grid, profile_settings, device, store, dist.rank, quiet, timings, given)
+        return _run_by_block(source, todo, grid, profile_settings, device, store, dist, quiet, timings,
+                             model, calibrator, float(calibration.damping))  # fmt: skip
 
     # each guarded step ends every rank with the same error when any rank fails (no rank
     # waits forever in a collective); `each` also waits until every rank's matrices are logged
@@ -200,6 +195,41 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
     return table if table is not None else read_profile(output)
 
 
+def _run_by_block(source, todo, grid, settings, device, store, dist, quiet, timings, model, calibrator,
+                  damping):  # fmt: skip
+    """The data-aware profile: the calibration runs one block at a time, and each block's
+    matrices (this rank's share of them) are profiled while that block's statistics are in
+    memory, then dropped. A resumed run hooks only the blocks with unfinished matrices and
+    stops after the last of them."""
+    from tqdm.auto import tqdm
+
+    runner_blocks: dict[str, list[str]] = {}
+    for module in todo:
+        runner_blocks.setdefault(_block_prefix(module), []).append(module)
+    mine = []
+    for names in runner_blocks.values():
+        mine += split_by_cost(names, source, len(grid), dist.world)[dist.rank]
+    results: dict[str, dict] = {}
+    bar = tqdm(total=len(mine), unit="matrix", disable=quiet or dist.rank != 0, dynamic_ncols=True)
+
+    def consume(names: list[str], statistics: dict[str, torch.Tensor]) -> None:
+        results.update(_run(source, names, grid, settings, device, store, dist.rank, True, timings,
+                            statistics, damping=damping, bar=bar))  # fmt: skip
+
+    try:
+        calibrator.stream(model, mine, consume, timings=timings)
+    finally:
+        bar.close()
+    return results
+
+
+def _block_prefix(module: str) -> str:
+    """``model.layers.3.mlp.up_proj`` -> ``model.layers.3.`` (the text up to the first number)."""
+    parts = module.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+    return ".".join(parts[: index + 1]) + "."
+
+
 def _batches(modules: list[str], source: Source, device: torch.device) -> list[list[str]]:
     """Same-shaped matrices together on CUDA (bounded memory); one at a time on the CPU."""
     if device.type != "cuda":
@@ -214,13 +244,16 @@ def _batches(modules: list[str], source: Source, device: torch.device) -> list[l
     return batches
 
 
-def _run(source, modules, grid, settings, device, store, rank, quiet, timings, column_weights=None):
+def _run(source, modules, grid, settings, device, store, rank, quiet, timings, column_weights=None, *,
+         damping: float = 0.0, bar=None):  # fmt: skip
+    """Profile ``modules``; ``column_weights``: their h (1-D) or H (2-D) by module, or None."""
     from tqdm.auto import tqdm
 
     results: dict[str, dict] = {}
     batches = _batches(modules, source, device)
     if not batches:
         return results
+    own_bar = bar is None
 
     def read(batch: list[str]) -> tuple[torch.Tensor, list[str]]:
         start = time.perf_counter()
@@ -231,7 +264,8 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
         timings["read"] = timings.get("read", 0.0) + time.perf_counter() - start
         return weights, [digest for _, digest in pairs]
 
-    bar = tqdm(total=len(modules), unit="matrix", disable=quiet or rank != 0, dynamic_ncols=True)
+    if own_bar:
+        bar = tqdm(total=len(modules), unit="matrix", disable=quiet or rank != 0, dynamic_ncols=True)
     started = time.perf_counter()
     configs_done = 0
     with ThreadPoolExecutor(max_workers=1) as reader:
@@ -242,10 +276,11 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
                 pending = reader.submit(read, batches[index + 1])
             rows = {m: [] for m in batch}
             weighting = {}
-            if isinstance(column_weights, Covariances):
+            if column_weights is not None and column_weights[batch[0]].dim() == 2:
                 h = torch.stack([column_weights[m] for m in batch]).to(device)
                 # factored once for every config (loftq_batch would do the same per call)
-                weighting = {"whitening": whitening_factor(h, column_weights.damping).to(torch.float32)}
+                weighting = {"whitening": whitening_factor(h, damping).to(torch.float32)}
+                del h
             elif column_weights is not None:
                 weighting = {"column_weights": torch.stack([column_weights[m] for m in batch])}
             for config in grid:
@@ -268,7 +303,8 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
             bar.update(len(batch))
             del weights
             release_freed_memory()
-    bar.close()
+    if own_bar:
+        bar.close()
     return results
 
 
