@@ -36,6 +36,7 @@ from ..lora.decomposition import check_lora_alpha
 from ..planning.plan_file import Plan, most_common
 from ..profiling.calibration import weighting
 from ..quant import QuantConfig, QuantizedTensor
+from .hf_quantizer import mark_config, unmark_config
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
 
 PLAN_FILE = "bitalloc_plan.json"
@@ -112,14 +113,16 @@ def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_w
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
     _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes)
-    base = str((out / "quantized").resolve())  # what the adapter was made for: Q, not W
+    base = "../quantized"  # what the adapter was made for: Q, not W (relative: the folder can move)
     _write_adapter(build / "adapter", base, matrices, plan, ranks, work, lora_alpha, use_rslora)
     if dequantized:
         dtype = DEQUANTIZED_DTYPES[dequantized_dtype]
         items = _items(matrices, plan, lambda module: _dequantized_item(work, plan, module, dtype))
         _write_checkpoint(build / "dequantized", items, max_shard_bytes)
         for file in (build / "quantized").iterdir():  # config and tokenizer, built once
-            if CONFIG_FILES.match(file.name):
+            if file.name == "config.json":  # a plain checkpoint: no quantization_config
+                unmark_config(file, build / "dequantized" / file.name)
+            elif CONFIG_FILES.match(file.name):
                 shutil.copyfile(file, build / "dequantized" / file.name)
     check_quantized(build / "quantized")  # what we wrote loads: names, shapes, dtypes
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +315,9 @@ def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes) -> None
         },
     }
     (folder / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    index = folder / f"{PACKED_STEM}.safetensors.index.json"
+    weights = index.name if index.exists() else f"{PACKED_STEM}.safetensors"
+    mark_config(folder / "config.json", plan.modules, weights)  # transformers' quantization_config
     (folder / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
 
 
