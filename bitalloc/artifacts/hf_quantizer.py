@@ -37,6 +37,7 @@ QUANT_METHOD = "bitalloc"
 PLACEHOLDER_WEIGHTS = "import-bitalloc-to-load-this-model.safetensors"
 _REGISTRY_MODULE = "transformers.quantizers.auto"
 _PEFT_CONFIG_MODULE = "peft.config"
+_PEFT_LORA_MODULE = "peft.tuners.lora.model"
 
 
 def quantization_config_dict(modules: dict[str, dict], weights: str) -> dict:
@@ -93,8 +94,11 @@ def register(auto: types.ModuleType | None = None) -> None:
 
 def register_when_imported() -> None:
     """Register now if transformers' registry is imported, else when it is; likewise make
-    PEFT resolve an adapter's relative base path against the adapter folder."""
-    for module, action in ((_REGISTRY_MODULE, register), (_PEFT_CONFIG_MODULE, _patch_peft_config)):
+    PEFT resolve an adapter's relative base path against the adapter folder and merge LoRA
+    into QuantLinears (`merge`)."""
+    hooks = ((_REGISTRY_MODULE, register), (_PEFT_CONFIG_MODULE, _patch_peft_config),
+             (_PEFT_LORA_MODULE, _patch_peft_lora))  # fmt: skip
+    for module, action in hooks:
         if module in sys.modules:
             action(sys.modules[module])
         elif not any(isinstance(f, _AfterImport) and f.name == module for f in sys.meta_path):
@@ -150,6 +154,13 @@ def _patch_peft_config(module: types.ModuleType) -> None:
 
     from_pretrained._bitalloc = True
     mixin.from_pretrained = classmethod(from_pretrained)
+
+
+def _patch_peft_lora(module: types.ModuleType) -> None:
+    """PEFT's LoRA layer for QuantLinear (merge dequantizes), see `merge`."""
+    from .merge import patch_peft_dispatch
+
+    patch_peft_dispatch(module)
 
 
 # ---- the classes (built on first registration: they subclass transformers' bases) ----------

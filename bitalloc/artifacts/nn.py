@@ -31,9 +31,9 @@ PACKED_NAMES = ("codes", "scales", "scales2")  # stored as "<module>.weight.<nam
 PACKED_STEM = "bitalloc-model"
 
 MERGE_ERROR = (
-    "QuantLinear {} keeps only the packed quantized weight: it has no dense weight to merge "
-    "an adapter into (merge_and_unload, merge_adapter) or to read; rerun `bitalloc apply` "
-    "with --dequantized and merge into OUT/dequantized instead"
+    "QuantLinear {} keeps only the packed quantized weight: it has no dense weight to read or "
+    "write; use its dequantize(), PEFT's merge_and_unload (which dequantizes, with bitalloc "
+    "imported), or `bitalloc apply --dequantized`"
 )
 
 _T = torch.Tensor
