@@ -57,6 +57,7 @@ def apply(
     quiet: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     calibration: str | os.PathLike | None = None,
+    unplanned_dtype: str | None = None,
     **options,
 ) -> Path:
     """Run LoftQ for every matrix of ``plan`` on ``source`` and write ``out_dir`` (see above).
@@ -73,6 +74,10 @@ def apply(
     h it was planned with: ``calibration`` (a file), by default the one the plan carries
     (``PLAN.calibration.safetensors`` beside a saved plan); its sha256 must match the plan's
     record.
+
+    Tensors outside the plan (embeddings, norms, kept matrices) keep the dtype they are stored
+    in (a bf16 checkpoint stays 16-bit); a GGUF's quantized ones (Q8_0...) are written as
+    bf16. ``unplanned_dtype`` (bf16, fp16, fp32) casts every one of them instead.
     """
     lora = dataclasses.replace(lora or LoraSettings(), **options)
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
@@ -84,6 +89,8 @@ def apply(
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
     if dequantized_dtype not in DEQUANTIZED_DTYPES:
         raise BitallocError(f"unknown dequantized dtype {dequantized_dtype!r}: bf16, fp16 or fp32")
+    if unplanned_dtype is not None and unplanned_dtype not in DEQUANTIZED_DTYPES:
+        raise BitallocError(f"unknown unplanned dtype {unplanned_dtype!r}: bf16, fp16 or fp32")
     torch_device = resolve_device(device)
     matrices = _open_matrices(source, plan)
     ranks = {name: int(entry.get("rank", plan.defaults["rank"])) for name, entry in plan.modules.items()}
@@ -98,26 +105,27 @@ def apply(
     work = _WorkDir(Path(f"{out}.partial"), identity)
     try:
         _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
-               dequantized, dequantized_dtype, max_shard_bytes)  # fmt: skip
+               dequantized, dequantized_dtype, max_shard_bytes, unplanned_dtype=unplanned_dtype)  # fmt: skip
     finally:
         work.folder.close()
     return out
 
 
 def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
-           dequantized, dequantized_dtype, max_shard_bytes) -> None:  # fmt: skip
+           dequantized, dequantized_dtype, max_shard_bytes, *, unplanned_dtype=None) -> None:  # fmt: skip
     """Decompose (resumable), write every part into ``OUT.partial/build``, check that it
     loads, and rename it to ``out``."""
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
     _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet, column_weights)
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
-    _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes)
+    _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes, unplanned_dtype)
     base = "../quantized"  # what the adapter was made for: Q, not W (relative: the folder can move)
     _write_adapter(build / "adapter", base, matrices, plan, ranks, work, lora_alpha, use_rslora)
     if dequantized:
         dtype = DEQUANTIZED_DTYPES[dequantized_dtype]
-        items = _items(matrices, plan, lambda module: _dequantized_item(work, plan, module, dtype))
+        items = _items(matrices, plan, lambda module: _dequantized_item(work, plan, module, dtype),
+                       unplanned_dtype)  # fmt: skip
         _write_checkpoint(build / "dequantized", items, max_shard_bytes)
         for file in (build / "quantized").iterdir():  # config and tokenizer, built once
             if file.name == "config.json":  # a plain checkpoint: no quantization_config
@@ -244,16 +252,36 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
 Item = tuple[str, int, Callable[[], torch.Tensor]]  # (tensor name, bytes, loader)
 
 
-def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]]) -> list[Item]:
-    """Every backbone tensor in order, each planned weight replaced by ``planned(module)``."""
+def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]],
+           unplanned_dtype: str | None = None) -> list[Item]:  # fmt: skip
+    """Every backbone tensor in order, each planned weight replaced by ``planned(module)``,
+    the others in `unplanned_torch_dtype`."""
     items: list[Item] = []
     for name in source.tensor_names():
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in plan.modules:
             items += planned(module)
-        else:
+            continue
+        dtype = unplanned_torch_dtype(source, name, unplanned_dtype)
+        if dtype is None:
             items.append((name, source.tensor_nbytes(name), lambda name=name: source.load_tensor(name)))
+        else:
+            loaded = source.stored_dtype(name) or torch.float32  # what load_tensor returns
+            nbytes = source.tensor_nbytes(name) // loaded.itemsize * dtype.itemsize
+            items.append((name, nbytes, lambda name=name, dtype=dtype: source.load_tensor(name).to(dtype)))
     return items
+
+
+def unplanned_torch_dtype(source: Source, name: str, unplanned_dtype: str | None) -> torch.dtype | None:
+    """The dtype a tensor outside the plan is written in, None for as `load_tensor` gives it:
+    ``unplanned_dtype`` (bf16, fp16, fp32) for every float tensor when given; otherwise the
+    dtype it is stored in, and bf16 for a quantized storage type (a GGUF's Q8_0 embedding),
+    which `load_tensor` expands to float32."""
+    stored = source.stored_dtype(name)
+    if unplanned_dtype is not None:
+        wanted = DEQUANTIZED_DTYPES[unplanned_dtype]
+        return wanted if stored is None or stored.is_floating_point else None
+    return torch.bfloat16 if stored is None else None
 
 
 def _packed_items(work: _WorkDir, plan: Plan, module: str) -> list[Item]:
@@ -298,8 +326,8 @@ def _write_checkpoint(folder: Path, items: list[Item], max_shard_bytes: int, ste
         (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes) -> None:
-    items = _items(source, plan, lambda module: _packed_items(work, plan, module))
+def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes, unplanned_dtype=None) -> None:
+    items = _items(source, plan, lambda module: _packed_items(work, plan, module), unplanned_dtype)
     _write_checkpoint(folder, items, max_shard_bytes, stem=PACKED_STEM)
     source.write_config(folder)
     info = {
