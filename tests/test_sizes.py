@@ -23,7 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def applied(source, tmp_path, name="out", **kwargs):
-    table = profile(source, configs=CONFIGS, rank=4, iters=1, include=r"layers\.0\.", device="cpu", quiet=True)
+    table = profile(
+        source, configs=CONFIGS, rank=4, iters=1, include=r"layers\.0\.", device="cpu", quiet=True
+    )
     plan = make_plan(table, 3.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a GGUF has no tokenizer to copy
@@ -49,7 +51,9 @@ def test_bf16_checkpoint_stays_16_bit(tmp_path):
 
 def test_gguf_quantized_embedding_becomes_bf16(tmp_path):
     model = tiny_llama(1)
-    make_tiny_gguf(tmp_path / "tiny.gguf", model, quantize={"model.embed_tokens": gguf.GGMLQuantizationType.Q8_0})
+    make_tiny_gguf(
+        tmp_path / "tiny.gguf", model, quantize={"model.embed_tokens": gguf.GGMLQuantizationType.Q8_0}
+    )
     source = open_source(tmp_path / "tiny.gguf")
     expected = source.load_tensor("model.embed_tokens.weight")  # Q8_0 expanded to float32
     _, out = applied(tmp_path / "tiny.gguf", tmp_path)
