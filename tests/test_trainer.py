@@ -50,7 +50,8 @@ def test_trainer_trains_saves_reloads_and_generates(out, tmp_path, bf16):
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     packed = {n: b.clone() for n, b in model.named_buffers() if n.endswith((".codes", ".scales", ".scales2"))}
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2, lr_scheduler_type="constant",
+        output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="constant",
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
         gradient_checkpointing=True, dataloader_num_workers=0, seed=0,
     )  # fmt: skip
