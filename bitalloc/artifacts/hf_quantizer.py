@@ -27,7 +27,6 @@ registers the moment it is (whatever the import order of bitalloc and transforme
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import json
 import sys
 import types
@@ -115,7 +114,11 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         if fullname != self.name:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        spec = None
+        for finder in sys.meta_path:  # the finder that would have found it without this hook
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader, action = spec.loader, self.action
