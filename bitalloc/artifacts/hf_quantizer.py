@@ -4,8 +4,9 @@
 weights file and every packed module's config and shape). With this module registered,
 ``AutoModelForCausalLM.from_pretrained(path, device_map=..., dtype=...)`` builds a
 `QuantLinear` for every packed module and loads the packed tensors through transformers' own
-loader, so ``device_map`` ("auto", "cpu", per-module maps, CPU offload), ``dtype`` and
-``low_cpu_mem_usage`` behave as for any transformers model.
+loader, so ``device_map`` ("auto", "cpu", per-module maps), ``dtype`` and
+``low_cpu_mem_usage`` behave as for any transformers model (offloading to CPU or disk is
+transformers' and accelerate's, untested here: no GPU in the tests).
 
 Without bitalloc, transformers cannot load the folder: config.json names its weights as
 ``import-bitalloc-to-load-this-model.safetensors`` (transformers' ``transformers_weights``
@@ -21,7 +22,9 @@ logits) with bitalloc, and fails loudly without it.
 Registration: importing bitalloc must stay light, and transformers' quantizer registry costs
 seconds to import, so `bitalloc/__init__` calls `register_when_imported`: it registers at once
 when transformers' registry is already imported, and otherwise installs an import hook that
-registers the moment it is (whatever the import order of bitalloc and transformers).
+registers the moment it is (whatever the import order of bitalloc and transformers). The
+same hook adapts PEFT when it is imported: an adapter's relative base path resolves against
+the adapter folder, and LoRA merges into QuantLinears dequantize (`merge`).
 """
 
 from __future__ import annotations
