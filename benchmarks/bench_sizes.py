@@ -32,7 +32,8 @@ def main() -> None:
     gguf = smollm2_path()
     args.work.mkdir(parents=True, exist_ok=True)
     configs = ["nf3-b64-s8b256", "nf4-b64-s8b256"]
-    table = bitalloc.profile(gguf, args.work / "profile.parquet", configs=configs, rank=0, iters=1, quiet=True)
+    work = args.work
+    table = bitalloc.profile(gguf, work / "profile.parquet", configs=configs, rank=0, iters=1, quiet=True)
     plan = bitalloc.plan(table, args.budget)
     rows = [("source GGUF (Q4_1, Q8_0 embedding)", gguf.stat().st_size)]
     for label, dtype in (
