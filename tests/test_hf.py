@@ -213,3 +213,13 @@ def test_bad_folders_are_one_clear_error(case, tmp_path, loader):
     shard.unlink()
     with pytest.raises(BitallocError, match=f"shard {shard.name} .* is missing"):
         load(folder)
+
+
+def test_folder_from_an_earlier_bitalloc_is_refused(case, tmp_path):
+    """Before the quantization_config, only bitalloc_quant.json said what was packed."""
+    folder = copy_quantized(case[3], tmp_path / "old")
+    edit_config(
+        folder, lambda config: [config.pop("quantization_config"), config.pop("transformers_weights")]
+    )
+    with pytest.raises(BitallocError, match="earlier bitalloc .*apply again"):
+        load_quantized(folder)
