@@ -9,8 +9,13 @@ package). Heavy modules (pandas, PuLP, transformers) load on first use, not on i
 
 from importlib import import_module
 
+from .artifacts.hf_quantizer import register_when_imported
 from .errors import BitallocError
 from .quant import QuantConfig, storage_bits
+
+# transformers loads ``quant_method: "bitalloc"`` folders once bitalloc is imported; the
+# registration waits for transformers' own import (it costs seconds), see hf_quantizer.
+register_when_imported()
 
 __version__ = "0.1.0"
 

@@ -145,6 +145,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
         args.model, args.plan, args.output, LoraSettings(args.lora_alpha, args.use_rslora),
         dequantized=args.dequantized, dequantized_dtype=args.dequantized_dtype,
         device=args.device, quiet=args.quiet, calibration=args.calibration, verify=args.verify,
+        unplanned_dtype=args.unplanned_dtype,
     )  # fmt: skip
     parts = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out} ({parts}) in {time.perf_counter() - start:.1f}s")
@@ -272,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write OUT/dequantized/, a plain checkpoint with Q as 16-bit weights",
     )  # fmt: skip
     ap.add_argument("--dequantized-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument(
+        "--unplanned-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+        help="dtype of the tensors outside the plan (default: as stored; a GGUF's quantized ones bf16)",
+    )  # fmt: skip
     ap.add_argument(
         "--calibration", default=None, metavar="FILE",
         help="data-aware plans: their calibration text, if not at the path the plan records",

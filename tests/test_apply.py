@@ -155,12 +155,6 @@ def test_packed_storage_is_the_planned_storage(llama_case):
     assert not Path(f"{out}.partial").exists()
 
 
-def test_plain_from_pretrained_refuses_the_packed_folder(llama_case):
-    _, _, _, out = llama_case
-    with pytest.raises(OSError):  # no model.safetensors: nothing is silently initialized at random
-        AutoModelForCausalLM.from_pretrained(out / "quantized")
-
-
 def test_training_changes_only_lora_and_reloads(llama_case, tmp_path):
     _, _, _, out = llama_case
     torch.manual_seed(0)
@@ -216,8 +210,8 @@ def test_interrupted_apply_resumes_and_shards(llama_case, tmp_path, monkeypatch)
     adapter = "adapter/adapter_model.safetensors"
     assert (target / adapter).read_bytes() == (out / adapter).read_bytes()
     configs = [json.loads((folder / "adapter/adapter_config.json").read_text()) for folder in (target, out)]
-    assert configs[0].pop("base_model_name_or_path") == str((target / "quantized").resolve())
-    assert configs[1].pop("base_model_name_or_path") == str((out / "quantized").resolve())
+    assert configs[0].pop("base_model_name_or_path") == "../quantized"  # relative: the folder can move
+    assert configs[1].pop("base_model_name_or_path") == "../quantized"
     assert configs[0] == configs[1]
     torch.testing.assert_close(
         logits(load_quantized(target / "quantized")),
@@ -390,5 +384,5 @@ def test_corrupt_packed_tensor_is_a_clear_error(llama_case, tmp_path):
     name = "model.layers.1.self_attn.v_proj.weight.codes"
     tensors[name] = tensors[name][:-1].clone()
     save_file(tensors, folder / "bitalloc-model.safetensors")
-    with pytest.raises(BitallocError, match="model.layers.1.self_attn.v_proj.codes"):
+    with pytest.raises(BitallocError, match="model.layers.1.self_attn.v_proj.weight.codes is U8"):
         load_quantized(folder)

@@ -87,7 +87,7 @@ def test_weight_is_a_stand_in_without_values():
     assert "weight" not in dict(layer.named_parameters())
 
 
-def test_peft_wraps_it_and_refuses_to_merge():
+def test_peft_wraps_it_and_merges_dequantized():
     torch.manual_seed(0)
     layer, _ = packed_layer()
     model = get_peft_model(Tiny(layer), LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False))
@@ -100,11 +100,12 @@ def test_peft_wraps_it_and_refuses_to_merge():
     before = model(x)
     before.sum().backward()
     assert model.base_model.model.proj.lora_A["default"].weight.grad.abs().sum() > 0
-    with pytest.raises(RuntimeError, match="merge_and_unload, merge_adapter"):
-        model.merge_and_unload()
-    with pytest.raises(RuntimeError, match="--dequantized"):
-        model.merge_adapter()
-    torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # nothing half-merged
+    delta = model.base_model.model.proj.get_delta_weight("default").detach()
+    with pytest.warns(UserWarning, match="no longer quantized"):
+        merged = model.merge_and_unload()  # dequantized: a dense Linear holding Q + scaling * B @ A
+    assert type(merged.proj) is nn.Linear
+    torch.testing.assert_close(merged.proj.weight, layer.dequantize() + delta, rtol=0, atol=0)
+    torch.testing.assert_close(merged(x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_to_dtype_changes_compute_not_the_stored_scales():
@@ -124,10 +125,13 @@ def test_to_dtype_changes_compute_not_the_stored_scales():
 def test_state_dict_round_trip():
     layer, quantized = packed_layer(config="nf2-b64-s8b256")
     state = layer.state_dict()
-    assert sorted(state) == ["bias", "weight.codes", "weight.scales", "weight.scales2"]
-    assert state["weight.codes"].numel() == 96 * 256 * 2 // 8  # padded to 4 blocks of 64, 2 bits
+    assert sorted(state) == ["bias", "codes", "scales", "scales2"]
+    assert state["codes"].numel() == 96 * 256 * 2 // 8  # padded to 4 blocks of 64, 2 bits
     fresh = QuantLinear(200, 96, "nf2-b64-s8b256")
     fresh.load_state_dict(state)
     assert torch.equal(fresh.dequantize(), quantized.dequantize())
     assert torch.equal(fresh.bias, layer.bias)
     assert "config=nf2-b64-s8b256" in repr(fresh)
+    files = QuantLinear(200, 96, "nf2-b64-s8b256")  # files name them weight.<part>
+    files.load_state_dict({("weight." + k if k != "bias" else k): v for k, v in state.items()})
+    assert torch.equal(files.dequantize(), quantized.dequantize())

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints.runnable import build_skeleton
+from ..checkpoints.runnable import build_skeleton, model_class
 from ..checkpoints.safetensors import index_shards
 from ..errors import BitallocError, check_path
 from ..quant import QuantConfig, QuantizedTensor
@@ -31,9 +31,9 @@ PACKED_NAMES = ("codes", "scales", "scales2")  # stored as "<module>.weight.<nam
 PACKED_STEM = "bitalloc-model"
 
 MERGE_ERROR = (
-    "QuantLinear {} keeps only the packed quantized weight: it has no dense weight to merge "
-    "an adapter into (merge_and_unload, merge_adapter) or to read; rerun `bitalloc apply` "
-    "with --dequantized and merge into OUT/dequantized instead"
+    "QuantLinear {} keeps only the packed quantized weight: it has no dense weight to read or "
+    "write; use its dequantize(), PEFT's merge_and_unload (which dequantizes, with bitalloc "
+    "imported), or `bitalloc apply --dequantized`"
 )
 
 _T = torch.Tensor
@@ -115,8 +115,10 @@ class QuantLinear(nn.Linear):
     """A frozen Linear whose weight is stored packed (``codes``, ``scales``[, ``scales2``]).
 
     ``weight`` is a `PackedWeight` stand-in with the right shape, dtype (the compute dtype)
-    and device; the state dict holds ``weight.codes``, ``weight.scales``[, ``weight.scales2``]
-    and ``bias``. ``.to(dtype)`` changes the compute dtype, never the stored scales.
+    and device; the state dict holds ``codes``, ``scales``[, ``scales2``] and ``bias``, and
+    loads ``weight.codes`` etc. too: files name the packed tensors ``<module>.weight.<part>``
+    (transformers renames them on load and back on save). ``.to(dtype)`` changes the compute
+    dtype, never the stored scales.
     """
 
     def __init__(
@@ -200,7 +202,7 @@ class QuantLinear(nn.Linear):
             f"bias={self.bias is not None}, config={self.config}"
         )
 
-    # ---- the packed buffers keep their dtype; the state dict names them weight.<part> --
+    # ---- the packed buffers keep their dtype; files name them weight.<part> -----------
     def _apply(self, fn, recurse: bool = True):
         before = {part: self._buffers[part] for part in PACKED_NAMES if part in self._buffers}
         super()._apply(fn, recurse)
@@ -209,12 +211,6 @@ class QuantLinear(nn.Linear):
             if moved.dtype != tensor.dtype:  # a dtype cast: keep the stored dtype, follow the device
                 self._buffers[part] = tensor.to(moved.device)
         return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for part in PACKED_NAMES:
-            if prefix + part in destination:
-                destination[prefix + "weight." + part] = destination.pop(prefix + part)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for part in PACKED_NAMES:
@@ -240,44 +236,76 @@ def replace_linear(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
 
 
 def read_quant_info(path: str | os.PathLike) -> dict:
-    """The ``bitalloc_quant.json`` of a quantized folder; BitallocError if absent or foreign."""
-    file = Path(path) / QUANT_FILE
-    try:
-        info = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BitallocError(f"{path} is not a bitalloc quantized model: no {QUANT_FILE}") from None
-    except (OSError, ValueError) as exc:
-        raise BitallocError(f"cannot read {file}: {exc}") from None
+    """Which modules are packed, with which config: config.json's ``quantization_config``
+    (``bitalloc_quant.json`` for folders without one); BitallocError if absent or foreign."""
+    path = Path(path)
+    config = _read_json(path / "config.json", missing_ok=True) or {}
+    info = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(info, dict) or info.get("quant_method") != "bitalloc":
+        info = _read_json(path / QUANT_FILE, missing_ok=True)
+        if info is None:
+            raise BitallocError(
+                f"{path} is not a bitalloc quantized model: no quantization_config in config.json "
+                f"and no {QUANT_FILE}"
+            )
     found = info.get("format") if isinstance(info, dict) else None
     if found != QUANT_FORMAT or not isinstance(info.get("modules"), dict):
-        raise BitallocError(f"{file}: unsupported format {found!r}, expected {QUANT_FORMAT!r}")
+        raise BitallocError(
+            f"{path}: bitalloc format {found!r}, expected {QUANT_FORMAT!r}: written by another bitalloc "
+            "version; load it with that version or apply again"
+        )
     return info
+
+
+def _read_json(file: Path, missing_ok: bool = False):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise BitallocError(f"{file} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise BitallocError(f"cannot read {file}: {exc}") from None
 
 
 def load_quantized(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
+    **from_pretrained_kwargs,
 ) -> nn.Module:
-    """The transformers model in ``path`` (an ``OUT/quantized`` folder) with every packed
-    matrix as a `QuantLinear` computing in ``dtype``; other tensors as they were saved,
-    cast to ``dtype``; on ``device`` ("auto": CUDA if available). Attach the LoRA adapter
-    with ``PeftModel.from_pretrained``."""
-    from safetensors.torch import load_file
+    """The model in ``path`` (an ``OUT/quantized`` folder, or a `save_pretrained` copy of one)
+    with every packed matrix as a `QuantLinear`: transformers' ``from_pretrained`` with
+    bitalloc's quantizer registered, in eval mode. ``dtype`` (or ``torch_dtype``) is the
+    compute dtype and the dtype of the other tensors; ``device`` one device ("auto": CUDA if
+    available); any other keyword (``device_map``, ``low_cpu_mem_usage``, ``max_memory``,
+    ``offload_folder``...) goes to ``from_pretrained``. Attach the LoRA adapter with
+    ``PeftModel.from_pretrained``."""
+    from .hf_quantizer import check_folder, register
 
     check_path(path, "path (an OUT/quantized folder)")
-    model = _assemble(Path(path), dtype, load_file)
-    for name, layer in model.named_modules():
-        if isinstance(layer, QuantLinear):
-            try:
-                layer.quantized()
-            except ValueError as exc:
-                raise BitallocError(f"{path}: {name}: {exc}") from None
-    model.to(dtype)
+    register()
+    path = Path(path)
+    info = read_quant_info(path)
+    if "weights" not in info:  # only bitalloc_quant.json: transformers would not find the weights
+        raise BitallocError(
+            f"{path} was written by an earlier bitalloc (no quantization_config in config.json): apply again"
+        )
+    check_folder(path, info["modules"], info["weights"])
+    dtype = from_pretrained_kwargs.pop("torch_dtype", dtype)
     if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device is not None:
-        model.to(device)
+        if "device_map" in from_pretrained_kwargs:
+            raise BitallocError("load_quantized: give device or device_map, not both")
+        from_pretrained_kwargs["device_map"] = {"": str(device)}
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise BitallocError(f"{path}: cannot read config.json ({type(exc).__name__}: {exc})") from None
+    model = model_class(hf_config).from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
     return model.eval()
 
 
@@ -293,6 +321,11 @@ def check_quantized(path: str | os.PathLike) -> None:
             for name, entry in read_header(file).items()
         }
 
+    from .hf_quantizer import check_folder
+
+    info = read_quant_info(path)
+    if "weights" in info:
+        check_folder(Path(path), info["modules"], info["weights"])
     _assemble(Path(path), torch.float32, meta_tensors, device="meta")
 
 
@@ -340,8 +373,14 @@ def _assemble(path: Path, dtype: torch.dtype, read, device: str | None = None) -
 
 
 def packed_files(path: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a quantized folder: the shards its index names, or one file."""
+    """The safetensors files of a quantized folder: the file (or the shards of the index) its
+    ``quantization_config`` names, else ``bitalloc-model*.safetensors``."""
     path = Path(path)
+    weights = read_quant_info(path).get("weights")
+    if isinstance(weights, str) and weights:
+        if Path(weights).name != weights or not (path / weights).is_file():
+            raise BitallocError(f"{path}: the weights file {weights} is missing")
+        return index_shards(path / weights) if weights.endswith(".index.json") else [path / weights]
     index = path / f"{PACKED_STEM}.safetensors.index.json"
     if index.is_file():
         return index_shards(index)

@@ -36,6 +36,7 @@ from ..planning.plan_file import Plan, most_common
 from ..profiling.calibration import Calibrator, weighting
 from ..profiling.settings import MAX_ITERS
 from ..quant import QuantConfig, QuantizedTensor
+from .hf_quantizer import mark_config, unmark_config
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
 
 PLAN_FILE = "bitalloc_plan.json"
@@ -59,6 +60,7 @@ def apply(
     verify: bool = False,
     calibration_ids: torch.Tensor | None = None,
     column_weights: dict | None = None,
+    unplanned_dtype: str | None = None,
     **options,
 ) -> Path:
     """Run LoftQ for every matrix of ``plan`` on ``source`` and write ``out_dir`` (see above).
@@ -84,6 +86,10 @@ def apply(
     (costs one read of those weights; the default trusts file stats). A run stopped after
     its output was renamed into place but before ``OUT.partial/`` was deleted is finished
     by the rerun (a warning, and ``out_dir`` returned).
+
+    Tensors outside the plan (embeddings, norms, kept matrices) keep the dtype they are stored
+    in (a bf16 checkpoint stays 16-bit); a GGUF's quantized ones (Q8_0...) are written as
+    bf16. ``unplanned_dtype`` (bf16, fp16, fp32) casts every one of them instead.
     """
     lora = dataclasses.replace(lora or LoraSettings(), **options)
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
@@ -98,6 +104,8 @@ def apply(
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
     if dequantized_dtype not in DEQUANTIZED_DTYPES:
         raise BitallocError(f"unknown dequantized dtype {dequantized_dtype!r}: bf16, fp16 or fp32")
+    if unplanned_dtype is not None and unplanned_dtype not in DEQUANTIZED_DTYPES:
+        raise BitallocError(f"unknown unplanned dtype {unplanned_dtype!r}: bf16, fp16 or fp32")
     torch_device = resolve_device(device)
     matrices = _open_matrices(source, plan)
     statistics = plan.statistics(source if source is not None else matrices, calibration=calibration,
@@ -125,7 +133,7 @@ def apply(
         if verify:
             _verify(plan, matrices, work)
         _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, (source, statistics),
-               dequantized, dequantized_dtype, max_shard_bytes)  # fmt: skip
+               dequantized, dequantized_dtype, max_shard_bytes, unplanned_dtype=unplanned_dtype)  # fmt: skip
     finally:
         work.folder.close()
     return out
@@ -181,22 +189,25 @@ def _verify(plan: Plan, matrices: Source, work: _WorkDir) -> None:
 
 
 def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, statistics,
-           dequantized, dequantized_dtype, max_shard_bytes) -> None:  # fmt: skip
+           dequantized, dequantized_dtype, max_shard_bytes, *, unplanned_dtype=None) -> None:  # fmt: skip
     """Decompose (resumable), write every part into ``OUT.partial/build``, check that it
     loads, and rename it to ``out``."""
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
     _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet, statistics)
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
-    _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes)
-    base = str((out / "quantized").resolve())  # what the adapter was made for: Q, not W
+    _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes, unplanned_dtype)
+    base = "../quantized"  # what the adapter was made for: Q, not W (relative: the folder can move)
     _write_adapter(build / "adapter", base, matrices, plan, ranks, work, lora_alpha, use_rslora)
     if dequantized:
         dtype = DEQUANTIZED_DTYPES[dequantized_dtype]
-        items = _items(matrices, plan, lambda module: _dequantized_item(work, plan, module, dtype))
+        items = _items(matrices, plan, lambda module: _dequantized_item(work, plan, module, dtype),
+                       unplanned_dtype)  # fmt: skip
         _write_checkpoint(build / "dequantized", items, max_shard_bytes)
         for file in (build / "quantized").iterdir():  # config and tokenizer, built once
-            if CONFIG_FILES.match(file.name):
+            if file.name == "config.json":  # a plain checkpoint: no quantization_config
+                unmark_config(file, build / "dequantized" / file.name)
+            elif CONFIG_FILES.match(file.name):
                 shutil.copyfile(file, build / "dequantized" / file.name)
     check_quantized(build / "quantized")  # what we wrote loads: names, shapes, dtypes
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -359,8 +370,10 @@ def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quie
 Item = tuple[str, int, Callable[[], torch.Tensor]]  # (tensor name, bytes, loader)
 
 
-def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]]) -> list[Item]:
-    """Every backbone tensor in order, each planned weight replaced by ``planned(module)``."""
+def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]],
+           unplanned_dtype: str | None = None) -> list[Item]:  # fmt: skip
+    """Every backbone tensor in order, each planned weight replaced by ``planned(module)``,
+    the others in `unplanned_torch_dtype`."""
     items: list[Item] = []
     for name in source.tensor_names():
         if name in source.dropped_tensors:
@@ -368,9 +381,27 @@ def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]]) -> 
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in plan.modules:
             items += planned(module)
-        else:
+            continue
+        dtype = unplanned_torch_dtype(source, name, unplanned_dtype)
+        if dtype is None:
             items.append((name, source.tensor_nbytes(name), lambda name=name: source.load_tensor(name)))
+        else:
+            loaded = source.stored_dtype(name) or torch.float32  # what load_tensor returns
+            nbytes = source.tensor_nbytes(name) // loaded.itemsize * dtype.itemsize
+            items.append((name, nbytes, lambda name=name, dtype=dtype: source.load_tensor(name).to(dtype)))
     return items
+
+
+def unplanned_torch_dtype(source: Source, name: str, unplanned_dtype: str | None) -> torch.dtype | None:
+    """The dtype a tensor outside the plan is written in, None for as `load_tensor` gives it:
+    ``unplanned_dtype`` (bf16, fp16, fp32) for every float tensor when given; otherwise the
+    dtype it is stored in, and bf16 for a quantized storage type (a GGUF's Q8_0 embedding),
+    which `load_tensor` expands to float32."""
+    stored = source.stored_dtype(name)
+    if unplanned_dtype is not None:
+        wanted = DEQUANTIZED_DTYPES[unplanned_dtype]
+        return wanted if stored is None or stored.is_floating_point else None
+    return torch.bfloat16 if stored is None else None
 
 
 def _packed_items(work: _WorkDir, plan: Plan, module: str) -> list[Item]:
@@ -415,8 +446,8 @@ def _write_checkpoint(folder: Path, items: list[Item], max_shard_bytes: int, ste
         (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes) -> None:
-    items = _items(source, plan, lambda module: _packed_items(work, plan, module))
+def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes, unplanned_dtype=None) -> None:
+    items = _items(source, plan, lambda module: _packed_items(work, plan, module), unplanned_dtype)
     _write_checkpoint(folder, items, max_shard_bytes, stem=PACKED_STEM)
     source.write_config(folder)
     info = {
@@ -432,6 +463,9 @@ def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes) -> None
         },
     }
     (folder / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    index = folder / f"{PACKED_STEM}.safetensors.index.json"
+    weights = index.name if index.exists() else f"{PACKED_STEM}.safetensors"
+    mark_config(folder / "config.json", plan.modules, weights)  # transformers' quantization_config
     (folder / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
 
 

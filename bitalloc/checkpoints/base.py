@@ -167,6 +167,11 @@ class Source(abc.ABC):
     def tensor_nbytes(self, name: str) -> int:
         """Bytes of ``name`` as `load_tensor` returns it."""
 
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The float dtype ``name`` is stored in, None for a quantized storage type (a GGUF's
+        Q8_0...) that `load_tensor` expands to float32; by default `load_tensor`'s dtype."""
+        return self.load_tensor(name).dtype
+
     @abc.abstractmethod
     def load_tensor(self, name: str) -> torch.Tensor:
         """A fresh CPU tensor by checkpoint name, in its stored dtype (float32 for GGUF)."""

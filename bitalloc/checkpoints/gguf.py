@@ -142,6 +142,11 @@ class GGUFSource(Source):
     def tensor_nbytes(self, name: str) -> int:
         return 4 * int(np.prod(self._tensor_shape(name)))
 
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """F32, F16 and BF16 tensors as such; None for the quantized types."""
+        kind = self._tensors[name].tensor_type.name
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(kind)
+
     def load_tensor(self, name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 

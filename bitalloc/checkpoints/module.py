@@ -62,6 +62,9 @@ class ModuleSource(Source):
         tensor = self._tensors()[name]
         return tensor.numel() * tensor.element_size()
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return self._tensors()[name].dtype
+
     def load_tensor(self, name: str) -> torch.Tensor:
         return self._tensors()[name].detach().to("cpu", copy=True)
 

@@ -252,6 +252,9 @@ class SafetensorsSource(Source):
         entry = self._entries[name]
         return entry.end - entry.start
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return TORCH_DTYPES[self._entries[name].dtype]
+
     def load_tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
