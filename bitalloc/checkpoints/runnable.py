@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import BitallocError
 from . import GGUFSource, open_source
+from .layout import match_checkpoint
 
 BATCH_TOKENS = 2048  # tokens per forward pass through a block
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
@@ -274,6 +275,7 @@ def runnable(model) -> Iterator[tuple[nn.Module, Callable | None, str | None]]:
         config = AutoConfig.from_pretrained(folder)
         with parameters_on_meta():
             net = model_class(config)(config)
+        match_checkpoint(net, source.tensor_names())
         yield net.eval(), source.load_tensor, folder
 
 

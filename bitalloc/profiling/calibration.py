@@ -24,8 +24,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +299,12 @@ def collect_column_weights(
         return hooks
 
     run_blocks(net, input_ids, modules, on_block, load=load, batch_tokens=batch_tokens, quiet=quiet)
+    means = {name: float(sums[name].mean() / counts[name]) for name in sums}
+    unrouted = [name for name in modules if name not in sums and is_expert(name)]
+    for name in unrouted:  # planned on its weights: h flat, at its peers' level
+        sums[name] = torch.full((net.get_submodule(name).in_features,), unrouted_level(name, means))
+        counts[name] = 1
+    warn_unrouted(unrouted, len(input_ids))
     result = {}
     for name in modules:
         h = (sums[name] / counts[name]).float().cpu()
@@ -318,17 +326,24 @@ def collect_covariances(
     ``input_ids``, one block at a time: each block's covariances go to ``writer`` when the
     next block starts, so memory holds one block's. Linears whose forward receives the very
     same input tensor (q/k/v, gate/up) share one accumulator and one stored tensor."""
-    state: dict = {"sums": {}, "counts": {}, "groups": {}, "seen": []}
+    state: dict = {"sums": {}, "counts": {}, "groups": {}, "seen": [], "unrouted": []}
 
     def flush() -> None:
         groups: dict[str, str] = state["groups"]
         for key in dict.fromkeys(groups.values()):
             covariance = (state["sums"][key] / state["counts"][key]).float()
             writer.add(key, covariance, [m for m, k in groups.items() if k == key])
+        means = {m: float(state["sums"][k].diagonal().mean() / state["counts"][k]) for m, k in groups.items()}
+        for name in [m for m in state.get("block", []) if m not in groups and is_expert(m)]:
+            # an expert no calibration token reached: planned on its weights (H flat, at its peers' level)
+            size = net.get_submodule(name).in_features
+            writer.add(name, torch.eye(size) * unrouted_level(name, means), [name])
+            state["unrouted"].append(name)
         state.update(sums={}, counts={}, groups={}, seen=[])
 
     def on_block(prefix: str, block: nn.Module) -> list:
         flush()
+        state["block"] = [m for m in modules if m.startswith(prefix)]
         hooks = [block.register_forward_pre_hook(lambda *_: state["seen"].clear())]
         for name in [m for m in modules if m.startswith(prefix)]:
             linear = net.get_submodule(name)
@@ -341,9 +356,38 @@ def collect_covariances(
 
     run_blocks(net, input_ids, modules, on_block, load=load, batch_tokens=batch_tokens, quiet=quiet)
     flush()
+    warn_unrouted(state["unrouted"], len(input_ids))
     missing = [m for m in modules if m not in writer.groups]
     if missing:
         raise BitallocError(f"{missing[0]} never ran on the calibration tokens: no input covariance")
+
+
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def is_expert(module: str) -> bool:
+    """True for one expert's matrix of a mixture-of-experts layer ("...mlp.experts.3.down_proj")."""
+    return bool(_EXPERT.search(module))
+
+
+def unrouted_level(module: str, means: dict[str, float]) -> float:
+    """The input power per channel that stands in for an expert matrix no calibration token
+    was routed to: the mean over the same matrix of the block's other experts (``means``:
+    module -> mean of its input's diagonal second moment), else 1. With a flat H (or h) at
+    that level, the matrix is decomposed and planned on its weights alone (the weight
+    objective), at the scale of its peers' errors."""
+    pattern = _EXPERT.sub(".experts.*.", module)
+    peers = [v for m, v in means.items() if m != module and _EXPERT.sub(".experts.*.", m) == pattern]
+    return sum(peers) / len(peers) if peers else 1.0
+
+
+def warn_unrouted(modules: Sequence[str], windows: int) -> None:
+    if modules:
+        warnings.warn(
+            f"{len(modules)} expert matrices received no calibration token in {windows} windows "
+            f"(first: {modules[0]}): planned on their weights; give more or more varied calibration text",
+            stacklevel=3,
+        )
 
 
 def _covariance_accumulator(name: str, state: dict):
