@@ -22,6 +22,7 @@ from bitalloc.artifacts.nn import QuantLinear, load_quantized
 from bitalloc.checkpoints import open_source
 from bitalloc.checkpoints.layout import ExpertLinears, match_checkpoint
 from bitalloc.checkpoints.safetensors import read_header
+from bitalloc.errors import BitallocError
 from bitalloc.evaluation import evaluate
 from bitalloc.planning.planner import plan
 from bitalloc.profiling.calibration import calibrate
@@ -61,11 +62,11 @@ ARCHITECTURES = {
 TOKENS, CONTEXT = 256, 64
 
 
-def build(arch: str, directory, seed: int = 0):
+def build(arch: str, directory, seed: int = 0, **changes):
     """A random tiny ``arch`` model saved (with a byte tokenizer) to ``directory``."""
     config_class, model_class, overrides, _ = ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    model = model_class(config_class(**{**BASE, **overrides})).eval()
+    model = model_class(config_class(**{**BASE, **overrides, **changes})).eval()
     with torch.no_grad():  # larger weights than the default init: outputs move measurably
         for name, param in model.named_parameters():
             if param.dim() >= 2 and "norm" not in name:
@@ -259,3 +260,79 @@ def test_adapter_attaches_to_expert_matrices(tmp_path):
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(peft_model(ids).logits).all()
+
+
+def write_gguf(path, model, architecture: str) -> None:
+    """``model`` as a llama.cpp GGUF file of ``architecture`` (F32 tensors, gguf's names)."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        base, _, kind = name.rpartition(".")
+        writer.add_tensor(f"{names.get_name(base)}.{kind}", tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_gguf_of_the_llama_family(arch, tmp_path):
+    # transformers reads no head size from a GGUF file: Qwen3's default (128) it is
+    model = build(arch, tmp_path / "hf", seed=8, **({"head_dim": 128} if arch == "qwen3" else {}))
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, model, arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
+    state = {**model.state_dict(), **native.state_dict()}
+    with open_source(path) as source:
+        names = source.tensor_names()
+        assert sorted(source.modules()) == planned_names(tmp_path / "hf")
+        assert any(n.endswith("q_proj.bias") for n in names) == (arch == "qwen2")
+        assert any(n.endswith("q_norm.weight") for n in names) == (arch == "qwen3")
+        for name in names:  # the names and values transformers' own GGUF loader gives
+            torch.testing.assert_close(source.load_tensor(name), native.state_dict()[name], rtol=0, atol=0)
+            torch.testing.assert_close(source.load_tensor(name), state[name], rtol=0, atol=0)
+    ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(2))
+    table = bitalloc.profile(str(path), tmp_path / "p.parquet", objective="output", calibration_ids=ids, **FAST)
+    assert table["module"].nunique() == 14 and (table["weighted_error"] > 0).all()
+    plan_path = tmp_path / "plan.json"
+    plan(table, 3.0).save(plan_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer metadata in this file
+        out = bitalloc.apply(str(path), plan_path, tmp_path / "out", quiet=True)
+    loaded = load_quantized(out / "quantized")
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, layer in loaded.named_modules():
+            if isinstance(layer, QuantLinear):
+                reference.get_submodule(name).weight.copy_(layer.dequantize())
+        got, want = loaded(ids).logits, reference(ids).logits
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+def test_gguf_of_another_architecture_is_refused_by_name(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "phi3.gguf"), "phi3")
+    writer.add_block_count(1)
+    writer.add_tensor("blk.0.attn_qkv.weight", torch.zeros(384, 128).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(BitallocError, match=r"unsupported GGUF architecture 'phi3'.*llama, qwen2, qwen3"):
+        open_source(tmp_path / "phi3.gguf")
