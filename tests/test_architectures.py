@@ -307,7 +307,8 @@ def test_gguf_of_the_llama_family(arch, tmp_path):
             torch.testing.assert_close(source.load_tensor(name), native.state_dict()[name], rtol=0, atol=0)
             torch.testing.assert_close(source.load_tensor(name), state[name], rtol=0, atol=0)
     ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(2))
-    table = bitalloc.profile(str(path), tmp_path / "p.parquet", objective="output", calibration_ids=ids, **FAST)
+    profile_path = tmp_path / "p.parquet"
+    table = bitalloc.profile(str(path), profile_path, objective="output", calibration_ids=ids, **FAST)
     assert table["module"].nunique() == 14 and (table["weighted_error"] > 0).all()
     plan_path = tmp_path / "plan.json"
     plan(table, 3.0).save(plan_path)
