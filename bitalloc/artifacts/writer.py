@@ -30,7 +30,7 @@ from ..checkpoints import CONFIG_FILES, Source, open_source
 from ..checkpoints.runnable import check_linears
 from ..devices import resolve_device
 from ..errors import BitallocError
-from ..fileio import WorkFolder, atomic_path
+from ..fileio import WorkFolder, atomic_path, check_free_space
 from ..lora import LoraSettings, loftq, module_seed
 from ..lora.decomposition import check_lora_alpha
 from ..planning.plan_file import Plan, most_common
@@ -94,6 +94,9 @@ def apply(
         "use_rslora": use_rslora,
         "calibration": (plan.calibration or {}).get("digest"),
     }
+    done = Path(f"{out}.partial") / "matrices"  # a resumed run's finished matrices
+    needed = _bytes_to_write(plan, matrices, ranks, done, dequantized_dtype, dequantized)
+    check_free_space(out, needed, f"the output {out}")
     work = _WorkDir(Path(f"{out}.partial"), identity)
     try:
         _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_weights,
@@ -127,6 +130,27 @@ def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, column_w
         raise BitallocError(f"output {out} appeared while apply ran: its work is kept in {work.path}")
     os.replace(build, out)
     work.folder.remove()
+
+
+def _bytes_to_write(plan, matrices, ranks, done: Path, dequantized_dtype: str, dequantized: bool) -> int:
+    """What `apply` still writes, in bytes: each matrix's packed weight and LoRA factors in
+    ``OUT.partial/`` (those not done yet), then the backbone (packed matrices and every
+    other tensor), the adapter and, if asked, the dequantized checkpoint beside them."""
+    packed = lora = dense = 0
+    todo = 0
+    for name, entry in plan.modules.items():
+        rows, cols = entry["shape"]
+        size = math.ceil(QuantConfig.parse(entry["config"]).storage_bits((rows, cols)) / 8)
+        factors = 4 * ranks[name] * (rows + cols)
+        packed, lora, dense = packed + size, lora + factors, dense + rows * cols
+        if not (done / f"{name}.safetensors").exists():
+            todo += size + 2 * factors  # A and B are kept in float32 beside Q
+    planned = {f"{name}.weight" for name in plan.modules}
+    others = sum(matrices.tensor_nbytes(t) for t in matrices.tensor_names() if t not in planned)
+    total = todo + packed + others + lora
+    if dequantized:
+        total += others + dense * DEQUANTIZED_DTYPES[dequantized_dtype].itemsize
+    return total
 
 
 def check_plan(plan: Plan, source: Source) -> None:
