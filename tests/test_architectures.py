@@ -51,7 +51,8 @@ ARCHITECTURES = {
     "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(
         head_dim=32, sliding_window=64, final_logit_softcapping=30.0, attn_logit_softcapping=50.0), 7),
     "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(
-        head_dim=32, sliding_window=64, final_logit_softcapping=30.0), 7),
+        head_dim=32, sliding_window=64, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "full_attention"]), 7),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}, 4),  # fused qkv_proj, gate_up_proj
     "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}, 7),
     "gptneox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(rotary_pct=0.25), 4),
@@ -337,3 +338,12 @@ def test_gguf_of_another_architecture_is_refused_by_name(tmp_path):
     writer.close()
     with pytest.raises(BitallocError, match=r"unsupported GGUF architecture 'phi3'.*llama, qwen2, qwen3"):
         open_source(tmp_path / "phi3.gguf")
+
+
+def test_fused_experts_of_another_kind_are_refused_by_name(tmp_path):
+    model = build("qwen3moe", tmp_path / "model", seed=9)
+    model.model.layers[1].mlp.experts.has_bias = True  # e.g. gpt-oss: biases on every expert
+    names = read_header(tmp_path / "model" / "model.safetensors")
+    message = r"unsupported mixture-of-experts layer model\.layers\.1\.mlp\.experts \(Qwen3MoeExperts\): bias"
+    with pytest.raises(BitallocError, match=message):
+        match_checkpoint(model, names)

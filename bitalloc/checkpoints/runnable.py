@@ -88,11 +88,12 @@ def run_blocks(
     outside = [m for m in net.modules() if id(m) not in inside]
     handles = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)]
     try:
-        states = [_catch(net, blocks, input_ids[i : i + batch]) for i in range(0, len(input_ids), batch)]
+        caught = [_catch(net, blocks, input_ids[i : i + batch]) for i in range(0, len(input_ids), batch)]
     finally:
         for handle in handles:
             handle.remove()
     _release(loaded)
+    states = [hidden for hidden, _ in caught]
     last = max(int(m[len(blocks_name) + 1 :].split(".", 1)[0]) for m in modules)
     for index in range(last + 1):
         block = blocks[index]
@@ -102,7 +103,8 @@ def run_blocks(
         try:
             with torch.inference_mode():
                 states = [
-                    (_hidden(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in states
+                    _hidden(block(hidden, *extras[index][0], **extras[index][1]))
+                    for hidden, (_, extras) in zip(states, caught)
                 ]
         finally:
             for hook in hooks:
@@ -113,20 +115,26 @@ def run_blocks(
 
 
 class _Caught(Exception):
-    def __init__(self, hidden, args, kwargs):
-        super().__init__("caught the inputs of block 0")
-        self.inputs = (hidden, args, kwargs)
+    def __init__(self):
+        super().__init__("caught the inputs of every block")
 
 
 class _Catcher(nn.Module):
-    """Stands in for block 0: records its inputs and stops the forward pass."""
+    """Stands in for a block: records its inputs and passes the hidden states on unchanged;
+    the last one stops the forward pass. Each block's own arguments are kept, since models
+    give blocks of different kinds different ones (Gemma: masks and rotary embeddings of
+    sliding-window and of full-attention layers)."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, last: bool):
         super().__init__()
-        self.block = block
+        self.block, self.last = block, last
+        self.inputs = None
 
     def forward(self, hidden, *args, **kwargs):
-        raise _Caught(hidden, args, kwargs)
+        self.inputs = (hidden, args, kwargs)
+        if self.last:
+            raise _Caught()
+        return hidden
 
     def __getattr__(self, name: str):  # models read attributes such as `attention_type`
         try:
@@ -136,17 +144,24 @@ class _Catcher(nn.Module):
 
 
 def _catch(net: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor):
-    first = blocks[0]
-    blocks[0] = _Catcher(first)
+    """(hidden states entering block 0, [(args, kwargs) of each block]) for ``ids``: the
+    arguments other than the hidden states do not depend on the blocks' weights."""
+    originals = list(blocks)
+    catchers = [_Catcher(block, i == len(originals) - 1) for i, block in enumerate(originals)]
+    for i, catcher in enumerate(catchers):
+        blocks[i] = catcher
     try:
         kwargs = {"use_cache": False} if "use_cache" in inspect.signature(net.forward).parameters else {}
         with torch.inference_mode():
             net(ids, **kwargs)
-    except _Caught as caught:
-        return caught.inputs
+    except _Caught:
+        pass
     finally:
-        blocks[0] = first
-    raise BitallocError(f"the model never called its first block ({type(first).__name__})")
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if any(catcher.inputs is None for catcher in catchers):
+        raise BitallocError(f"the model never called all its blocks ({type(originals[0]).__name__})")
+    return catchers[0].inputs[0], [catcher.inputs[1:] for catcher in catchers]
 
 
 def _hidden(output):
@@ -359,9 +374,9 @@ def run_model(
         for hook in hooks:
             hook.remove()
     _release(loaded)
-    extras = [(args, kwargs) for _, args, kwargs in caught]
+    extras = [per_block for _, per_block in caught]
     first = _first_blocks(variants, start, len(blocks))
-    hidden = {variant: [h for h, _, _ in caught] for variant in variants if first[variant] == 0}
+    hidden = {variant: [h for h, _ in caught] for variant in variants if first[variant] == 0}
     del caught
     as_tuple = False
     for index, block in enumerate(blocks):
@@ -376,7 +391,8 @@ def run_model(
                 undo = prepare(variant, f"{blocks_name}.{index}.", block) if prepare is not None else None
                 try:
                     with torch.inference_mode():
-                        for i, (args, kwargs) in enumerate(extras):
+                        for i, per_block in enumerate(extras):
+                            args, kwargs = per_block[index]
                             output = block(hidden[variant][i], *args, **kwargs)
                             as_tuple = isinstance(output, (tuple, list))
                             hidden[variant][i] = _hidden(output)
