@@ -2,7 +2,7 @@
 
 Public names (docs/architecture.md): ``QuantConfig``, ``storage_bits``, ``loftq``, ``LoftQResult``,
 ``profile``, ``ProfileSettings``, ``CalibrationSettings``, ``plan``, ``sweep``, ``Plan``,
-``PlanConstraints``, ``plan_files``, ``apply``, ``LoraSettings``, ``load_quantized``,
+``PlanConstraints``, ``plan_files``, ``apply``, ``LoraSettings``, ``load_quantized``, ``load_adapter``,
 ``open_source``, ``read_profile``, ``evaluate``, ``report`` (and the `bitalloc.export`
 package). Heavy modules (pandas, PuLP, transformers) load on first use, not on import.
 """
@@ -39,6 +39,7 @@ _LAZY = {
     "LoraSettings": "lora",
     "Factorization": "lora",
     "load_quantized": "artifacts.nn",
+    "load_adapter": "artifacts.adapter",
     "QuantLinear": "artifacts.nn",
     "perplexity": "evaluation",
     "evaluate": "evaluation",

@@ -226,3 +226,17 @@ def _delete_marked(folder: Path, marker: str) -> None:
         mark.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: not ours to delete
         folder.rmdir()
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
+    """BitallocError when the file system that will hold ``path`` has fewer than ``needed``
+    bytes free (checked before long work, so that it does not fail hours in)."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise BitallocError(
+            f"not enough disk space for {what}: it needs about {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free on {where}"
+        )

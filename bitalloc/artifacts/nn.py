@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.layout import match_checkpoint
 from ..checkpoints.runnable import build_skeleton, model_class
-from ..checkpoints.safetensors import index_shards
+from ..checkpoints.safetensors import index_shards, read_header
 from ..errors import BitallocError, check_path
 from ..quant import QuantConfig, QuantizedTensor
 from ..quant.blockwise import TORCH_DTYPES
@@ -313,7 +314,7 @@ def check_quantized(path: str | os.PathLike) -> None:
     """What `load_quantized` checks, from the safetensors headers alone (no tensor data is
     read, nothing is allocated): every tensor has its place and shape in the model, every
     parameter and packed buffer is present. `apply` runs it before renaming its output."""
-    from ..checkpoints.safetensors import TORCH_DTYPES, read_header
+    from ..checkpoints.safetensors import TORCH_DTYPES
 
     def meta_tensors(file: Path) -> dict[str, torch.Tensor]:
         return {
@@ -334,6 +335,8 @@ def _assemble(path: Path, dtype: torch.dtype, read, device: str | None = None) -
     BitallocError for a tensor without a place, a size mismatch or a missing tensor."""
     info = read_quant_info(path)
     model = build_skeleton(path, str(path))
+    files = packed_files(path)
+    match_checkpoint(model, [name for file in files for name in read_header(file)])
     for name, entry in info["modules"].items():
         rows, cols = entry["shape"]
         old = model.get_submodule(name) if _has_module(model, name) else None
@@ -355,7 +358,7 @@ def _assemble(path: Path, dtype: torch.dtype, read, device: str | None = None) -
     }
     expected = {name for name, _ in model.named_parameters(remove_duplicate=False)} | persistent
     loaded: set[str] = set()
-    for file in packed_files(path):
+    for file in files:
         try:
             result = model.load_state_dict(read(file), strict=False, assign=True)
         except RuntimeError as exc:  # size mismatches

@@ -29,7 +29,7 @@ from ..checkpoints import CONFIG_FILES, Source, open_source
 from ..checkpoints.runnable import check_linears, unexpected_tensors
 from ..devices import resolve_device
 from ..errors import BitallocError, check_path
-from ..fileio import WorkFolder, atomic_path, check_name, save_safetensors
+from ..fileio import WorkFolder, atomic_path, check_free_space, check_name, save_safetensors
 from ..lora import LoraSettings, loftq, module_seed
 from ..lora.decomposition import check_lora_alpha, check_lora_scaling
 from ..planning.plan_file import Plan, most_common
@@ -128,6 +128,9 @@ def apply(
         if _finish(out, identity):
             return out
         raise BitallocError(f"output {out} already exists: remove it or choose another -o")
+    done = Path(f"{out}.partial") / "matrices"  # a resumed run's finished matrices
+    needed = _bytes_to_write(plan, matrices, ranks, done, dequantized_dtype, dequantized)
+    check_free_space(out, needed, f"the output {out}")
     work = _WorkDir(Path(f"{out}.partial"), identity)
     try:
         if verify:
@@ -227,6 +230,27 @@ def check_plan_iters(plan: Plan) -> None:
     iters = plan.defaults.get("iters")
     if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
         raise BitallocError(f"plan iters must be a whole number from 0 to {MAX_ITERS}, got {iters!r}")
+
+
+def _bytes_to_write(plan, matrices, ranks, done: Path, dequantized_dtype: str, dequantized: bool) -> int:
+    """What `apply` still writes, in bytes: each matrix's packed weight and LoRA factors in
+    ``OUT.partial/`` (those not done yet), then the backbone (packed matrices and every
+    other tensor), the adapter and, if asked, the dequantized checkpoint beside them."""
+    packed = lora = dense = 0
+    todo = 0
+    for name, entry in plan.modules.items():
+        rows, cols = entry["shape"]
+        size = math.ceil(QuantConfig.parse(entry["config"]).storage_bits((rows, cols)) / 8)
+        factors = 4 * ranks[name] * (rows + cols)
+        packed, lora, dense = packed + size, lora + factors, dense + rows * cols
+        if not (done / f"{name}.safetensors").exists():
+            todo += size + 2 * factors  # A and B are kept in float32 beside Q
+    planned = {f"{name}.weight" for name in plan.modules}
+    others = sum(matrices.tensor_nbytes(t) for t in matrices.tensor_names() if t not in planned)
+    total = todo + packed + others + lora
+    if dequantized:
+        total += others + dense * DEQUANTIZED_DTYPES[dequantized_dtype].itemsize
+    return total
 
 
 def check_plan(plan: Plan, source: Source) -> None:

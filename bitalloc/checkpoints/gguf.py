@@ -3,6 +3,8 @@
 llama.cpp stores each matrix with its shape reversed (ne0 = in) and, for llama, permutes
 the rows of attn_q / attn_k for its rotary layout; both are undone here exactly as
 transformers does when it loads a GGUF file, so `read` returns the HF (out, in) weight.
+The llama family shares one naming: llama, qwen2 (q/k/v biases) and qwen3 (q/k norms)
+are read; other architectures are refused by name.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from ..errors import BitallocError
 from .base import Source, sample_spans
 from .selection import select_modules
 
-# llama.cpp tensor names -> transformers module names, per architecture family.
+# llama.cpp tensor names -> transformers module names, for the llama family.
 LLAMA_BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -37,20 +41,28 @@ _LLAMA_TOP_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-# Architectures whose names follow the llama layout; True where attn_q/attn_k are permuted.
-SUPPORTED_ARCHITECTURES = {"llama": True}
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
+# Architectures whose names follow the llama layout (and that transformers' GGUF loader
+# reads); True where llama.cpp permuted the rows of attn_q/attn_k.
+SUPPORTED_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
 def hf_module_name(gguf_name: str) -> str | None:
     """transformers module name of a llama-layout GGUF weight, or None if it has none."""
+    name = hf_tensor_name(gguf_name)
+    return name.removesuffix(".weight") if name is not None and name.endswith(".weight") else None
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """transformers tensor name of a llama-layout GGUF tensor (weight or bias), or None."""
     match = _BLOCK.fullmatch(gguf_name)
     if match:
-        layer, part = match.groups()
+        layer, part, kind = match.groups()
         hf_part = LLAMA_BLOCK_NAMES.get(part)
-        return f"model.layers.{layer}.{hf_part}" if hf_part else None
+        return f"model.layers.{layer}.{hf_part}.{kind}" if hf_part else None
     if gguf_name.endswith(".weight"):
-        return _LLAMA_TOP_NAMES.get(gguf_name.removesuffix(".weight"))
+        top = _LLAMA_TOP_NAMES.get(gguf_name.removesuffix(".weight"))
+        return f"{top}.weight" if top else None
     return None
 
 
@@ -62,7 +74,7 @@ def reverse_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class GGUFSource(Source):
-    """A GGUF file of a llama-architecture model (any quantization gguf can dequantize).
+    """A GGUF file of a llama-family model (any quantization gguf can dequantize).
 
     Every tensor with a transformers name is readable (dequantized to float32, q/k
     un-permuted); the config and tokenizer are rebuilt by transformers from the metadata.
@@ -101,12 +113,13 @@ class GGUFSource(Source):
         self._unnamed = []  # GGUF tensors with no transformers name (not written by apply)
         self.all_matrices = {}
         for tensor in self._reader.tensors:
-            module = hf_module_name(tensor.name)
-            if module is None:
+            name = hf_tensor_name(tensor.name)
+            if name is None:
                 self._unnamed.append(tensor.name)
-                module = tensor.name.removesuffix(".weight")
-            self._tensors[module + ".weight"] = tensor
-            if len(tensor.shape) == 2:
+                name = tensor.name
+            self._tensors[name] = tensor
+            if len(tensor.shape) == 2 and name.endswith(".weight"):
+                module = name.removesuffix(".weight")
                 self.all_matrices[module] = (int(tensor.shape[1]), int(tensor.shape[0]))  # ne is (in, out)
         selected = select_modules(self.all_matrices, include, exclude, self.name, modules)
         self._shapes = {m: self.all_matrices[m] for m in selected}  # type: ignore[misc]
@@ -136,7 +149,7 @@ class GGUFSource(Source):
         return self.load_tensor(module + ".weight")
 
     def tensor_names(self) -> list[str]:
-        unnamed = {name.removesuffix(".weight") + ".weight" for name in self._unnamed}
+        unnamed = set(self._unnamed)
         return [name for name in self._tensors if name not in unnamed]
 
     def tensor_nbytes(self, name: str) -> int:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import BitallocError
 from . import GGUFSource, open_source
+from .layout import match_checkpoint
 
 BATCH_TOKENS = 2048  # tokens per forward pass through a block
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
@@ -152,6 +153,7 @@ class BlockRunner:
             m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)
         ]
         try:
+            # (hidden states, [(args, kwargs) of each block]) per batch: blocks get their own arguments
             self.states = [
                 _catch(net, self.blocks, input_ids[i : i + batch]) for i in range(0, len(input_ids), batch)
             ]
@@ -189,8 +191,8 @@ class BlockRunner:
             try:
                 with torch.inference_mode():
                     self.states = [
-                        (_hidden(block(hidden, *args, **kwargs)), args, kwargs)
-                        for hidden, args, kwargs in self.states
+                        (_hidden(block(hidden, *per_block[index][0], **per_block[index][1])), per_block)
+                        for hidden, per_block in self.states
                     ]
             finally:
                 for hook in hooks:
@@ -214,20 +216,26 @@ def _to_device(value, device: torch.device):
 
 
 class _Caught(Exception):
-    def __init__(self, hidden, args, kwargs):
-        super().__init__("caught the inputs of block 0")
-        self.inputs = (hidden, args, kwargs)
+    def __init__(self):
+        super().__init__("caught the inputs of every block")
 
 
 class _Catcher(nn.Module):
-    """Stands in for block 0: records its inputs and stops the forward pass."""
+    """Stands in for a block: records its inputs and passes the hidden states on unchanged;
+    the last one stops the forward pass. Each block's own arguments are kept, since models
+    give blocks of different kinds different ones (Gemma: masks and rotary embeddings of
+    sliding-window and of full-attention layers)."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, last: bool):
         super().__init__()
-        self.block = block
+        self.block, self.last = block, last
+        self.inputs = None
 
     def forward(self, hidden, *args, **kwargs):
-        raise _Caught(hidden, args, kwargs)
+        self.inputs = (hidden, args, kwargs)
+        if self.last:
+            raise _Caught()
+        return hidden
 
     def __getattr__(self, name: str):  # models read attributes such as `attention_type`
         try:
@@ -237,17 +245,24 @@ class _Catcher(nn.Module):
 
 
 def _catch(net: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor):
-    first = blocks[0]
-    blocks[0] = _Catcher(first)
+    """(hidden states entering block 0, [(args, kwargs) of each block]) for ``ids``: the
+    arguments other than the hidden states do not depend on the blocks' weights."""
+    originals = list(blocks)
+    catchers = [_Catcher(block, i == len(originals) - 1) for i, block in enumerate(originals)]
+    for i, catcher in enumerate(catchers):
+        blocks[i] = catcher
     try:
         kwargs = {"use_cache": False} if "use_cache" in inspect.signature(net.forward).parameters else {}
         with torch.inference_mode():
             net(ids, **kwargs)
-    except _Caught as caught:
-        return caught.inputs
+    except _Caught:
+        pass
     finally:
-        blocks[0] = first
-    raise BitallocError(f"the model never called its first block ({type(first).__name__})")
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if any(catcher.inputs is None for catcher in catchers):
+        raise BitallocError(f"the model never called all its blocks ({type(originals[0]).__name__})")
+    return catchers[0].inputs[0], [catcher.inputs[1:] for catcher in catchers]
 
 
 def _hidden(output):
@@ -374,6 +389,7 @@ def runnable(model) -> Iterator[tuple[nn.Module, Callable | None, str | None]]:
             warnings.simplefilter("ignore")
             source.write_config(Path(folder))
         net = build_skeleton(folder, source.name)
+        match_checkpoint(net, source.tensor_names())
         yield net.eval(), source.load_tensor, folder
 
 
@@ -480,9 +496,9 @@ def run_model(
         for hook in hooks:
             hook.remove()
     _release(loaded)
-    extras = [(args, kwargs) for _, args, kwargs in caught]
+    extras = [per_block for _, per_block in caught]
     first = _first_blocks(variants, start, len(blocks))
-    hidden = {variant: [h for h, _, _ in caught] for variant in variants if first[variant] == 0}
+    hidden = {variant: [h for h, _ in caught] for variant in variants if first[variant] == 0}
     del caught
     as_tuple = False
     for index, block in enumerate(blocks):
@@ -497,7 +513,8 @@ def run_model(
                 undo = prepare(variant, f"{blocks_name}.{index}.", block) if prepare is not None else None
                 try:
                     with torch.inference_mode():
-                        for i, (args, kwargs) in enumerate(extras):
+                        for i, per_block in enumerate(extras):
+                            args, kwargs = per_block[index]
                             output = block(hidden[variant][i], *args, **kwargs)
                             as_tuple = isinstance(output, (tuple, list))
                             hidden[variant][i] = _hidden(output)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,7 +248,7 @@ def collect_statistics(
     last = max(by_block)
     for index in range(last + 1):
         names = by_block.get(index, [])
-        collector = _Collector(net, names, covariance)
+        collector = _Collector(net, names, covariance, windows=len(input_ids))
         runner.step(index, collector.hooks if names else None)
         if not quiet:
             print(f"calibrated block {index + 1}/{last + 1}", flush=True)
@@ -292,7 +294,7 @@ class BlockStepper:
         while self.runner.next < index:  # blocks without planned matrices: only advance the states
             self.runner.step(self.runner.next)
         names = [m for m in self.modules if self.runner.block_of(m) == index]
-        collector = _Collector(self.net, names, self.calibrator.covariance)
+        collector = _Collector(self.net, names, self.calibrator.covariance, windows=len(self.calibrator.ids))
         self.runner.step(index, collector.hooks if names else None, materialized=True)
         return collector.result() if names else {}
 
@@ -301,8 +303,8 @@ class _Collector:
     """Forward pre-hooks on a block's named Linears accumulating Σx² (h) or XᵀX (H) in
     float64; `result` gives them divided by the token count, as float32."""
 
-    def __init__(self, net: nn.Module, names: Sequence[str], covariance: bool) -> None:
-        self.net, self.names, self.covariance = net, list(names), covariance
+    def __init__(self, net: nn.Module, names: Sequence[str], covariance: bool, windows: int = 0) -> None:
+        self.net, self.names, self.covariance, self.windows = net, list(names), covariance, windows
         self.state: dict = {"sums": {}, "counts": {}, "groups": {}, "seen": []}
 
     def hooks(self, block: nn.Module) -> list:
@@ -323,9 +325,27 @@ class _Collector:
 
     def result(self) -> dict[str, torch.Tensor]:
         state, found = self.state, {}
-        missing = [m for m in self.names if m not in (state["groups"] if self.covariance else state["sums"])]
-        if missing:
-            raise BitallocError(f"{missing[0]} never ran on the calibration tokens: no input statistics")
+        seen = state["groups"] if self.covariance else state["sums"]
+        missing = [m for m in self.names if m not in seen]
+        unrouted = [m for m in missing if is_expert(m)]  # a router sent it no calibration token
+        if len(unrouted) < len(missing):
+            first = next(m for m in missing if m not in unrouted)
+            raise BitallocError(f"{first} never ran on the calibration tokens: no input statistics")
+        if unrouted:  # planned on its weights: statistics flat, at its peers' level
+            means = {}
+            for name in [m for m in self.names if m in seen]:
+                key = state["groups"][name] if self.covariance else name
+                total = state["sums"][key].diagonal() if self.covariance else state["sums"][key]
+                means[name] = float(total.mean() / state["counts"][key])
+            for name in unrouted:
+                size, level = self.net.get_submodule(name).in_features, unrouted_level(name, means)
+                if self.covariance:
+                    state["sums"][name] = torch.eye(size, dtype=torch.float64) * level
+                    state["groups"][name] = name
+                else:
+                    state["sums"][name] = torch.full((size,), level, dtype=torch.float64)
+                state["counts"][name] = 1
+            warn_unrouted(unrouted, self.windows)
         if self.covariance:
             shared: dict[str, torch.Tensor] = {}
             for name in self.names:
@@ -338,6 +358,34 @@ class _Collector:
                 h = (state["sums"].pop(name) / state["counts"][name]).float().cpu()
                 found[name] = (h + DAMPING * h.mean()).contiguous()
         return found
+
+
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def is_expert(module: str) -> bool:
+    """True for one expert's matrix of a mixture-of-experts layer ("...mlp.experts.3.down_proj")."""
+    return bool(_EXPERT.search(module))
+
+
+def unrouted_level(module: str, means: dict[str, float]) -> float:
+    """The input power per channel that stands in for an expert matrix no calibration token
+    was routed to: the mean over the same matrix of the block's other experts (``means``:
+    module -> mean of its input's diagonal second moment), else 1. With a flat H (or h) at
+    that level, the matrix is decomposed and planned on its weights alone (the weight
+    objective), at the scale of its peers' errors."""
+    pattern = _EXPERT.sub(".experts.*.", module)
+    peers = [v for m, v in means.items() if m != module and _EXPERT.sub(".experts.*.", m) == pattern]
+    return sum(peers) / len(peers) if peers else 1.0
+
+
+def warn_unrouted(modules: Sequence[str], windows: int) -> None:
+    if modules:
+        warnings.warn(
+            f"{len(modules)} expert matrices received no calibration token in {windows} windows "
+            f"(first: {modules[0]}): planned on their weights; give more or more varied calibration text",
+            stacklevel=3,
+        )
 
 
 def calibrator_for(model, calibration: CalibrationSettings, objective: str) -> Calibrator | None:

@@ -284,11 +284,7 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
             elif column_weights is not None:
                 weighting = {"column_weights": torch.stack([column_weights[m] for m in batch])}
             for config in grid:
-                seeds = [module_seed(m, config) for m in batch]
-                outcome = loftq_batch(
-                    weights, config, settings["rank"], settings["iters"], lowrank=settings["lowrank"],
-                    seeds=seeds, keep_q=False, device=device, timings=timings, **weighting,
-                )  # fmt: skip
+                outcome = _loftq_fitting(weights, batch, config, settings, device, timings, weighting)
                 for module, result in zip(batch, outcome):
                     rows[module].append(_row(module, tuple(weights.shape[1:]), config, result, settings))
             for module, digest in zip(batch, digests):
@@ -305,6 +301,34 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
             release_freed_memory()
     if own_bar:
         bar.close()
+    return results
+
+
+def _loftq_fitting(weights, batch, config, settings, device, timings, weighting) -> list:
+    """`loftq_batch` for ``batch`` (names of ``weights``' matrices); when the GPU runs out of
+    memory, the batch again in halves, down to one matrix. A single matrix that does not fit
+    stops the run with one line: the matrices already finished are kept for a resume."""
+    try:
+        return loftq_batch(
+            weights, config, settings["rank"], settings["iters"], lowrank=settings["lowrank"],
+            seeds=[module_seed(m, config) for m in batch], keep_q=False, device=device,
+            timings=timings, **weighting,
+        )  # fmt: skip
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            shape = "x".join(map(str, weights.shape[1:]))
+            raise BitallocError(
+                f"{device} ran out of memory on {batch[0]} ({shape}, {config}): finished matrices are "
+                "kept when profiling to a file; run the same command again to resume, on a GPU with more "
+                "free memory or with --device cpu"
+            ) from None
+    half = len(batch) // 2
+    results = []
+    for part in (slice(0, half), slice(half, len(batch))):
+        halved = {key: value[part] for key, value in weighting.items()}
+        results += _loftq_fitting(weights[part], batch[part], config, settings, device, timings, halved)
     return results
 
 
