@@ -187,7 +187,8 @@ class QuantLinear(nn.Linear):
 
     def quantized(self) -> QuantizedTensor:
         """The packed weight as a `QuantizedTensor` (ValueError if a tensor has a wrong size)."""
-        return QuantizedTensor.from_tensors(dict(zip(PACKED_NAMES, self.packed())), self.config, self.shape)
+        parts = {part: getattr(self, part) for part in PACKED_NAMES if getattr(self, part, None) is not None}
+        return QuantizedTensor.from_tensors(parts, self.config, self.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) matrix Q, materialized on demand."""

@@ -149,7 +149,8 @@ def search_scales(
     Each candidate clips the range to ratio·absmax (`search_ratios`), takes the nearest
     codes c there, and refits the scale on them by least squares, s = Σhxc / Σhc², whose
     error is Σhx² - (Σhxc)²/Σhc²; the block keeps the best. The ratio 1 is a candidate, so
-    the error is never above absmax's (before the scale is stored). ``weights`` h broadcast
+    the error is never above absmax's before the scale is stored (for NF, up to the level
+    table of `_nearest_values`: measured ≤ 0.07% on rare blocks). ``weights`` h broadcast
     over ``blocks`` (None: 1). One pass over the matrix per candidate, no loop over blocks.
     """
     levels = codebook(config.method, config.bits, blocks.device)
