@@ -90,11 +90,12 @@ def quantize_scales(
 
 # The scale search's candidate clips, by method and bits, in units of the block's RMS: each
 # candidate clips the block's range (absmax, or half the min-max range) to ratio = min(1, κ·rms
-# / range); the ratio 1 (no clipping) is always a candidate. κ are the MSE-optimal clips of
-# Gaussian blocks of 64 (measured with a fine grid of ratios; bench_formats.py measures the result).
+# / range); the ratio 1 (no clipping) is always a candidate. κ minimize the error of Gaussian
+# blocks of 64 with the ratio 1 beside them (a grid of κ; more candidates gained < 4% and cost a
+# pass over the matrix each; bench_formats.py measures the result).
 SEARCH_CLIPS = {
-    "nf": {2: (1.40,), 3: (2.15, 1.80), 4: (2.75, 2.35), 8: ()},
-    "int": {2: (1.50,), 3: (2.00, 1.70), 4: (2.45, 2.10), 8: ()},
+    "nf": {2: (1.40,), 3: (2.00,), 4: (2.20,), 8: ()},
+    "int": {2: (1.50,), 3: (2.00,), 4: (2.35,), 8: ()},
 }
 SEARCH_CLIPS["uint"] = SEARCH_CLIPS["int"]
 
@@ -104,7 +105,7 @@ def search_ratios(blocks: torch.Tensor, half_range: torch.Tensor, config: QuantC
     clips = SEARCH_CLIPS[config.method][config.bits]
     if not clips:
         return [1.0]
-    rms = blocks.square().mean(-1).sqrt_()
+    rms = torch.linalg.vector_norm(blocks, dim=-1).mul_(blocks.shape[-1] ** -0.5)
     relative = torch.where(half_range > 0, rms / half_range.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     return [1.0, *((relative * kappa).clamp_(max=1.0) for kappa in clips)]
 
@@ -137,8 +138,18 @@ def _nearest_values(values: torch.Tensor, levels: torch.Tensor, method: str) -> 
     half = SEARCH_TABLE / 2
     grid = torch.linspace(-1.0, 1.0, SEARCH_TABLE + 1, device=values.device)
     table = levels.index_select(0, nearest_index(grid, levels).reshape(-1))
-    index = values.mul(half).add_(half).round_().clamp_(0, SEARCH_TABLE).long()
+    index = values.mul(half).add_(half).round_().clamp_(0, SEARCH_TABLE).to(torch.int32)
     return table.index_select(0, index.reshape(-1)).reshape(values.shape)
+
+
+def _table_values(blocks: torch.Tensor, inverse: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """`_nearest_values` of blocks·inverse for NF, with the scaling fused into one pass."""
+    half = SEARCH_TABLE / 2
+    grid = torch.linspace(-1.0, 1.0, SEARCH_TABLE + 1, device=blocks.device)
+    table = levels.index_select(0, nearest_index(grid, levels).reshape(-1))
+    start = torch.full((), half, device=blocks.device)
+    index = torch.addcmul(start, blocks, (inverse * half).unsqueeze(-1)).round_().clamp_(0, SEARCH_TABLE)
+    return table.index_select(0, index.to(torch.int32).reshape(-1)).reshape(blocks.shape)
 
 
 def search_scales(
@@ -166,11 +177,12 @@ def search_scales(
             # codes c' = half·c, integers (half-integers for even K) from one rounding: two passes
             # fewer than level values; the refit is s = half·Σhxc'/Σhc'²
             unit = half
-            codes = (blocks * (inverse * half).unsqueeze(-1)).add_(half).round_().clamp_(0, 2 * half)
+            start = torch.full((), half, device=blocks.device)
+            codes = torch.addcmul(start, blocks, (inverse * half).unsqueeze(-1)).round_().clamp_(0, 2 * half)
             codes.sub_(half)
         else:
             unit = 1.0
-            codes = _nearest_values(blocks * inverse.unsqueeze(-1), levels, config.method)
+            codes = _table_values(blocks, inverse, levels)
         cross = (weighted * codes).sum(-1)
         squares = codes.square_() if weights is None else codes.square_().mul_(weights)
         norm = squares.sum(-1)
