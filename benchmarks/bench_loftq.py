@@ -3,8 +3,10 @@
 The baseline, written here, is the paper's algorithm as published code does it: a full
 SVD of the residual every iteration and a dense (numel x levels) nearest-value search.
 Prints one row per (size, config): both times, the time ratio and the error ratio.
+``--search`` prints instead the cost of the ``-mse`` scale search: the same config with and
+without it (best of ``--repeat`` interleaved runs), the time ratio and both errors.
 
-    python benchmarks/bench_loftq.py [--sizes 2048,4096] [--device cpu|cuda]
+    python benchmarks/bench_loftq.py [--sizes 2048,4096] [--device cpu|cuda] [--search]
 """
 
 from __future__ import annotations
@@ -66,7 +68,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--search", action="store_true", help="time the -mse scale search instead")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if args.search:
+        search_cost(args)
+        return
 
     print(
         f"# bench_loftq  {datetime.date.today()}  {platform.machine()}  "
@@ -88,6 +95,38 @@ def main() -> None:
                 f"{size:>6} {text:>15} {base_time:>11.2f} {ours_time:>11.3f} "
                 f"{base_time / ours_time:>7.1f}x {base_err:>9.5f} {result.rel_error:>9.5f} "
                 f"{result.rel_error / base_err:>9.4f}",
+                flush=True,
+            )
+
+
+def search_cost(args) -> None:
+    """LoftQ time per matrix-config with and without the -mse scale search, same run, interleaved."""
+    print(
+        f"# bench_loftq --search  {datetime.date.today()}  {platform.machine()}  {os.cpu_count()} cpus  "
+        f"torch {torch.__version__}  threads {torch.get_num_threads()}  device {args.device}  "
+        f"rank {args.rank}, iters {args.iters}, best of {args.repeat}"
+    )
+    header = f"{'size':>6} {'config':>26} {'plain s':>8} {'-mse s':>8} {'ratio':>6} "
+    print(header + f"{'plain err':>9} {'-mse err':>9}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        weight = synthetic_weight(size, args.device)
+        for text in args.configs.split(","):
+            searched = str(QuantConfig.parse(text + "-mse"))
+            for config in (text, searched):
+                loftq(weight[:256, :256], config, rank=args.rank, iters=1)  # warm-up
+            times = {text: [], searched: []}
+            errors = {}
+            for _ in range(args.repeat):
+                for config in (text, searched):
+                    took, result = timed(
+                        loftq, weight, config, rank=args.rank, iters=args.iters, keep_q=False
+                    )
+                    times[config].append(took)
+                    errors[config] = result.rel_error
+            plain, mse = min(times[text]), min(times[searched])
+            print(
+                f"{size:>6} {searched:>26} {plain:>8.3f} {mse:>8.3f} {mse / plain:>6.2f} "
+                f"{errors[text]:>9.5f} {errors[searched]:>9.5f}",
                 flush=True,
             )
 

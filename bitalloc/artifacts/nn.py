@@ -26,7 +26,7 @@ from ..quant.blockwise import TORCH_DTYPES
 
 QUANT_FILE = "bitalloc_quant.json"  # which modules are packed, with which config
 QUANT_FORMAT = "bitalloc.quantized/v1"
-PACKED_NAMES = ("codes", "scales", "scales2")  # stored as "<module>.weight.<name>"
+PACKED_NAMES = ("codes", "scales", "scales2", "zeros")  # stored as "<module>.weight.<name>"
 # Weight files are named bitalloc-model*.safetensors, not model*.safetensors, so that
 # AutoModel.from_pretrained fails loudly instead of filling the packed layers at random.
 PACKED_STEM = "bitalloc-model"
@@ -101,19 +101,24 @@ class _PackedLinear(torch.autograd.Function):
 
 
 def packed_dtype(config: QuantConfig, part: str) -> torch.dtype:
-    """The dtype a packed part is stored in: uint8 codes, float or uint8 scales, float scales2."""
+    """The dtype a packed part is stored in: uint8 codes, float or uint8 scales, float scales2,
+    uint8 (integer) or float zero points."""
     if part == "codes" or (part == "scales" and config.quantized_scales):
         return torch.uint8
+    if part == "zeros":
+        return torch.uint8 if config.zero == "int" else TORCH_DTYPES[config.zero]
     return TORCH_DTYPES[config.second_level if part == "scales2" else config.scale_dtype]
 
 
 def _dequantize(config: QuantConfig, shape, packed, dtype: torch.dtype) -> torch.Tensor:
-    scales2 = packed[2] if len(packed) > 2 else None
-    return QuantizedTensor(config, shape, packed[0], packed[1], scales2).dequantize(dtype)
+    parts = dict(zip([p for p in PACKED_NAMES if p in config.storage_bits_parts(shape)], packed, strict=True))
+    return QuantizedTensor(
+        config, shape, parts["codes"], parts["scales"], parts.get("scales2"), parts.get("zeros")
+    ).dequantize(dtype)
 
 
 class QuantLinear(nn.Linear):
-    """A frozen Linear whose weight is stored packed (``codes``, ``scales``[, ``scales2``]).
+    """A frozen Linear whose weight is stored packed (``codes``, ``scales``[, ``scales2``][, ``zeros``]).
 
     ``weight`` is a `PackedWeight` stand-in with the right shape, dtype (the compute dtype)
     and device; the state dict holds ``codes``, ``scales``[, ``scales2``] and ``bias``, and
@@ -185,7 +190,8 @@ class QuantLinear(nn.Linear):
 
     def quantized(self) -> QuantizedTensor:
         """The packed weight as a `QuantizedTensor` (ValueError if a tensor has a wrong size)."""
-        return QuantizedTensor.from_tensors(dict(zip(PACKED_NAMES, self.packed())), self.config, self.shape)
+        parts = {part: getattr(self, part) for part in PACKED_NAMES if getattr(self, part, None) is not None}
+        return QuantizedTensor.from_tensors(parts, self.config, self.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) matrix Q, materialized on demand."""

@@ -150,12 +150,27 @@ def grid_notes(
     total = len(mats)
     nf = count((m for m in mats if m.config.method == "nf"), total)
     uniform = count((m for m in mats if m.config.method == "int"), total)
-    notes = [
-        f"levels -> {grid.levels} for all {total} matrices: {target} has no NormalFloat codebook (NF: {nf}) "
-        f"and its integer grid is not bitalloc's linspace(-1, 1, 2^k) (int: {uniform})"
-    ]
-    scale_formats = ", ".join(sorted({"s" + str(m.config).rsplit("-s", 1)[1] for m in mats}))
+    asymmetric = [m for m in mats if m.config.asymmetric]
+    symmetric = total - len(asymmetric)
+    notes = []
+    if symmetric:
+        which = f"all {total}" if symmetric == total else f"{symmetric} of {total}"
+        notes.append(
+            f"levels -> {grid.levels} for {which} matrices: {target} has no NormalFloat codebook (NF: {nf}) "
+            f"and its integer grid is not bitalloc's linspace(-1, 1, 2^k) (int: {uniform})"
+        )
+    if asymmetric:
+        notes.append(
+            f"asymmetric integer groups (uint: {count(asymmetric, total)}) -> {target}'s asymmetric mode "
+            "(sym=False), the same formula w = (q - z)·s"
+        )
+    scale_formats = ", ".join(sorted({"s" + m.config.scale_format + m.config.tail for m in mats}))
     notes.append(f"scales ({scale_formats}) -> {grid.scales}")
+    searched = [m for m in mats if m.config.search]
+    if searched:
+        notes.append(
+            f"-mse scale search ({count(searched, total)}): {target} chooses its own scales when it quantizes"
+        )
     if groups is not None:
         changed = [m for m in mats if groups[m.name] != m.config.block_size]
         if changed:
@@ -202,6 +217,11 @@ def finish(
 def packed_words(values: int, bits: int, word_bits: int = 32) -> int:
     """Bits taken by ``values`` codes of ``bits`` bits packed densely into ``word_bits``-bit words."""
     return math.ceil(values * bits / word_bits) * word_bits
+
+
+def symmetric(m: Matrix) -> bool:
+    """Whether the target's group is symmetric (no stored zero point used): all but uint configs."""
+    return not m.config.asymmetric
 
 
 def gptq_packed_bits(m: Matrix, g_idx: bool) -> int:

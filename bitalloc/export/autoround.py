@@ -6,7 +6,7 @@ quantizable layer and otherwise as a regex with ``re.search``; every key here is
 
 from __future__ import annotations
 
-from ._common import Grid, PlanLike, Translation, begin, finish, gptq_packed_bits, read_plan
+from ._common import Grid, PlanLike, Translation, begin, finish, gptq_packed_bits, read_plan, symmetric
 from ._plan import Plan, most_common
 
 TARGET = "autoround"
@@ -23,7 +23,7 @@ def translate(plan: Plan) -> Translation:
         layer_config[m.name] = {
             "bits": m.config.bits,
             "group_size": m.config.block_size,
-            "sym": True,
+            "sym": symmetric(m),
             "data_type": "int",
         }
     bits, group = most_common((m.config.bits, m.config.block_size) for m in mats)

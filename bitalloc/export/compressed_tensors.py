@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ._common import Grid, Matrix, PlanLike, Translation, begin, finish, packed_words, read_plan
+from ._common import Grid, Matrix, PlanLike, Translation, begin, finish, packed_words, read_plan, symmetric
 from ._plan import Plan
 
 TARGET = "compressed-tensors"
@@ -20,29 +20,37 @@ VLLM_WNA16_BITS = (4, 8)
 
 def storage_bits(m: Matrix) -> int:
     """pack-quantized: int32-packed rows (``weight_packed``), 16-bit ``weight_scale`` per group and
-    the int64 ``weight_shape`` pair."""
+    the int64 ``weight_shape`` pair; asymmetric groups add ``weight_zero_point``, packed to int32
+    along the rows."""
     groups = math.ceil(m.columns / m.config.block_size)
-    return m.rows * packed_words(m.columns, m.config.bits) + m.rows * groups * 16 + 2 * 64
+    zeros = 0 if symmetric(m) else groups * packed_words(m.rows, m.config.bits)
+    return m.rows * packed_words(m.columns, m.config.bits) + m.rows * groups * 16 + 2 * 64 + zeros
+
+
+def _group_order(item: tuple) -> tuple:
+    """Config groups in (bits, group size) order, symmetric first (the order before uint existed)."""
+    (bits, group, sym), _ = item
+    return (bits, group, not sym)
 
 
 def translate(plan: Plan) -> Translation:
     """The ``quantization_config`` for ``plan``, with notes and pack-quantized bits/param."""
     mats, notes = begin(plan, TARGET, GRID)
-    targets: dict[tuple[int, int], list[str]] = {}
+    targets: dict[tuple[int, int, bool], list[str]] = {}
     for m in mats:
-        targets.setdefault((m.config.bits, m.config.block_size), []).append(m.name)
+        targets.setdefault((m.config.bits, m.config.block_size, symmetric(m)), []).append(m.name)
     config_groups = {
         f"group_{index}": {
             "targets": names,
             "weights": {
                 "num_bits": bits,
                 "type": "int",
-                "symmetric": True,
+                "symmetric": sym,
                 "strategy": "group",
                 "group_size": group,
             },
         }
-        for index, ((bits, group), names) in enumerate(sorted(targets.items()))
+        for index, ((bits, group, sym), names) in enumerate(sorted(targets.items(), key=_group_order))
     }
     unserved = [m for m in mats if m.config.bits not in VLLM_WNA16_BITS]
     if unserved:

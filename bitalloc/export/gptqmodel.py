@@ -7,7 +7,17 @@ in dict order; the first match wins. Keys here are anchored exact names, kept mo
 
 from __future__ import annotations
 
-from ._common import Grid, PlanLike, Translation, anchored, begin, finish, gptq_packed_bits, read_plan
+from ._common import (
+    Grid,
+    PlanLike,
+    Translation,
+    anchored,
+    begin,
+    finish,
+    gptq_packed_bits,
+    read_plan,
+    symmetric,
+)
 from ._plan import Plan, most_common
 
 TARGET = "gptqmodel"
@@ -17,18 +27,18 @@ GRID = Grid("symmetric GPTQ integer levels", "an fp16 scale and a packed zero po
 def translate(plan: Plan) -> Translation:
     """The ``QuantizeConfig`` keyword arguments for ``plan``, with notes and GPTQ's bits/param."""
     mats, notes = begin(plan, TARGET, GRID)
-    base = most_common((m.config.bits, m.config.block_size) for m in mats)
+    base = most_common((m.config.bits, m.config.block_size, symmetric(m)) for m in mats)
     dynamic: dict[str, dict] = {f"-:{anchored(name)}": {} for name in plan.kept}
     for m in mats:
-        if (m.config.bits, m.config.block_size) != base:
-            override = {"bits": m.config.bits, "group_size": m.config.block_size, "sym": True}
+        if (m.config.bits, m.config.block_size, symmetric(m)) != base:
+            override = {"bits": m.config.bits, "group_size": m.config.block_size, "sym": symmetric(m)}
             dynamic[f"+:{anchored(m.name)}"] = override
     notes.append(
         f"base bits={base[0]}, group_size={base[1]} (the most common); '+:' overrides for the other "
         f"{len(dynamic) - len(plan.kept)} matrices; kept modules as '-:' keys ({len(plan.kept)}), listed "
         "first: GPTQModel takes the first matching key in dict order"
     )
-    payload = {"bits": base[0], "group_size": base[1], "sym": True, "dynamic": dynamic}
+    payload = {"bits": base[0], "group_size": base[1], "sym": base[2], "dynamic": dynamic}
     translation = finish(plan, mats, notes, TARGET, lambda m: gptq_packed_bits(m, g_idx=True), payload)
     # QuantizeConfig keeps `meta` and saves it in quantize_config.json: the notes travel with the model
     payload["meta"] = {"bitalloc": {"notes": translation.notes, "target_bits": translation.target_bits}}

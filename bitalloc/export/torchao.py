@@ -34,14 +34,15 @@ INTX_WEIGHT_ONLY_VERSION = 2
 PER_GROUP_VERSION = 1
 
 
-def assignments(plan: Plan) -> dict[str, tuple[int, int] | None]:
-    """Module name -> (bits, group size) for torchao, ``None`` for kept modules.
+def assignments(plan: Plan) -> dict[str, tuple[int, int, str] | None]:
+    """Module name -> (bits, group size, mapping type) for torchao, ``None`` for kept modules.
 
     torchao needs the group size to divide the row, so a block that does not gets the largest
-    group that does."""
-    config: dict[str, tuple[int, int] | None] = dict.fromkeys(plan.kept)
+    group that does; uint configs map to ASYMMETRIC, the others to SYMMETRIC."""
+    config: dict[str, tuple[int, int, str] | None] = dict.fromkeys(plan.kept)
     for m in matrices(plan):
-        config[m.name] = (m.config.bits, divisor_group(m.config.block_size, m.columns))
+        mapping = "ASYMMETRIC" if m.config.asymmetric else "SYMMETRIC"
+        config[m.name] = (m.config.bits, divisor_group(m.config.block_size, m.columns), mapping)
     return config
 
 
@@ -50,7 +51,7 @@ def storage_bits(m: Matrix, group: int) -> int:
     return m.numel * 8 + m.rows * (m.columns // group) * (SCALE_BITS + 8)
 
 
-def _config_dict(bits: int, group: int) -> dict:
+def _config_dict(bits: int, group: int, mapping: str = "SYMMETRIC") -> dict:
     """One ``IntxWeightOnlyConfig`` in torchao's ``config_to_dict`` form (defaults left out)."""
     return {
         "_type": "IntxWeightOnlyConfig",
@@ -62,7 +63,7 @@ def _config_dict(bits: int, group: int) -> dict:
                 "_version": PER_GROUP_VERSION,
                 "_data": {"group_size": group},
             },
-            "mapping_type": {"_type": "MappingType", "_data": "SYMMETRIC"},
+            "mapping_type": {"_type": "MappingType", "_data": mapping},
             "intx_packing_format": {"_type": "IntxPackingFormat", "_data": "UNPACKED_TO_INT8"},
         },
     }
@@ -113,7 +114,7 @@ def to_torchao(plan: PlanLike) -> FqnToConfig:
         else IntxWeightOnlyConfig(
             weight_dtype=getattr(torch, f"int{value[0]}"),
             granularity=PerGroup(value[1]),
-            mapping_type=MappingType.SYMMETRIC,
+            mapping_type=getattr(MappingType, value[2]),
             intx_packing_format=IntxPackingFormat.UNPACKED_TO_INT8,
         )
         for name, value in assignments(plan).items()

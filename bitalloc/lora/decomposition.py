@@ -50,6 +50,8 @@ class LoftQResult:
     weighted_error: float | None = None  # ||(W - Q - B A) diag(sqrt h)||_F^2 (or ·L with H) when given
     weighted_errors: list[float] | None = None
     q_input: torch.Tensor | None = field(default=None, repr=False)  # W - (previous B A)
+    # per-column weights of the -mse scale search (h, or diag of H + λI), to rebuild the same Q
+    search_weights: torch.Tensor | None = field(default=None, repr=False)
     _q: QuantizedTensor | None = field(default=None, repr=False)
 
     @property
@@ -63,7 +65,7 @@ class LoftQResult:
         if self._q is None:
             if self.q_input is None:
                 raise ValueError("this result was computed without keeping Q (keep_q=False)")
-            self._q = QuantizedTensor.from_weight(self.q_input, self.config)
+            self._q = QuantizedTensor.from_weight(self.q_input, self.config, self.search_weights)
             self.q_input = None
         return self._q
 
@@ -363,6 +365,13 @@ def _loftq_batch(
         h = column_weights.to(device=device, dtype=torch.float32).expand(batch, cols)
         sqrt_h = h.sqrt().unsqueeze(1)  # (b, 1, in)
     weighted = sqrt_h is not None or factor is not None
+    # the -mse scale search weighs each block's error per input column: h, or diag(L Lᵀ) = diag(H + λI)
+    search_weights = None
+    if config.search and weighted:
+        search_weights = h if sqrt_h is not None else factor.square().sum(-1)
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, config, search_weights)
 
     def weigh(x: torch.Tensor) -> torch.Tensor:
         """x·diag(√h), or x·L with L Lᵀ = H + λI: the weighted (output) error's matrix."""
@@ -388,7 +397,7 @@ def _loftq_batch(
     clock = _Clock(timings, device)
     q_input = weight
     with clock("quantize"):
-        residual = weight - fake_quantize(weight, config)
+        residual = weight - quantize(weight)
     qlora_sq = sq_norm(residual)
     err_sq = [qlora_sq]
     # the weighted residual: the error's matrix and the next low-rank step's target (with a
@@ -441,7 +450,7 @@ def _loftq_batch(
         if step < iters:
             q_input = weight - low
             with clock("quantize"):
-                residual = weight - fake_quantize(q_input, config)
+                residual = weight - quantize(q_input)
             weighted_residual = weigh(residual) if weighted else residual
 
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
@@ -469,6 +478,7 @@ def _loftq_batch(
                 weighted_error=None if werr_table is None else float(werr_table[i, k]),
                 weighted_errors=None if werr_table is None else _relative(werr_table[i], wnorms[i]),
                 q_input=best_q_input[i] if keep_q else None,
+                search_weights=None if search_weights is None else search_weights[i].clone(),
             )
         )
     return results

@@ -63,8 +63,9 @@ class ProfileSettings:
         if self.configs:
             texts = list(self.configs)
         else:
-            texts = [
+            texts = [  # uint (asymmetric) groups store a bits-wide integer zero point in the grid
                 f"{method}{bits}-b{block}-s{str(scale).removeprefix('s')}"
+                + (f"-z{bits}" if method == "uint" else "")
                 for method in self.methods
                 for bits in self.bits
                 for block in self.block_sizes

@@ -18,7 +18,9 @@ class QuantizedTensor:
 
     ``codes``: uint8, packed ``bits``-bit codes of the zero-padded (out, blocks*B0) matrix.
     ``scales``: float scales (out, blocks) in the config's dtype, or uint8 packed
-    ``scale_bits`` codes; ``scales2``: second-level scales (groups,) or None.
+    ``scale_bits`` codes; ``scales2``: second-level scales (groups,) or None; ``zeros``
+    (asymmetric configs): the zero points, uint8 packed ``bits``-bit integers or floats
+    (out, blocks) in the scale's dtype.
     """
 
     config: QuantConfig
@@ -26,15 +28,18 @@ class QuantizedTensor:
     codes: torch.Tensor
     scales: torch.Tensor
     scales2: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, config: QuantConfig | str) -> QuantizedTensor:
-        """Quantize and pack one 2-D matrix."""
+    def from_weight(
+        cls, weight: torch.Tensor, config: QuantConfig | str, column_weights: torch.Tensor | None = None
+    ) -> QuantizedTensor:
+        """Quantize and pack one 2-D matrix (``column_weights``: see `quantize`)."""
         config = QuantConfig.parse(config)
         check_matrix(weight)
         if weight.dim() != 2:
             raise ValueError(f"expected one 2-D matrix, got shape {tuple(weight.shape)}")
-        parts = quantize(weight, config)
+        parts = quantize(weight, config, column_weights)
         return cls.from_block_codes(parts, config, tuple(weight.shape))
 
     @classmethod
@@ -43,7 +48,11 @@ class QuantizedTensor:
         if config.quantized_scales:
             scales = pack_bits(parts.scale_codes, config.scale_bits)
             return cls(config, shape, codes, scales, parts.scales2.reshape(-1).clone())
-        return cls(config, shape, codes, parts.stored_scales.reshape(shape[0], -1).clone())
+        zeros = None
+        if config.asymmetric:
+            zeros = parts.zeros.reshape(shape[0], -1)
+            zeros = pack_bits(zeros, config.bits) if config.zero == "int" else zeros.clone()
+        return cls(config, shape, codes, parts.stored_scales.reshape(shape[0], -1).clone(), None, zeros)
 
     @property
     def blocks_per_row(self) -> int:
@@ -66,17 +75,30 @@ class QuantizedTensor:
         rows, padded = self.shape[0], self.blocks_per_row * self.config.block_size
         return unpack_bits(self.codes, self.config.bits, rows * padded).reshape(rows, padded)
 
+    def zero_values(self) -> torch.Tensor | None:
+        """The stored zero points (out, blocks_per_row): uint8 integers or floats; None if symmetric."""
+        if not self.config.asymmetric:
+            return None
+        rows, per_row = self.shape[0], self.blocks_per_row
+        if self.config.zero == "int":
+            return unpack_bits(self.zeros, self.config.bits, rows * per_row).reshape(rows, per_row)
+        return self.zeros.reshape(rows, per_row)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) matrix Q these codes and scales stand for."""
-        values = dequantize_codes(self.unpacked_codes(), self.scale_values(), self.config, self.shape[1])
+        values = dequantize_codes(
+            self.unpacked_codes(), self.scale_values(), self.config, self.shape[1], self.zero_values()
+        )
         return values.to(dtype)
 
     # ---- storage --------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors by suffix (``codes``, ``scales``[, ``scales2``])."""
+        """The stored tensors by suffix (``codes``, ``scales``[, ``scales2``][, ``zeros``])."""
         out = {"codes": self.codes, "scales": self.scales}
         if self.scales2 is not None:
             out["scales2"] = self.scales2
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
         return out
 
     @classmethod
@@ -87,14 +109,19 @@ class QuantizedTensor:
         config = QuantConfig.parse(config)
         shape = (int(shape[0]), int(shape[1]))
         expected = config.storage_bits_parts(shape)
-        item = cls(config, shape, tensors["codes"], tensors["scales"], tensors.get("scales2"))
+        item = cls(
+            config, shape, tensors["codes"], tensors["scales"], tensors.get("scales2"), tensors.get("zeros")
+        )
         for name, tensor in item.tensors().items():
+            if name not in expected:
+                raise ValueError(f"a {config} matrix stores no {name}")
             want = expected[name]
             got = tensor.numel() * tensor.element_size() * 8
-            if name == "codes" or (name == "scales" and config.quantized_scales):
+            packed = name == "codes" or (name == "scales" and config.quantized_scales)
+            if packed or (name == "zeros" and config.zero == "int"):
                 ok = tensor.dtype == torch.uint8 and got == math.ceil(want / 8) * 8
             else:
-                dtype = config.second_level if name == "scales2" else config.scale_dtype
+                dtype = {"scales2": config.second_level, "zeros": config.zero}.get(name, config.scale_dtype)
                 ok = tensor.dtype == TORCH_DTYPES[dtype] and got == want
             if not ok:
                 raise ValueError(
@@ -103,6 +130,8 @@ class QuantizedTensor:
                 )
         if config.quantized_scales != (item.scales2 is not None):
             raise ValueError(f"{config} {'needs' if config.quantized_scales else 'has no'} scales2")
+        if config.asymmetric and item.zeros is None:
+            raise ValueError(f"{config} needs zeros")
         return item
 
     @property
@@ -111,4 +140,6 @@ class QuantizedTensor:
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         moved = {k: v.to(device) for k, v in self.tensors().items()}
-        return QuantizedTensor(self.config, self.shape, moved["codes"], moved["scales"], moved.get("scales2"))
+        return QuantizedTensor(
+            self.config, self.shape, moved["codes"], moved["scales"], moved.get("scales2"), moved.get("zeros")
+        )
