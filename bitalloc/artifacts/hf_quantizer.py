@@ -244,6 +244,14 @@ def _build_classes() -> tuple[type, type]:
             if self.stored is None and files:  # the folder was not known before: check the files now
                 self.stored = check_files(Path(files[0]).parent, [Path(f) for f in files],
                                           self.quantization_config.modules)  # fmt: skip
+            if self.stored is not None and needs_layout(model, self.stored):
+                # transformers would load these (renamed modules, fused experts) through its own
+                # weight conversions, which know nothing of packed tensors
+                raise BitallocError(
+                    "this model's checkpoint layout differs from transformers' (renamed modules or "
+                    "mixture-of-experts experts stored one Linear each): load it with "
+                    "bitalloc.load_quantized(path)"
+                )
             for name, entry in self.quantization_config.modules.items():
                 rows, cols = entry["shape"]
                 try:
@@ -381,3 +389,26 @@ def check_files(folder, files: list[Path], modules: dict[str, dict]) -> set[str]
     if extra:
         raise BitallocError(f"{folder}: {extra[0]} is stored packed but quantization_config does not list it")
     return set(entries)
+
+
+def needs_layout(model, stored) -> bool:
+    """Whether ``model`` (as transformers builds it, on the meta device) must be renamed or
+    unfused to carry the names of the packed checkpoint tensors ``stored`` (`checkpoints.layout`)."""
+    import copy
+
+    from ..checkpoints.layout import match_checkpoint
+
+    before = {name for name, _ in model.named_modules()}
+    probe = match_checkpoint(copy.deepcopy(model), _weight_names(stored))
+    return {name for name, _ in probe.named_modules()} != before
+
+
+def _weight_names(stored) -> list[str]:
+    """Checkpoint tensor names with each packed part (``X.weight.codes``...) read as ``X.weight``."""
+    from .nn import PACKED_NAMES
+
+    names = []
+    for name in stored:
+        stem, _, part = name.rpartition(".")
+        names.append(stem if part in PACKED_NAMES and stem.endswith(".weight") else name)
+    return names

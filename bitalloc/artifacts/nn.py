@@ -288,7 +288,7 @@ def load_quantized(
     available); any other keyword (``device_map``, ``low_cpu_mem_usage``, ``max_memory``,
     ``offload_folder``...) goes to ``from_pretrained``. Attach the LoRA adapter with
     ``PeftModel.from_pretrained``."""
-    from .hf_quantizer import check_folder, register
+    from .hf_quantizer import check_folder, needs_layout, register
 
     check_path(path, "path (an OUT/quantized folder)")
     register()
@@ -300,18 +300,32 @@ def load_quantized(
         )
     check_folder(path, info["modules"], info["weights"])
     dtype = from_pretrained_kwargs.pop("torch_dtype", dtype)
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device is not None:
-        if "device_map" in from_pretrained_kwargs:
-            raise BitallocError("load_quantized: give device or device_map, not both")
-        from_pretrained_kwargs["device_map"] = {"": str(device)}
     from transformers import AutoConfig
 
     try:
         hf_config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises many types for a bad config
         raise BitallocError(f"{path}: cannot read config.json ({type(exc).__name__}: {exc})") from None
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    skeleton = build_skeleton(path, str(path))
+    if needs_layout(skeleton, [n for file in packed_files(path) for n in read_header(file)]):
+        # renamed modules or one Linear per MoE expert: bitalloc's own reader lays the model out
+        # as its checkpoint (transformers' weight conversions know nothing of packed tensors)
+        if set(from_pretrained_kwargs) - {"low_cpu_mem_usage"}:
+            raise BitallocError(
+                f"{path}: a model whose layout bitalloc changes (mixture-of-experts experts, renamed "
+                f"modules) loads with device= and dtype= only, not {sorted(from_pretrained_kwargs)}"
+            )
+        from safetensors.torch import load_file
+
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+        model = _assemble(path, torch_dtype, load_file).to(torch_dtype)
+        return (model.to(device) if device is not None else model).eval()
+    if device is not None:
+        if "device_map" in from_pretrained_kwargs:
+            raise BitallocError("load_quantized: give device or device_map, not both")
+        from_pretrained_kwargs["device_map"] = {"": str(device)}
     model = model_class(hf_config).from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
     return model.eval()
 

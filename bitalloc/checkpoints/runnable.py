@@ -146,7 +146,7 @@ class BlockRunner:
             shape = tuple(input_ids.shape)
             raise BitallocError(f"no tokens to run the model on (token ids of shape {shape})")
         batch = max(1, batch_tokens // input_ids.shape[1])
-        loaded: list[tuple[nn.Module, str]] = []
+        loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
         inside = {id(m) for m in self.blocks.modules()}
         outside = [m for m in net.modules() if id(m) not in inside]
         handles = [
@@ -180,7 +180,7 @@ class BlockRunner:
         if index != self.next:
             raise BitallocError(f"block {index} cannot run before block {self.next}")  # a bug if reached
         block = self.blocks[index]
-        loaded: list[tuple[nn.Module, str]] = []
+        loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
         if not materialized:
             _materialize(block, self.prefix(index), self.load, loaded)
         try:
@@ -314,8 +314,8 @@ def _load_into(module: nn.Module, name: str, key: str, load, loaded: list) -> No
         raise BitallocError(
             f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model {tuple(param.shape)}"
         )
+    loaded.append((module, name, param))  # the meta parameter, put back on release
     module._parameters[name] = nn.Parameter(tensor.to(torch.float32), requires_grad=False)
-    loaded.append((module, name))
 
 
 def _materializer(net: nn.Module, load, loaded: list):
@@ -332,9 +332,8 @@ def _materializer(net: nn.Module, load, loaded: list):
 
 def _release(loaded: list) -> None:
     """Put parameters read from the checkpoint back on the meta device (frees their memory)."""
-    for module, name in loaded:
-        param = module._parameters[name]
-        module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+    for module, name, meta in loaded:  # the same meta object: tied parameters stay tied
+        module._parameters[name] = meta
     loaded.clear()
 
 
@@ -486,7 +485,7 @@ def run_model(
         head_load = load
     batches = [ids.to(device) for ids in batches]
     variants = list(variants)
-    loaded: list[tuple[nn.Module, str]] = []
+    loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
     inside = {id(m) for m in blocks.modules()}
     outside = [m for m in net.modules() if id(m) not in inside]
     hooks = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)]
@@ -547,7 +546,7 @@ def _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple
     """``net`` on each row with its blocks replaced by `_Replay`: the parts after the blocks."""
     originals = list(blocks)
     replays = [_Replay(block, first=i == 0, as_tuple=as_tuple) for i, block in enumerate(originals)]
-    loaded: list[tuple[nn.Module, str]] = []
+    loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
     inside = {id(m) for m in blocks.modules()}
     outside = [m for m in net.modules() if id(m) not in inside and _has_meta(m)]
     hooks = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside]
