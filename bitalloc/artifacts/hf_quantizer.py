@@ -284,7 +284,7 @@ def _build_classes() -> tuple[type, type]:
             from transformers.core_model_loading import WeightRenaming
 
             # On disk "<module>.weight.codes"; the module's buffer is "<module>.codes".
-            renames = [WeightRenaming(f"weight.{part}", part) for part in ("codes", "scales", "scales2")]
+            renames = [WeightRenaming(f"weight.{part}", part) for part in PACKED_NAMES]
             return super().update_weight_conversions(weight_conversions, model) + renames
 
         def _process_model_after_weight_loading(self, model, **kwargs):

@@ -583,8 +583,10 @@ class _EmbeddingMetric:
 
 def _input_files(model, plan: Plan, plan_info: dict, text, calibration) -> list:
     """Every file `evaluate` reads: the model's files (weights, config, tokenizer), the plan,
-    an applied folder's quantized backbone and adapter, the text and the calibration file."""
-    inputs = [*model_input_files(model), plan_info["path"], text, calibration, plan.calibration_file]
+    an applied folder's quantized backbone and adapter, the text and the calibration text
+    (given, or the one the plan records)."""
+    recorded = (plan.calibration or {}).get("text_path")
+    inputs = [*model_input_files(model), plan_info["path"], text, calibration, recorded]
     if plan_info["applied"]:
         inputs += [Path(plan_info["path"]) / "quantized", Path(plan_info["path"]) / "adapter"]
     return inputs
