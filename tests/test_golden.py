@@ -1,7 +1,7 @@
 """Golden outputs: the profile values, plan JSON and written tensors of two fixed runs (demo
 model weight-only via the API; SmolLM2's first two layers data-aware via the CLI) equal the
-recording in `tests/data/golden.json` (`benchmarks/golden_outputs.py`). A change of the numbers on purpose regenerates
-the file with it.
+recording in `tests/data/golden.json` (`benchmarks/golden_outputs.py`). A change of the
+numbers on purpose regenerates the file with it.
 
 What is exact by construction is compared exactly: module names, configs, storage bits,
 integers and strings of the plan (choices, shapes, bits, rank, iters), tensor names, dtypes
