@@ -1,4 +1,4 @@
-"""The CLI as a hostile user drives it, in subprocesses, from a table of cases.
+"""The CLI as a hostile user drives it, from a table of cases.
 
 Each case builds a folder (a tiny model, its profile and plan, and whatever the case
 breaks), runs one command there and checks the outcome it states:
@@ -9,16 +9,27 @@ breaks), runs one command there and checks the outcome it states:
 - ``ok``: exit 0 and the output loads.
 
 No case may print a Python traceback. See docs/reliability.md for the rules.
+
+``run`` drives ``bitalloc.cli.main`` in this process by default: the same argument parsing,
+error handling and exit codes as ``python -m bitalloc`` (whose ``__main__`` is only
+``sys.exit(main())``), without paying a Python + torch + transformers start-up per case.
+An exception that escapes ``main`` is printed as the interpreter would (a ``Traceback``)
+with exit 1, so the no-traceback assertions keep their meaning. ``test_subprocess_smoke``
+runs a few cases as real subprocesses, and ``BITALLOC_TEST_SUBPROCESS=1`` runs them all so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +44,17 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 FIRST = "model.layers.0.mlp.down_proj"  # the first matrix profiled (natural order)
 
 
+SUBPROCESS = os.environ.get("BITALLOC_TEST_SUBPROCESS") == "1"
+DISTRIBUTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def run(folder: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    """``bitalloc ARGS`` run in ``folder``: in this process, or a subprocess (see above)."""
+    return run_subprocess(folder, *args) if SUBPROCESS else run_in_process(folder, *args)
+
+
+def run_subprocess(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(DISTRIBUTED)}
     env["TRANSFORMERS_VERBOSITY"] = "error"
     env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
     return subprocess.run(
@@ -45,6 +65,34 @@ def run(folder: Path, *args: str) -> subprocess.CompletedProcess:
         env=env,
         timeout=300,
     )
+
+
+def run_in_process(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    from bitalloc.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(DISTRIBUTED)}
+    try:
+        os.chdir(folder)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            # a fresh interpreter's filters (mutating them also resets the once-per-location
+            # registries, so a warning shown in an earlier case is shown again)
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except BaseException:  # noqa: BLE001 - what the interpreter would print
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(cwd)
+        os.environ.update(hidden)
+    return subprocess.CompletedProcess(["bitalloc", *args], code, out.getvalue(), err.getvalue())
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
@@ -437,12 +485,26 @@ def _assert_no_adapter(folder: Path) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case: Case, base: Path, tmp_path: Path):
+    check_case(case, base, tmp_path, run)
+
+
+# one case of each outcome through a real ``python -m bitalloc`` (the in-process runner's twin)
+SMOKE = ["rank-negative", "zero-matrix"]
+
+
+@pytest.mark.parametrize("name", SMOKE)
+def test_subprocess_smoke(name: str, base: Path, tmp_path: Path):
+    (case,) = [c for c in CASES if c.name == name]
+    check_case(case, base, tmp_path, run_subprocess)
+
+
+def check_case(case: Case, base: Path, tmp_path: Path, runner) -> None:
     folder = tmp_path / "work"
     shutil.copytree(base, folder, symlinks=True)
     case.setup(folder)
     before = snapshot(folder)
     try:
-        result = run(folder, *case.args)
+        result = runner(folder, *case.args)
     finally:
         while LOCKS:
             LOCKS.pop().close()

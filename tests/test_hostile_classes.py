@@ -1,8 +1,8 @@
 """Classes of hostile input that used to end in a traceback, a lost or wrong result, or work
-thrown away, each driven through the CLI in a subprocess (the harness of
+thrown away, each driven through the CLI (the harness and runner of
 tests/test_bad_input.py: one ``bitalloc: error:`` line, exit 2, no traceback, the folder
-byte-for-byte unchanged, so nothing was started), plus in-process tests for what a
-subprocess cannot arrange (a full disk, counting profiler calls, tokenizer prefixes).
+byte-for-byte unchanged, so nothing was started), plus tests of what the command
+line cannot arrange (a full disk, counting profiler calls, tokenizer prefixes).
 See docs/reliability.md, "Hostile classes".
 """
 

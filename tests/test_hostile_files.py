@@ -1,4 +1,4 @@
-"""Files the user owns, driven through the CLI as a hostile user would (subprocesses).
+"""Files the user owns, driven through the CLI as a hostile user would.
 
 - Outputs never overwrite inputs: every command counts as inputs every file it reads,
   including the config and tokenizer beside a MODEL given as one .safetensors file, the
