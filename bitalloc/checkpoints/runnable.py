@@ -14,12 +14,14 @@ import contextlib
 import inspect
 import re
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from ..errors import BitallocError
 from . import GGUFSource, open_source
@@ -339,21 +341,24 @@ def _release(loaded: list) -> None:
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost); buffers stay real,
-    so computed non-persistent buffers such as rotary frequencies keep their values."""
-    register = nn.Module.register_parameter
+    """Parameters that this thread registers inside the block go on the meta device (no
+    memory, no init cost); buffers stay real, so computed non-persistent buffers such as
+    rotary frequencies keep their values. Tied parameters stay tied (a parameter already on
+    meta is registered as it is). Only the calling thread is affected: torch's parameter
+    registration hook is shared by the process, so it acts for this thread alone, and
+    modules built meanwhile by other threads keep real parameters."""
+    owner = threading.get_ident()
 
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
-            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or param.is_meta or threading.get_ident() != owner:
+            return None
+        return type(param)(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register_on_meta
+    handle = register_module_parameter_registration_hook(to_meta)
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        handle.remove()
 
 
 def model_class(config) -> type:
