@@ -11,6 +11,7 @@ model never sits whole in memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
 import tempfile
@@ -148,21 +149,9 @@ class BlockRunner:
             shape = tuple(input_ids.shape)
             raise BitallocError(f"no tokens to run the model on (token ids of shape {shape})")
         batch = max(1, batch_tokens // input_ids.shape[1])
-        loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
-        inside = {id(m) for m in self.blocks.modules()}
-        outside = [m for m in net.modules() if id(m) not in inside]
-        handles = [
-            m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)
-        ]
-        try:
-            # (hidden states, [(args, kwargs) of each block]) per batch: blocks get their own arguments
-            self.states = [
-                _catch(net, self.blocks, input_ids[i : i + batch]) for i in range(0, len(input_ids), batch)
-            ]
-        finally:
-            for handle in handles:
-                handle.remove()
-        _release(loaded)
+        # (hidden states, [(args, kwargs) of each block]) per batch: blocks get their own arguments
+        batches = [input_ids[i : i + batch] for i in range(0, len(input_ids), batch)]
+        self.states = _catch_inputs(net, self.blocks, batches, load)
         self.next = 0  # the block the states are the inputs of
 
     def prefix(self, index: int) -> str:
@@ -265,6 +254,21 @@ def _catch(net: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor):
     if any(catcher.inputs is None for catcher in catchers):
         raise BitallocError(f"the model never called all its blocks ({type(originals[0]).__name__})")
     return catchers[0].inputs[0], [catcher.inputs[1:] for catcher in catchers]
+
+
+def _catch_inputs(net: nn.Module, blocks: nn.ModuleList, batches: Sequence[torch.Tensor], load) -> list:
+    """`_catch` for each of ``batches``; the meta parameters outside the blocks (embeddings)
+    are read with ``load`` when they run and released after."""
+    loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
+    inside = {id(m) for m in blocks.modules()}
+    outside = [m for m in net.modules() if id(m) not in inside and _has_meta(m)]
+    hooks = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside]
+    try:
+        return [_catch(net, blocks, ids) for ids in batches]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        _release(loaded)
 
 
 def _hidden(output):
@@ -435,6 +439,7 @@ def load_tokenizer(folder: str | None, model):
         ) from None
 
 
+# shape: one entry point whose keyword options are the callers' hooks (eval, layer weights)
 def run_model(
     net: nn.Module,
     batches: Sequence[torch.Tensor],
@@ -474,64 +479,84 @@ def run_model(
     changes late blocks costs only those blocks, and holds no hidden states before them.
     """
     blocks_name, blocks = find_blocks(net, modules)
-    skeleton = any(p.is_meta for p in net.parameters())
-    if skeleton:
-        device = torch.device(device or "cpu")
-        for module in net.modules():
-            for name, buffer in list(module._buffers.items()):
-                if buffer is not None and not buffer.is_meta and buffer.device != device:
-                    module._buffers[name] = buffer.to(device)
-        base = _device_loader(load, device) if load is not None else None
-        twins = _twin_groups(net)
-        load = _twin_loader(twins, base) if base is not None else None
-        head_load = _twin_loader(twins, base, cache={}) if base is not None else None
-    else:
-        device = next((p.device for p in net.parameters()), torch.device("cpu"))
-        head_load = load
+    device, load, head_load = _run_loaders(net, load, device)
     batches = [ids.to(device) for ids in batches]
     variants = list(variants)
-    loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
-    inside = {id(m) for m in blocks.modules()}
-    outside = [m for m in net.modules() if id(m) not in inside]
-    hooks = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)]
-    try:
-        caught = [_catch(net, blocks, ids) for ids in batches]
-    finally:
-        for hook in hooks:
-            hook.remove()
-    _release(loaded)
-    extras = [per_block for _, per_block in caught]
+    caught = _catch_inputs(net, blocks, batches, load)
     first = _first_blocks(variants, start, len(blocks))
-    hidden = {variant: [h for h, _ in caught] for variant in variants if first[variant] == 0}
+    states = _VariantStates(
+        variants, first, {v: [h for h, _ in caught] for v in variants if first[v] == 0},
+        [per_block for _, per_block in caught], prepare, progress,
+    )  # fmt: skip
     del caught
-    as_tuple = False
     for index, block in enumerate(blocks):
-        for variant in variants:  # before the first variant runs this block
-            if first[variant] == index and variant not in hidden:
-                hidden[variant] = [h.clone() for h in hidden[variants[0]]]
+        states.start_at(index)
+        loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
         _materialize(block, f"{blocks_name}.{index}.", load, loaded)
         try:
-            for variant in variants:
-                if first[variant] > index:
-                    continue
-                undo = prepare(variant, f"{blocks_name}.{index}.", block) if prepare is not None else None
-                try:
-                    with torch.inference_mode():
-                        for i, per_block in enumerate(extras):
-                            args, kwargs = per_block[index]
-                            output = block(hidden[variant][i], *args, **kwargs)
-                            as_tuple = isinstance(output, (tuple, list))
-                            hidden[variant][i] = _hidden(output)
-                finally:
-                    if undo is not None:
-                        undo()
-                if progress is not None:
-                    progress()
+            states.run_block(index, f"{blocks_name}.{index}.", block)
         finally:
             _release(loaded)
     for variant in variants:  # differs at no block: the first variant's final states
-        hidden.setdefault(variant, hidden[variants[0]])
-    _run_heads(net, blocks, batches, hidden, variants, on_output, head_load, as_tuple, progress)
+        states.hidden.setdefault(variant, states.hidden[variants[0]])
+    _run_heads(net, blocks, batches, states, on_output, head_load)
+
+
+def _run_loaders(net: nn.Module, load, device) -> tuple[torch.device, Callable | None, Callable | None]:
+    """(device to run on, loader for the blocks, loader for what is outside them) for
+    `run_model`. A skeleton (meta parameters) runs on ``device``, its buffers moved there; its
+    loaders read a tied parameter absent from the checkpoint under its twin's name, and the
+    head's loader gives the names of one parameter the same tensor. A real model runs where
+    it is, with ``load`` as given."""
+    if not any(p.is_meta for p in net.parameters()):
+        return next((p.device for p in net.parameters()), torch.device("cpu")), load, load
+    device = torch.device(device or "cpu")
+    for module in net.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and not buffer.is_meta and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    if load is None:
+        return device, None, None
+    base = _device_loader(load, device)
+    twins = _twin_groups(net)
+    return device, _twin_loader(twins, base), _twin_loader(twins, base, cache={})
+
+
+@dataclasses.dataclass
+class _VariantStates:
+    """Each variant's hidden states of every batch, moved through the blocks by `run_model`."""
+
+    variants: list[str]
+    first: dict[str, int]  # the first block each variant runs
+    hidden: dict[str, list[torch.Tensor]]  # variant -> hidden states per batch
+    extras: list[list[tuple[tuple, dict]]]  # per batch: the (args, kwargs) of each block
+    prepare: Callable[[str, str, nn.Module], Callable[[], None] | None] | None
+    progress: Callable[[], None] | None
+    as_tuple: bool = False  # the blocks return tuples
+
+    def start_at(self, index: int) -> None:
+        """The variants that first differ at block ``index`` start from the first's states."""
+        for variant in self.variants:
+            if self.first[variant] == index and variant not in self.hidden:
+                self.hidden[variant] = [h.clone() for h in self.hidden[self.variants[0]]]
+
+    def run_block(self, index: int, prefix: str, block: nn.Module) -> None:
+        for variant in self.variants:
+            if self.first[variant] > index:
+                continue
+            undo = self.prepare(variant, prefix, block) if self.prepare is not None else None
+            try:
+                with torch.inference_mode():
+                    for i, per_block in enumerate(self.extras):
+                        args, kwargs = per_block[index]
+                        output = block(self.hidden[variant][i], *args, **kwargs)
+                        self.as_tuple = isinstance(output, (tuple, list))
+                        self.hidden[variant][i] = _hidden(output)
+            finally:
+                if undo is not None:
+                    undo()
+            if self.progress is not None:
+                self.progress()
 
 
 def _first_blocks(variants: list[str], start: Callable[[str], int] | None, blocks: int) -> dict[str, int]:
@@ -547,10 +572,10 @@ def _first_blocks(variants: list[str], start: Callable[[str], int] | None, block
     return first
 
 
-def _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple, progress) -> None:
+def _run_heads(net, blocks, batches, states: _VariantStates, on_output, load) -> None:
     """``net`` on each row with its blocks replaced by `_Replay`: the parts after the blocks."""
     originals = list(blocks)
-    replays = [_Replay(block, first=i == 0, as_tuple=as_tuple) for i, block in enumerate(originals)]
+    replays = [_Replay(block, first=i == 0, as_tuple=states.as_tuple) for i, block in enumerate(originals)]
     loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
     inside = {id(m) for m in blocks.modules()}
     outside = [m for m in net.modules() if id(m) not in inside and _has_meta(m)]
@@ -561,15 +586,15 @@ def _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple
             blocks[i] = replay
         for b, ids in enumerate(batches):
             for row in range(ids.shape[0]):
-                for variant in variants:
-                    replays[0].value = hidden[variant][b][row : row + 1]
+                for variant in states.variants:
+                    replays[0].value = states.hidden[variant][b][row : row + 1]
                     with torch.inference_mode():
                         output = net(ids[row : row + 1], **kwargs)
                     replays[0].value = None
                     on_output(b, row, variant, output)
                     del output
-                    if progress is not None:
-                        progress()
+                    if states.progress is not None:
+                        states.progress()
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
