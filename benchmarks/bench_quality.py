@@ -9,7 +9,7 @@ profile's error to 1e-4):
 - uniform: one config for every matrix, the fitting one with the lowest profiled error;
 - weight: the ILP plan minimizing sum ||W - Q - BA||^2 (weight-only profile; --weight);
 - activation: the ILP plan minimizing sum ||(W - Q - BA) diag(sqrt h)||^2 (the diagonal
-  objective, today's default until issue 13), re-measured in the same run;
+  objective), re-measured in the same run;
 - output: the ILP plan minimizing sum ||(W - Q - BA) L||^2, L L^T = H + λI (full input
   covariance), for calibration variants: tokens, damping λ;
 - output + layer weights: the same with per-matrix coefficients (`--coefficients`).

@@ -9,7 +9,7 @@ and dequantized values at sampled positions; per adapter matrix B·A at sampled 
 which does not depend on the sign of each singular pair). `tests/test_golden.py` runs the
 same function and compares: exactly what is exact by construction, floats and codes with
 tolerances measured across thread counts and CPU code paths (see that file). The profile
-values were recorded before the layout move of issue 9 and kept since; the plan and tensor
+values were recorded before the package layout move and kept since; the plan and tensor
 summaries were recorded later from outputs whose sha256 digests equalled that recording's.
 
     python benchmarks/golden_outputs.py > tests/data/golden.json

@@ -1,7 +1,7 @@
 """Golden outputs: the profile values, plan JSON and written tensors of two fixed runs (demo
 model weight-only via the API; SmolLM2's first two layers data-aware via the CLI) equal the
 recording in `tests/data/golden.json` (`benchmarks/golden_outputs.py`; profile values
-recorded before the layout move of issue 9). A change of the numbers on purpose regenerates
+recorded before the package layout move). A change of the numbers on purpose regenerates
 the file with it.
 
 What is exact by construction is compared exactly: module names, configs, storage bits,
@@ -123,7 +123,7 @@ def test_written_tensors_unchanged(outputs, key):
 
 
 def test_api_applies_its_own_data_aware_plan(tmp_path):
-    """The issue-9 path: data-aware profile -> plan -> save -> apply from the Python API alone
+    """The API path: data-aware profile -> plan -> save -> apply from the Python API alone
     gives the CLI's plan JSON and quantized tensors; the plan still applies after it is moved
     alone (apply computes its statistics again), and what it wrote loads with PEFT."""
     import shutil
