@@ -5,7 +5,7 @@ import threading
 import torch
 from torch import nn
 
-from bitalloc.checkpoints.runnable import parameters_on_meta
+from bitalloc.checkpoints.skeleton import parameters_on_meta
 
 
 class _Tied(nn.Module):
