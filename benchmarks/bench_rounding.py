@@ -1,6 +1,6 @@
 """Does H-aware rounding (GPTQ-style error feedback, block scales fixed beforehand) pay?
 
-Issue 13, item 4. The same SmolLM2-135M plans as `bench_quality.py` (output objective, the
+The same SmolLM2-135M plans as `bench_quality.py` (output objective, the
 profile of --variant in its work folder), rebuilt three ways and evaluated on the same two
 held-out texts:
 

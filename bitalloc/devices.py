@@ -36,7 +36,8 @@ def one_cpu_thread(device: torch.device | str = "cpu", when: bool = True) -> Ite
     """Run the body on one intra-op thread (CPU only, and only ``when``).
 
     Small and thin work loses to OpenMP spin-waiting on a busy machine; measured figures
-    are in docs/benchmarks.md (LoftQ section).
+    are in docs/benchmarks.md (LoftQ section). torch keeps one intra-op thread count per
+    process, so torch work of other threads also runs on one thread while the body runs.
     """
     previous = torch.get_num_threads()
     if not when or torch.device(device).type != "cpu" or previous == 1:

@@ -1,6 +1,6 @@
 """Tiny random models written to a temp dir, for tests (import as `from _models import ...`).
 
-Sizes follow STYLE.md: divisible by the usual block sizes, small enough to build in
+Sizes are divisible by the usual block sizes and small enough to build in
 milliseconds. Nothing is downloaded.
 """
 

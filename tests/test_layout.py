@@ -1,4 +1,4 @@
-"""The package layout rule (DESIGN.md, Layout): each package imports only packages before
+"""The package layout rule (docs/architecture.md): each package imports only packages before
 it, no import cycles, no ``_private`` name across a package line; the public surface."""
 
 import ast

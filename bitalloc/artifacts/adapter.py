@@ -13,8 +13,10 @@ rewrite off for such a model and checks that every target got its LoRA.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import threading
 from pathlib import Path
 
 from torch import nn
@@ -46,27 +48,59 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, **kwargs):
     return peft_model
 
 
+# While any thread is inside `_keep_per_expert_targets`, PEFT's two conversion functions are
+# wrappers that skip the conversion for the threads inside it (their depth in `_INSIDE`) and
+# call PEFT's own for every other thread; the last thread out puts PEFT's own back.
+_INSIDE = threading.local()
+_LOCK = threading.Lock()
+_ORIGINALS: dict[str, object] = {}  # name -> PEFT's function, while wrappers are installed
+_USERS = [0]  # threads inside, over all threads
+
+
 @contextlib.contextmanager
 def _keep_per_expert_targets():
-    """PEFT's v4 -> v5 MoE conversions (config and adapter tensors) as no-ops."""
+    """PEFT's v4 -> v5 MoE conversions (config and adapter tensors) as no-ops for the calling
+    thread while the body runs; other threads loading adapters meanwhile convert as usual."""
     try:
         from peft.utils import transformers_weight_conversion as conversion
     except ImportError:  # a PEFT without them: nothing to turn off
         yield
         return
-    names = ("convert_peft_config_for_transformers", "convert_peft_adapter_state_dict_for_transformers")
-    saved = {name: getattr(conversion, name) for name in names if hasattr(conversion, name)}
+    with _LOCK:
+        if _USERS[0] == 0:
+            _install(conversion)
+        _USERS[0] += 1
+    _INSIDE.depth = getattr(_INSIDE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _INSIDE.depth -= 1
+        with _LOCK:
+            _USERS[0] -= 1
+            if _USERS[0] == 0:
+                for name, function in _ORIGINALS.items():
+                    setattr(conversion, name, function)
+                _ORIGINALS.clear()
+
+
+def _install(conversion) -> None:
     replacements = {
         "convert_peft_config_for_transformers": _no_config_change,
         "convert_peft_adapter_state_dict_for_transformers": _same_state_dict,
     }
-    try:
-        for name in saved:
-            setattr(conversion, name, replacements[name])
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(conversion, name, function)
+    for name, replacement in replacements.items():
+        if hasattr(conversion, name):
+            _ORIGINALS[name] = original = getattr(conversion, name)
+            setattr(conversion, name, _for_threads_inside(original, replacement))
+
+
+def _for_threads_inside(original, replacement):
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        chosen = replacement if getattr(_INSIDE, "depth", 0) else original
+        return chosen(*args, **kwargs)
+
+    return call
 
 
 def _no_config_change(*args, **kwargs) -> None:

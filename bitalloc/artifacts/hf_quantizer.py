@@ -182,13 +182,17 @@ def _classes() -> tuple[type, type]:
 
 
 def _build_classes() -> tuple[type, type]:
-    import torch
-    from transformers.quantizers.base import HfQuantizer
+    config_class, quantizer_class = _config_class(), _quantizer_class()
+    config_class.__module__ = quantizer_class.__module__ = __name__
+    return config_class, quantizer_class
+
+
+def _config_class() -> type:
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     from ..errors import BitallocError
     from ..quant import QuantConfig
-    from .nn import PACKED_NAMES, QUANT_FORMAT, QuantLinear, replace_linear
+    from .nn import QUANT_FORMAT
 
     class BitallocConfig(QuantizationConfigMixin):
         """``quantization_config`` of a bitalloc folder: format, weights file, packed modules."""
@@ -213,6 +217,17 @@ def _build_classes() -> tuple[type, type]:
 
         def to_dict(self) -> dict:
             return quantization_config_dict(self.modules, self.weights)
+
+    return BitallocConfig
+
+
+# shape: the class subclasses transformers' HfQuantizer, imported only when it is first registered
+def _quantizer_class() -> type:
+    import torch
+    from transformers.quantizers.base import HfQuantizer
+
+    from ..errors import BitallocError
+    from .nn import PACKED_NAMES, QuantLinear
 
     class BitallocQuantizer(HfQuantizer):
         """Builds QuantLinears before loading; transformers' loader fills their packed buffers."""
@@ -252,26 +267,7 @@ def _build_classes() -> tuple[type, type]:
                     "mixture-of-experts experts stored one Linear each): load it with "
                     "bitalloc.load_quantized(path)"
                 )
-            for name, entry in self.quantization_config.modules.items():
-                rows, cols = entry["shape"]
-                try:
-                    old = model.get_submodule(name)
-                except AttributeError:
-                    raise BitallocError(f"quantization_config names {name}, which the model lacks") from None
-                if not isinstance(old, torch.nn.Linear) or (old.out_features, old.in_features) != (
-                    rows,
-                    cols,
-                ):
-                    raise BitallocError(
-                        f"quantization_config: {name} is {rows}x{cols} {entry['config']}, the model has "
-                        f"{type(old).__name__} {getattr(old, 'weight', torch.empty(0)).shape}"
-                    )
-                layer = QuantLinear(cols, rows, entry["config"], old.bias is not None, device="meta",
-                                    dtype=dtype, name=name)  # fmt: skip
-                if old.bias is not None and self.stored is not None and f"{name}.bias" not in self.stored:
-                    raise BitallocError(f"the checkpoint lacks {name}.bias")
-                layer._is_hf_initialized = True  # loaded, never initialized at random
-                replace_linear(model, name, layer)
+            _replace_linears(model, self.quantization_config.modules, self.stored, dtype)
             model.config.quantization_config = self.quantization_config
             return model
 
@@ -318,8 +314,34 @@ def _build_classes() -> tuple[type, type]:
         def is_qat_trainable(self) -> bool:
             return False
 
-    BitallocConfig.__module__ = BitallocQuantizer.__module__ = __name__
-    return BitallocConfig, BitallocQuantizer
+    return BitallocQuantizer
+
+
+def _replace_linears(model, modules: dict, stored: set[str] | None, dtype) -> None:
+    """Put an empty (meta) QuantLinear in place of every packed module's Linear, checked
+    against the model: transformers' loader then fills their packed buffers."""
+    import torch
+
+    from ..errors import BitallocError
+    from .nn import QuantLinear, replace_linear
+
+    for name, entry in modules.items():
+        rows, cols = entry["shape"]
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise BitallocError(f"quantization_config names {name}, which the model lacks") from None
+        if not isinstance(old, torch.nn.Linear) or (old.out_features, old.in_features) != (rows, cols):
+            raise BitallocError(
+                f"quantization_config: {name} is {rows}x{cols} {entry['config']}, the model has "
+                f"{type(old).__name__} {getattr(old, 'weight', torch.empty(0)).shape}"
+            )
+        layer = QuantLinear(cols, rows, entry["config"], old.bias is not None, device="meta",
+                            dtype=dtype, name=name)  # fmt: skip
+        if old.bias is not None and stored is not None and f"{name}.bias" not in stored:
+            raise BitallocError(f"the checkpoint lacks {name}.bias")
+        layer._is_hf_initialized = True  # loaded, never initialized at random
+        replace_linear(model, name, layer)
 
 
 def _save_pretrained(self, save_directory, *args, **kwargs):

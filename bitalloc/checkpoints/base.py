@@ -65,7 +65,7 @@ class Source(abc.ABC):
     _shapes: dict[str, tuple[int, int]]
     all_matrices: dict[str, tuple[int, int]]
     is_causal_lm: bool = False
-    # tensors a checkpoint writer leaves out (harmless extras: `runnable.unexpected_tensors`)
+    # tensors a checkpoint writer leaves out (harmless extras: `skeleton.unexpected_tensors`)
     dropped_tensors: frozenset[str] = frozenset()
 
     def modules(self) -> list[str]:

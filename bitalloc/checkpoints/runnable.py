@@ -1,105 +1,39 @@
-"""Running a checkpoint: its transformers skeleton on the meta device, and its blocks one at a time.
+"""Running a checkpoint's transformers model block by block, so that a large model never
+sits whole in memory.
 
-`runnable(model)` builds the model from the checkpoint's config with every parameter on
-the meta device (no memory) and returns a loader that reads parameters by name when they
-are needed. `run_blocks` runs such a model over token ids GPTQ-style: a "catcher" records
-the inputs of block 0, then each transformer block is materialized from the checkpoint,
-run on the cached hidden states (with the caller's hooks on it), and released, so a large
-model never sits whole in memory.
+`run_blocks` runs a model (usually the meta-device skeleton of `skeleton.runnable`) over
+token ids GPTQ-style: a "catcher" records the inputs of block 0, then each transformer
+block is materialized from the checkpoint, run on the cached hidden states (with the
+caller's hooks on it), and released. `run_model` runs the whole model that way, once per
+variant of it, up to its usual output.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import inspect
-import re
-import tempfile
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import BitallocError
-from . import GGUFSource, open_source
-from .layout import match_checkpoint
+
+# The skeleton and its checks live in `skeleton`; these names stay importable from here.
+from .skeleton import (  # noqa: F401
+    HARMLESS_EXTRAS,
+    TOKENIZER_FILES,
+    build_skeleton,
+    can_run,
+    check_linears,
+    load_tokenizer,
+    model_class,
+    parameters_on_meta,
+    runnable,
+    unexpected_tensors,
+)
 
 BATCH_TOKENS = 2048  # tokens per forward pass through a block
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
-
-
-def can_run(model) -> bool:
-    """True when ``model`` can be run on text: an HF folder with config.json and a tokenizer,
-    a GGUF file with tokenizer metadata, or an in-memory transformers model whose
-    ``config._name_or_path`` is such a folder. The demo model (None) is not."""
-    if isinstance(model, nn.Module):
-        where = getattr(getattr(model, "config", None), "_name_or_path", None)
-        return bool(where) and Path(where).is_dir() and can_run(where)
-    if model is None:
-        return False
-    path = Path(getattr(model, "path", model))
-    folder = path if path.is_dir() else path.parent
-    if path.suffix == ".gguf" or (path.is_file() and path.suffix != ".safetensors"):
-        try:
-            return GGUFSource(path, modules=[]).has_tokenizer()
-        except BitallocError:
-            return False
-    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
-    return (folder / "config.json").is_file() and has_tokenizer
-
-
-# Tensors old checkpoints hold that today's transformers computes instead and drops on load
-# (old llama/mistral checkpoints stored each layer's rotary inverse frequencies).
-HARMLESS_EXTRAS = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
-
-
-def unexpected_tensors(model, source) -> list[str]:
-    """Check every tensor of ``source`` (the checkpoint of ``model``) against the model built
-    from its config, before any work: the names of known-harmless extras that have no place
-    in it (`HARMLESS_EXTRAS`, the class's ``_keys_to_ignore_on_load_unexpected``: a writer
-    leaves them out); BitallocError for any other tensor without a place, or (safetensors)
-    one whose stored shape differs from the model's."""
-    with runnable(model) as (net, _, _):
-        shapes = {n: tuple(p.shape) for n, p in net.named_parameters(remove_duplicate=False)}
-        shapes.update((n, tuple(b.shape)) for n, b in net.named_buffers(remove_duplicate=False))
-        ignored = [re.compile(p) for p in getattr(net, "_keys_to_ignore_on_load_unexpected", None) or []]
-        kind = type(net).__name__
-    entries = getattr(source, "_entries", None) or {}
-    extras = []
-    for name in source.tensor_names():
-        if name in shapes:
-            entry = entries.get(name)
-            if entry is not None and tuple(entry.shape) != shapes[name]:
-                raise BitallocError(
-                    f"{source.name}: tensor {name} has shape {list(entry.shape)}, but {kind} built from "
-                    f"its config.json expects {list(shapes[name])}"
-                )
-        elif HARMLESS_EXTRAS.search(name) or any(p.search(name) for p in ignored):
-            extras.append(name)
-        else:
-            raise BitallocError(
-                f"{source.name}: tensor {name} has no place in {kind} built from its config.json: "
-                "is the config the checkpoint's own?"
-            )
-    return extras
-
-
-def check_linears(model, names: Sequence[str]) -> None:
-    """BitallocError naming the first of ``names`` that is not an ``nn.Linear`` in the model
-    built from the checkpoint's config (on the meta device: no memory, no weights read)."""
-    with runnable(model) as (net, _, _):
-        for name in names:
-            try:
-                module = net.get_submodule(name)
-            except AttributeError:
-                module = None
-            if not isinstance(module, nn.Linear):
-                kind = "nothing" if module is None else f"a {type(module).__name__}"
-                raise BitallocError(
-                    f"{name} is {kind} in the model, not a Linear layer: only Linear layers can be "
-                    "quantized and loaded (plan without it, e.g. --exclude it when profiling)"
-                )
 
 
 def run_blocks(
@@ -146,21 +80,9 @@ class BlockRunner:
             shape = tuple(input_ids.shape)
             raise BitallocError(f"no tokens to run the model on (token ids of shape {shape})")
         batch = max(1, batch_tokens // input_ids.shape[1])
-        loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
-        inside = {id(m) for m in self.blocks.modules()}
-        outside = [m for m in net.modules() if id(m) not in inside]
-        handles = [
-            m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)
-        ]
-        try:
-            # (hidden states, [(args, kwargs) of each block]) per batch: blocks get their own arguments
-            self.states = [
-                _catch(net, self.blocks, input_ids[i : i + batch]) for i in range(0, len(input_ids), batch)
-            ]
-        finally:
-            for handle in handles:
-                handle.remove()
-        _release(loaded)
+        # (hidden states, [(args, kwargs) of each block]) per batch: blocks get their own arguments
+        batches = [input_ids[i : i + batch] for i in range(0, len(input_ids), batch)]
+        self.states = _catch_inputs(net, self.blocks, batches, load)
         self.next = 0  # the block the states are the inputs of
 
     def prefix(self, index: int) -> str:
@@ -265,6 +187,21 @@ def _catch(net: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor):
     return catchers[0].inputs[0], [catcher.inputs[1:] for catcher in catchers]
 
 
+def _catch_inputs(net: nn.Module, blocks: nn.ModuleList, batches: Sequence[torch.Tensor], load) -> list:
+    """`_catch` for each of ``batches``; the meta parameters outside the blocks (embeddings)
+    are read with ``load`` when they run and released after."""
+    loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
+    inside = {id(m) for m in blocks.modules()}
+    outside = [m for m in net.modules() if id(m) not in inside and _has_meta(m)]
+    hooks = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside]
+    try:
+        return [_catch(net, blocks, ids) for ids in batches]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        _release(loaded)
+
+
 def _hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -337,99 +274,7 @@ def _release(loaded: list) -> None:
     loaded.clear()
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost); buffers stay real,
-    so computed non-persistent buffers such as rotary frequencies keep their values."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
-            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def model_class(config) -> type:
-    """The transformers class named in ``config.architectures`` (else the base AutoModel's)."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    names = [name for name in getattr(config, "architectures", None) or [] if isinstance(name, str)]
-    names.append(MODEL_MAPPING_NAMES.get(getattr(config, "model_type", ""), ""))
-    for name in names:
-        cls = getattr(transformers, name, None) if name else None
-        if cls is not None:
-            return cls
-    raise BitallocError(
-        f"no transformers model class for model type {getattr(config, 'model_type', None)!r}"
-    )
-
-
-@contextlib.contextmanager
-def runnable(model) -> Iterator[tuple[nn.Module, Callable | None, str | None]]:
-    """(module to run, loader of meta parameters or None, folder with tokenizer files or None)."""
-    if isinstance(model, nn.Module):
-        training = model.training
-        try:
-            yield model.eval(), None, None
-        finally:
-            model.train(training)
-        return
-    source = open_source(getattr(model, "path", model), modules=[])
-    with tempfile.TemporaryDirectory(prefix="bitalloc-run-") as folder:
-        with warnings.catch_warnings():  # e.g. a GGUF without tokenizer metadata: ids may be given
-            warnings.simplefilter("ignore")
-            source.write_config(Path(folder))
-        net = build_skeleton(folder, source.name)
-        match_checkpoint(net, source.tensor_names())
-        yield net.eval(), source.load_tensor, folder
-
-
-def build_skeleton(folder: str | Path, name: str) -> nn.Module:
-    """The transformers model that ``folder``'s config.json describes, every parameter on
-    the meta device; BitallocError (naming ``name``) when transformers cannot read the config
-    (no or an unknown ``model_type``, a value it refuses) or cannot build the model from it."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as exc:  # transformers raises ValueError, KeyError, OSError, ... for a bad config
-        detail = " ".join(str(exc).split(". ")[0].split()).replace(str(folder), "config.json")
-        raise BitallocError(
-            f"{name}: transformers cannot read its config.json ({type(exc).__name__}: {detail}); "
-            "it needs a model_type transformers knows"
-        ) from None
-    cls = model_class(config)
-    try:
-        with parameters_on_meta():
-            return cls(config)
-    except Exception as exc:  # a config whose values the model class refuses
-        detail = " ".join(str(exc).split())[:300]
-        raise BitallocError(f"{name}: cannot build {cls.__name__} from its config.json: {detail}") from None
-
-
-def load_tokenizer(folder: str | None, model):
-    from transformers import AutoTokenizer
-
-    where = folder
-    if where is None:
-        where = getattr(getattr(model, "config", None), "_name_or_path", None)
-    try:
-        return AutoTokenizer.from_pretrained(where)
-    except Exception as exc:  # transformers raises many types for a missing tokenizer
-        raise BitallocError(
-            f"no tokenizer to run {where or 'the model'} on text ({type(exc).__name__}): "
-            "give token ids instead, or plan weight-only (objective 'weight')"
-        ) from None
-
-
+# shape: one entry point whose keyword options are the callers' hooks (eval, layer weights)
 def run_model(
     net: nn.Module,
     batches: Sequence[torch.Tensor],
@@ -469,64 +314,84 @@ def run_model(
     changes late blocks costs only those blocks, and holds no hidden states before them.
     """
     blocks_name, blocks = find_blocks(net, modules)
-    skeleton = any(p.is_meta for p in net.parameters())
-    if skeleton:
-        device = torch.device(device or "cpu")
-        for module in net.modules():
-            for name, buffer in list(module._buffers.items()):
-                if buffer is not None and not buffer.is_meta and buffer.device != device:
-                    module._buffers[name] = buffer.to(device)
-        base = _device_loader(load, device) if load is not None else None
-        twins = _twin_groups(net)
-        load = _twin_loader(twins, base) if base is not None else None
-        head_load = _twin_loader(twins, base, cache={}) if base is not None else None
-    else:
-        device = next((p.device for p in net.parameters()), torch.device("cpu"))
-        head_load = load
+    device, load, head_load = _run_loaders(net, load, device)
     batches = [ids.to(device) for ids in batches]
     variants = list(variants)
-    loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
-    inside = {id(m) for m in blocks.modules()}
-    outside = [m for m in net.modules() if id(m) not in inside]
-    hooks = [m.register_forward_pre_hook(_materializer(net, load, loaded)) for m in outside if _has_meta(m)]
-    try:
-        caught = [_catch(net, blocks, ids) for ids in batches]
-    finally:
-        for hook in hooks:
-            hook.remove()
-    _release(loaded)
-    extras = [per_block for _, per_block in caught]
+    caught = _catch_inputs(net, blocks, batches, load)
     first = _first_blocks(variants, start, len(blocks))
-    hidden = {variant: [h for h, _ in caught] for variant in variants if first[variant] == 0}
+    states = _VariantStates(
+        variants, first, {v: [h for h, _ in caught] for v in variants if first[v] == 0},
+        [per_block for _, per_block in caught], prepare, progress,
+    )  # fmt: skip
     del caught
-    as_tuple = False
     for index, block in enumerate(blocks):
-        for variant in variants:  # before the first variant runs this block
-            if first[variant] == index and variant not in hidden:
-                hidden[variant] = [h.clone() for h in hidden[variants[0]]]
+        states.start_at(index)
+        loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
         _materialize(block, f"{blocks_name}.{index}.", load, loaded)
         try:
-            for variant in variants:
-                if first[variant] > index:
-                    continue
-                undo = prepare(variant, f"{blocks_name}.{index}.", block) if prepare is not None else None
-                try:
-                    with torch.inference_mode():
-                        for i, per_block in enumerate(extras):
-                            args, kwargs = per_block[index]
-                            output = block(hidden[variant][i], *args, **kwargs)
-                            as_tuple = isinstance(output, (tuple, list))
-                            hidden[variant][i] = _hidden(output)
-                finally:
-                    if undo is not None:
-                        undo()
-                if progress is not None:
-                    progress()
+            states.run_block(index, f"{blocks_name}.{index}.", block)
         finally:
             _release(loaded)
     for variant in variants:  # differs at no block: the first variant's final states
-        hidden.setdefault(variant, hidden[variants[0]])
-    _run_heads(net, blocks, batches, hidden, variants, on_output, head_load, as_tuple, progress)
+        states.hidden.setdefault(variant, states.hidden[variants[0]])
+    _run_heads(net, blocks, batches, states, on_output, head_load)
+
+
+def _run_loaders(net: nn.Module, load, device) -> tuple[torch.device, Callable | None, Callable | None]:
+    """(device to run on, loader for the blocks, loader for what is outside them) for
+    `run_model`. A skeleton (meta parameters) runs on ``device``, its buffers moved there; its
+    loaders read a tied parameter absent from the checkpoint under its twin's name, and the
+    head's loader gives the names of one parameter the same tensor. A real model runs where
+    it is, with ``load`` as given."""
+    if not any(p.is_meta for p in net.parameters()):
+        return next((p.device for p in net.parameters()), torch.device("cpu")), load, load
+    device = torch.device(device or "cpu")
+    for module in net.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and not buffer.is_meta and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    if load is None:
+        return device, None, None
+    base = _device_loader(load, device)
+    twins = _twin_groups(net)
+    return device, _twin_loader(twins, base), _twin_loader(twins, base, cache={})
+
+
+@dataclasses.dataclass
+class _VariantStates:
+    """Each variant's hidden states of every batch, moved through the blocks by `run_model`."""
+
+    variants: list[str]
+    first: dict[str, int]  # the first block each variant runs
+    hidden: dict[str, list[torch.Tensor]]  # variant -> hidden states per batch
+    extras: list[list[tuple[tuple, dict]]]  # per batch: the (args, kwargs) of each block
+    prepare: Callable[[str, str, nn.Module], Callable[[], None] | None] | None
+    progress: Callable[[], None] | None
+    as_tuple: bool = False  # the blocks return tuples
+
+    def start_at(self, index: int) -> None:
+        """The variants that first differ at block ``index`` start from the first's states."""
+        for variant in self.variants:
+            if self.first[variant] == index and variant not in self.hidden:
+                self.hidden[variant] = [h.clone() for h in self.hidden[self.variants[0]]]
+
+    def run_block(self, index: int, prefix: str, block: nn.Module) -> None:
+        for variant in self.variants:
+            if self.first[variant] > index:
+                continue
+            undo = self.prepare(variant, prefix, block) if self.prepare is not None else None
+            try:
+                with torch.inference_mode():
+                    for i, per_block in enumerate(self.extras):
+                        args, kwargs = per_block[index]
+                        output = block(self.hidden[variant][i], *args, **kwargs)
+                        self.as_tuple = isinstance(output, (tuple, list))
+                        self.hidden[variant][i] = _hidden(output)
+            finally:
+                if undo is not None:
+                    undo()
+            if self.progress is not None:
+                self.progress()
 
 
 def _first_blocks(variants: list[str], start: Callable[[str], int] | None, blocks: int) -> dict[str, int]:
@@ -542,10 +407,10 @@ def _first_blocks(variants: list[str], start: Callable[[str], int] | None, block
     return first
 
 
-def _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple, progress) -> None:
+def _run_heads(net, blocks, batches, states: _VariantStates, on_output, load) -> None:
     """``net`` on each row with its blocks replaced by `_Replay`: the parts after the blocks."""
     originals = list(blocks)
-    replays = [_Replay(block, first=i == 0, as_tuple=as_tuple) for i, block in enumerate(originals)]
+    replays = [_Replay(block, first=i == 0, as_tuple=states.as_tuple) for i, block in enumerate(originals)]
     loaded: list[tuple[nn.Module, str, nn.Parameter]] = []
     inside = {id(m) for m in blocks.modules()}
     outside = [m for m in net.modules() if id(m) not in inside and _has_meta(m)]
@@ -556,15 +421,15 @@ def _run_heads(net, blocks, batches, hidden, variants, on_output, load, as_tuple
             blocks[i] = replay
         for b, ids in enumerate(batches):
             for row in range(ids.shape[0]):
-                for variant in variants:
-                    replays[0].value = hidden[variant][b][row : row + 1]
+                for variant in states.variants:
+                    replays[0].value = states.hidden[variant][b][row : row + 1]
                     with torch.inference_mode():
                         output = net(ids[row : row + 1], **kwargs)
                     replays[0].value = None
                     on_output(b, row, variant, output)
                     del output
-                    if progress is not None:
-                        progress()
+                    if states.progress is not None:
+                        states.progress()
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block

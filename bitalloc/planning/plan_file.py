@@ -1,7 +1,7 @@
 """The plan file: the `Plan` dataclass and its JSON form (``bitalloc.plan/v2``; v1 plans load).
 
-The JSON layout is a contract (docs/architecture.md, "Plan JSON") described by
-``bitalloc/plan.schema.json``; `Plan.from_json` validates against it. Writing is
+The JSON layout is a contract described by ``bitalloc/planning/plan.schema.json``;
+`Plan.from_json` validates against it. Writing is
 deterministic (fixed key order, no timings), so the same plan gives the same bytes.
 """
 
@@ -46,7 +46,7 @@ MODULE_KEYS = (
 
 @functools.lru_cache(maxsize=1)
 def plan_schema() -> dict:
-    """The plan's JSON Schema (draft 2020-12), shipped as ``bitalloc/plan.schema.json``."""
+    """The plan's JSON Schema (draft 2020-12), shipped as ``bitalloc/planning/plan.schema.json``."""
     text = resources.files("bitalloc.planning").joinpath("plan.schema.json").read_text(encoding="utf-8")
     return json.loads(text)
 

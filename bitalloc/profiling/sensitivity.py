@@ -20,9 +20,7 @@ z the variant's logits, KL = (lse(z) − lse(z_original)) − (Σ p·z − Σ p�
 float64, so an unchanged model gives exactly 0. Memory: one block, one row's p, and the
 hidden states of every variant of a pass (variants x tokens x hidden); when those would
 exceed `MEMORY_BUDGET`, the matrices are split into passes of consecutive blocks.
-Measured (`benchmarks/bench_sensitivity.py`): SmolLM2-135M, its 210 block matrices at two
-sizes on 512 tokens, 368 s on 2 CPU cores (6540 block runs instead of 12630, and 421
-output layers), peak RSS 2.0 GB.
+Measured cost: `benchmarks/bench_sensitivity.py` (figures in docs/data_aware.md).
 """
 
 from __future__ import annotations
