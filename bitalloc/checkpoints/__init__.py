@@ -32,6 +32,7 @@ __all__ = [
     "CONFIG_FILES",
     "GGUFSource",
     "ModuleSource",
+    "Reader",
     "SafetensorsSource",
     "Source",
     "default_selection",

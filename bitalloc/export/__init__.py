@@ -8,7 +8,7 @@ torch and torchao when called. Plans for export should come from a no-correction
 """
 
 from ._common import Translation
-from .api import ExportResult, export, register_target, targets
+from .api import TARGETS, ExportResult, export, register_target, targets
 from .autoround import to_autoround
 from .compressed_tensors import to_compressed_tensors
 from .gptqmodel import to_gptqmodel
@@ -31,9 +31,3 @@ __all__ = [
     "to_torchao",
     "to_torchao_dict",
 ]
-
-
-def __getattr__(name: str):
-    if name == "TARGETS":  # the registered targets, live (`register_target`)
-        return targets()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

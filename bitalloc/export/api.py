@@ -32,18 +32,13 @@ def register_target(name: str, translate: Translate) -> None:
 
 
 def targets() -> tuple[str, ...]:
-    """The registered export targets, in registration order (also `TARGETS`)."""
+    """The registered export targets, in registration order."""
     return tuple(_TRANSLATORS)
-
-
-def __getattr__(name: str):
-    if name == "TARGETS":  # live: targets registered later appear too
-        return targets()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 for _module in (gptqmodel, autoround, llamacpp, compressed_tensors, torchao, hqq):
     register_target(_module.TARGET, _module.translate)
+TARGETS = targets()  # the package's own targets; `targets()` also lists ones registered later
 
 
 @dataclass(frozen=True)
