@@ -1,6 +1,8 @@
 """Quantization configs: the config string grammar, nominal bits/param and exact storage.
 
-The config string is the authority (README, "Config strings"):
+The config string is the authority (README, "Config strings"). Every string starts
+``{family}{bits}-b{B0}-s``; the family (a registered `formats.Format`) reads the rest, checks
+the fields and says what is stored. The built-in families take:
 
     {nf|int}{k}-b{B0}-s{fp32|fp16|bf16}            float scales, one per block of B0
     {nf|int}{k}-b{B0}-s{b0}b{B1}[fp16|bf16]        scales quantized to b0 bits in groups
