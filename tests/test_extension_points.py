@@ -17,6 +17,7 @@ import pytest
 import torch
 from _models import tiny_llama
 
+from bitalloc import apply, load_quantized
 from bitalloc.checkpoints import Reader, Source, model_input_files, open_source, register_reader
 from bitalloc.checkpoints.selection import select_modules
 from bitalloc.errors import BitallocError
@@ -172,6 +173,15 @@ def test_toy_format_profiles_plans_and_saves(mxint, tmp_path):
     assert result.budget["achieved_bits"] <= 4.5
     saved = Plan.load(result.save(tmp_path / "plan.json"))
     assert saved.modules == result.modules
+    # apply writes the family's packed parts; load_quantized's QuantLinears read them back
+    out = apply(model, tmp_path / "plan.json", tmp_path / "out", device="cpu", quiet=True)
+    quantized = load_quantized(out / "quantized")
+    for name, entry in saved.modules.items():
+        layer = quantized.get_submodule(name)
+        weight = model.get_submodule(name).weight.detach()
+        expected = QuantizedTensor.from_weight(weight, entry["config"]).dequantize()  # rank 0: Q = quant(W)
+        assert str(layer.config) == entry["config"]
+        assert torch.equal(layer.dequantize(torch.float32), expected), name
 
 
 # ---- an export target ---------------------------------------------------------------------

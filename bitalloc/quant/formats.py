@@ -18,7 +18,6 @@ A new family is one module that subclasses `Format` and calls `register_format`.
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import re
 from dataclasses import dataclass
@@ -74,7 +73,8 @@ class Format:
 
     # ---- the config string ---------------------------------------------------------------
     def fields(self, groups: dict[str, str | None], bits: int) -> dict:
-        """QuantConfig fields from the named groups of ``scale_pattern`` (``bits`` parsed)."""
+        """QuantConfig fields from the named groups of ``scale_pattern`` (``bits`` parsed); a
+        family with its own ``scale_pattern`` overrides this, `scale_format` and `tail`."""
         fields: dict = {}
         if groups["sfloat"]:
             fields["scale_dtype"] = groups["sfloat"]
@@ -342,7 +342,3 @@ def short(value: object, limit: int = 60) -> str:
         text = f"{text[: limit - 20]}...({len(text)} characters)"
     return text
 
-
-def packed_bytes(bits: int, dtype: torch.dtype) -> int:
-    """Bytes a part of ``bits`` takes in ``dtype``: bit-packed uint8 rounds up to whole bytes."""
-    return math.ceil(bits / 8) if dtype == torch.uint8 else bits // 8
