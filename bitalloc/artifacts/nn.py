@@ -21,12 +21,11 @@ from ..checkpoints.layout import match_checkpoint
 from ..checkpoints.runnable import build_skeleton, model_class
 from ..checkpoints.safetensors import index_shards, read_header
 from ..errors import BitallocError, check_path
-from ..quant import QuantConfig, QuantizedTensor
-from ..quant.blockwise import TORCH_DTYPES
+from ..quant import PARTS, QuantConfig, QuantizedTensor, format_of
 
 QUANT_FILE = "bitalloc_quant.json"  # which modules are packed, with which config
 QUANT_FORMAT = "bitalloc.quantized/v1"
-PACKED_NAMES = ("codes", "scales", "scales2", "zeros")  # stored as "<module>.weight.<name>"
+PACKED_NAMES = PARTS  # stored as "<module>.weight.<name>"
 # Weight files are named bitalloc-model*.safetensors, not model*.safetensors, so that
 # AutoModel.from_pretrained fails loudly instead of filling the packed layers at random.
 PACKED_STEM = "bitalloc-model"
@@ -101,13 +100,9 @@ class _PackedLinear(torch.autograd.Function):
 
 
 def packed_dtype(config: QuantConfig, part: str) -> torch.dtype:
-    """The dtype a packed part is stored in: uint8 codes, float or uint8 scales, float scales2,
-    uint8 (integer) or float zero points."""
-    if part == "codes" or (part == "scales" and config.quantized_scales):
-        return torch.uint8
-    if part == "zeros":
-        return torch.uint8 if config.zero == "int" else TORCH_DTYPES[config.zero]
-    return TORCH_DTYPES[config.second_level if part == "scales2" else config.scale_dtype]
+    """The dtype a packed part is stored in, as the config's format family says: uint8 codes,
+    float or uint8 scales, float scales2, uint8 (integer) or float zero points."""
+    return format_of(config).part_dtype(config, part)
 
 
 def _dequantize(config: QuantConfig, shape, packed, dtype: torch.dtype) -> torch.Tensor:

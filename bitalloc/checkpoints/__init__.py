@@ -1,15 +1,18 @@
 """Checkpoints: one reader per format, tensors read lazily one at a time.
 
 `open_source(model)` accepts a HF directory of safetensors (sharded or not), a single
-.safetensors or .gguf file, an in-memory `nn.Module`, or None for the built-in demo model.
-Every stage (profile, calibration, apply, evaluation) opens models through it, so each
-format's parsing and checks exist once.
+.safetensors or .gguf file, any path a registered reader claims (`register_reader`), an
+in-memory `nn.Module`, or None for the built-in demo model. Every stage (profile,
+calibration, apply, evaluation) opens models through it, so each format's parsing and
+checks exist once.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -29,6 +32,7 @@ __all__ = [
     "CONFIG_FILES",
     "GGUFSource",
     "ModuleSource",
+    "Reader",
     "SafetensorsSource",
     "Source",
     "default_selection",
@@ -36,7 +40,46 @@ __all__ = [
     "is_block_linear",
     "model_input_files",
     "open_source",
+    "register_reader",
 ]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A checkpoint format on disk: ``claims(path)`` says whether a path is one (cheap: a
+    suffix, a magic number), ``open(path, include, exclude, modules)`` returns its `Source`,
+    ``input_files(path)`` lists every file opening it reads; ``what`` names the accepted
+    paths in the error for a path no reader claims."""
+
+    name: str
+    what: str
+    claims: Callable[[Path], bool]
+    open: Callable[..., Source]
+    input_files: Callable[[Path], list[Path]] = lambda path: [path]
+
+
+_READERS: dict[str, Reader] = {}
+
+
+def register_reader(reader: Reader) -> None:
+    """Make `open_source` (so profile, plan, apply and eval) accept ``reader``'s paths. Readers
+    are asked in registration order; BitallocError if the name is taken."""
+    if not isinstance(reader, Reader) or reader.name in _READERS:
+        raise BitallocError(f"cannot register checkpoint reader {getattr(reader, 'name', reader)!r}")
+    _READERS[reader.name] = reader
+
+
+def _open_safetensors(path: Path, include, exclude, modules) -> Source:
+    return SafetensorsSource(path, include, exclude, modules=modules)
+
+
+register_reader(Reader(
+    "safetensors", "a directory of safetensors, a .safetensors file",
+    lambda path: path.is_dir() or path.suffix == ".safetensors", _open_safetensors, safetensors_input_files,
+))  # fmt: skip
+register_reader(Reader(
+    "gguf", "a .gguf file", lambda path: path.suffix == ".gguf" or _starts_with(path, b"GGUF"), GGUFSource,
+))  # fmt: skip
 
 
 def demo_model_path() -> str:
@@ -58,8 +101,9 @@ def open_source(
     exclude: str | list[str] | None = None,
     modules: list[str] | None = None,
 ) -> Source:
-    """A `Source` for `model`: None -> the demo model, a directory or .safetensors file ->
-    SafetensorsSource, a .gguf file -> GGUFSource, an nn.Module -> ModuleSource.
+    """A `Source` for `model`: None -> the demo model, an nn.Module -> ModuleSource, a path ->
+    the first registered `Reader` that claims it (a directory or .safetensors file ->
+    SafetensorsSource, a .gguf file -> GGUFSource, then readers added by `register_reader`).
 
     The selection is the default rule (block Linears), or ``include``/``exclude`` regexes,
     or exactly ``modules``."""
@@ -77,16 +121,14 @@ def open_source(
     if not path.exists():
         raise BitallocError(f"model not found: {model} (bitalloc reads local files only)")
     try:
-        if path.is_dir() or path.suffix == ".safetensors":
-            return SafetensorsSource(path, include, exclude, modules=modules)
-        if path.suffix == ".gguf" or _starts_with(path, b"GGUF"):
-            return GGUFSource(path, include, exclude, modules)
+        for reader in _READERS.values():
+            if reader.claims(path):
+                return reader.open(path, include, exclude, modules)
     except PermissionError as exc:
         raise BitallocError(f"cannot read model {model}: permission denied ({exc.filename})") from None
-    raise BitallocError(
-        f"unsupported model file {model}: expected a directory of safetensors, "
-        "a .safetensors file or a .gguf file"
-    )
+    whats = [reader.what for reader in _READERS.values()]
+    expected = " or ".join([", ".join(whats[:-1]), whats[-1]] if len(whats) > 1 else whats)
+    raise BitallocError(f"unsupported model file {model}: expected {expected}")
 
 
 def model_input_files(model: str | os.PathLike | nn.Module | Source | None) -> list[Path]:
@@ -109,12 +151,13 @@ def model_input_files(model: str | os.PathLike | nn.Module | Source | None) -> l
     path = Path(model)
     if not path.exists():
         return []
-    if path.is_file() and path.suffix != ".safetensors":
-        return [path]  # GGUF: one self-contained file
     try:
-        return safetensors_input_files(path)
+        reader = next((r for r in _READERS.values() if r.claims(path)), None)
+        if reader is not None:
+            return reader.input_files(path)
     except (BitallocError, OSError):
-        return [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+        pass
+    return [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:

@@ -7,7 +7,8 @@ torch and torchao when called. Plans for export should come from a no-correction
 (``bitalloc profile --rank 0``): these tools re-quantize without LoftQ's B.A (docs/export.md).
 """
 
-from .api import TARGETS, ExportResult, export
+from ._common import Translation
+from .api import TARGETS, ExportResult, export, register_target, targets
 from .autoround import to_autoround
 from .compressed_tensors import to_compressed_tensors
 from .gptqmodel import to_gptqmodel
@@ -18,7 +19,10 @@ from .torchao import to_torchao, to_torchao_dict
 __all__ = [
     "TARGETS",
     "ExportResult",
+    "Translation",
     "export",
+    "register_target",
+    "targets",
     "to_autoround",
     "to_compressed_tensors",
     "to_gptqmodel",

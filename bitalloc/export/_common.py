@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import BitallocError
-from ..quant import QuantConfig
+from ..quant import QuantConfig, format_of
 from ._plan import Plan
 
 PlanLike = Plan | dict | str | os.PathLike
@@ -148,9 +148,10 @@ def grid_notes(
 ) -> list[str]:
     """Notes for targets that store integer levels per group: what the plan's formats became."""
     total = len(mats)
-    nf = count((m for m in mats if m.config.method == "nf"), total)
-    uniform = count((m for m in mats if m.config.method == "int"), total)
     asymmetric = [m for m in mats if m.config.asymmetric]
+    uniform_grid = [m for m in mats if not m.config.asymmetric and format_of(m.config).uniform]
+    nf = count((m for m in mats if not format_of(m.config).uniform), total)
+    uniform = count(uniform_grid, total)
     symmetric = total - len(asymmetric)
     notes = []
     if symmetric:

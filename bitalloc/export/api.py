@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,16 +13,32 @@ from ..fileio import write_text_atomic
 from . import autoround, compressed_tensors, gptqmodel, hqq, llamacpp, torchao
 from ._common import PlanLike, Translation, json_text, read_plan
 
-# target -> (translate, the keyword options it takes)
-_TRANSLATORS: dict[str, tuple[Callable[..., Translation], tuple[str, ...]]] = {
-    "gptqmodel": (gptqmodel.translate, ()),
-    "autoround": (autoround.translate, ()),
-    "llamacpp": (llamacpp.translate, ("imatrix",)),
-    "compressed-tensors": (compressed_tensors.translate, ()),
-    "torchao": (torchao.translate, ()),
-    "hqq": (hqq.translate, ("per_module",)),
-}
-TARGETS = tuple(_TRANSLATORS)
+Translate = Callable[..., Translation]  # translate(plan, **options) -> Translation
+
+# target -> (translate, the keyword options it takes), in registration order
+_TRANSLATORS: dict[str, tuple[Translate, tuple[str, ...]]] = {}
+
+
+def register_target(name: str, translate: Translate) -> None:
+    """Make ``name`` an export target: ``translate(plan, **options)`` gets a validated `Plan` and
+    returns a `Translation`; its keyword parameters after the plan are the target's options.
+    BitallocError if the name is taken."""
+    if not isinstance(name, str) or not name or name in _TRANSLATORS:
+        raise BitallocError(f"cannot register export target {name!r}: a new, non-empty name is needed")
+    if not callable(translate):
+        raise BitallocError(f"export target {name!r}: translate must be callable")
+    parameters = list(inspect.signature(translate).parameters.values())[1:]
+    _TRANSLATORS[name] = (translate, tuple(p.name for p in parameters))
+
+
+def targets() -> tuple[str, ...]:
+    """The registered export targets, in registration order."""
+    return tuple(_TRANSLATORS)
+
+
+for _module in (gptqmodel, autoround, llamacpp, compressed_tensors, torchao, hqq):
+    register_target(_module.TARGET, _module.translate)
+TARGETS = targets()  # the package's own targets; `targets()` also lists ones registered later
 
 
 @dataclass(frozen=True)
@@ -42,13 +59,13 @@ def export(
     output: str | os.PathLike | None = None,
     **options: object,
 ) -> ExportResult:
-    """Translate ``plan`` for ``target`` (one of `TARGETS`); write it atomically to ``output`` if given.
+    """Translate ``plan`` for ``target`` (one of `targets()`); write it atomically to ``output`` if given.
 
     Dict targets give indented JSON, llamacpp the tensor-type file. Options: ``imatrix`` (llamacpp),
     ``per_module`` (hqq). Bad input raises BitallocError with one line.
     """
     if target not in _TRANSLATORS:
-        raise BitallocError(f"unknown export target {target!r}: expected one of {', '.join(TARGETS)}")
+        raise BitallocError(f"unknown export target {target!r}: expected one of {', '.join(_TRANSLATORS)}")
     translate, allowed = _TRANSLATORS[target]
     # an option left at its default (False/None) is no request: the CLI passes every flag to every target
     options = {key: value for key, value in options.items() if key in allowed or value not in (None, False)}

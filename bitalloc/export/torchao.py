@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..quant import format_of
 from ._common import (
     Grid,
     Matrix,
@@ -74,7 +75,7 @@ def translate(plan: Plan) -> Translation:
     config = assignments(plan)
     groups = {name: value[1] for name, value in config.items() if value is not None}
     mats, notes = begin(plan, TARGET, GRID, groups)
-    if any(m.config.method == "nf" for m in mats):
+    if any(not format_of(m.config).uniform for m in mats):
         notes.append(
             "torchao's NF4 (NF4WeightOnlyConfig: block 64, int8 scalers per 256 blocks, mean-subtracted) "
             "is fixed, 4-bit only and not loadable from a dict, so NF configs map to IntxWeightOnlyConfig"

@@ -9,20 +9,37 @@ the solvers see scaled costs and their answer is re-checked.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["SOLVERS", "solve"]
+from ..errors import BitallocError
 
-SOLVERS = ("cbc", "highs", "dp")
+__all__ = ["SOLVERS", "register_solver", "solve"]
 
 Options = Sequence[tuple[int, float]]  # one group's (storage, error) choices
+# An ILP backend: (costs, weights, rhs, start) -> (pick per group, relative gap). It minimizes
+# the sum of the picked costs, one option per group, with the picked weights summing to at most
+# rhs (costs >= 0, weights in [0, 1], start a feasible pick per group usable as a MIP start),
+# and raises unless it proved the optimum. It sees only the restricted problem of `solve`.
+Backend = Callable[[list[list[float]], list[list[float]], float, list[int]], tuple[list[int], float]]
+
+# The solvers by name, in registration order: an ILP backend, or None for the exact dynamic
+# program over the whole core (no ILP). `register_solver` adds one; the planner, the CLI and
+# the plan schema take their names from here.
+SOLVERS: dict[str, Backend | None] = {}
+
+
+def register_solver(name: str, backend: Backend | None) -> None:
+    """Make ``name`` a solver of `solve` (and of `bitalloc.plan`); BitallocError if it is taken."""
+    if not isinstance(name, str) or not name.isidentifier() or name in SOLVERS:
+        raise BitallocError(f"cannot register solver {name!r}: a new identifier is needed")
+    if backend is not None and not callable(backend):
+        raise BitallocError(f"solver {name!r}: the backend must be callable or None (the exact DP)")
+    SOLVERS[name] = backend
 
 
 def solve(groups: Sequence[Options], capacity: int, solver: str) -> tuple[list[int], float]:
@@ -53,7 +70,7 @@ def solve(groups: Sequence[Options], capacity: int, solver: str) -> tuple[list[i
     choice = _greedy(storage, error, price, capacity).tolist()
     best = math.fsum(error[np.arange(len(groups)), choice])
     threshold, gap = (best - bound) / 16, 0.0
-    exact_dp = solver == "dp"
+    exact_dp = SOLVERS[solver] is None
     while best > 0 and not exact_dp:
         core = reduced <= threshold + margin
         try:
@@ -127,7 +144,7 @@ def _solve_core(groups, storage, error, core, incumbent, capacity, solver, scale
     rhs = 1.0
     for _attempt in range(4):
         try:
-            picks, gap = _BACKENDS[solver](costs, weights, rhs, start)
+            picks, gap = SOLVERS[solver](costs, weights, rhs, start)
         except ImportError:
             raise
         except Exception as exc:  # CBC or HiGHS failed (e.g. no proven optimum): the exact DP
@@ -275,9 +292,10 @@ def _solve_highs(costs: list[list[float]], weights: list[list[float]], rhs: floa
     group_of = np.repeat(np.arange(len(sizes)), sizes)
     one_each = csr_array((np.ones(n), (group_of, np.arange(n))), shape=(len(sizes), n))
     storage = np.concatenate([np.asarray(w, dtype=float) for w in weights])[None, :]
-    # mip_abs_gap is passed to HiGHS verbatim, with a warning; some HiGHS builds printf
-    # debug lines to fd 1 even with output off, so fd 1 is pointed at /dev/null meanwhile.
-    with warnings.catch_warnings(), _stdout_to_devnull():
+    # disp=False is HiGHS's own output switch (output_flag); the process's file descriptors are
+    # left alone, so what other threads print meanwhile still arrives. mip_abs_gap is passed to
+    # HiGHS verbatim, with a warning.
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
         result = milp(
             np.concatenate([np.asarray(c, dtype=float) for c in costs]),
@@ -293,17 +311,6 @@ def _solve_highs(costs: list[list[float]], weights: list[list[float]], rhs: floa
     return picks, max(0.0, float(result.mip_gap or 0.0))
 
 
-@contextlib.contextmanager
-def _stdout_to_devnull():
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-_BACKENDS = {"cbc": _solve_cbc, "highs": _solve_highs}
+register_solver("cbc", _solve_cbc)
+register_solver("highs", _solve_highs)
+register_solver("dp", None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import BitallocError
-from ..quant import QuantConfig
+from ..quant import QuantConfig, get_format
 
 DEFAULT_METHODS = ("nf",)
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -63,9 +63,8 @@ class ProfileSettings:
         if self.configs:
             texts = list(self.configs)
         else:
-            texts = [  # uint (asymmetric) groups store a bits-wide integer zero point in the grid
-                f"{method}{bits}-b{block}-s{str(scale).removeprefix('s')}"
-                + (f"-z{bits}" if method == "uint" else "")
+            texts = [  # each format family writes its grid point (uint adds an integer zero point)
+                get_format(method).grid_config(bits, block, str(scale).removeprefix("s"))
                 for method in self.methods
                 for bits in self.bits
                 for block in self.block_sizes

@@ -1,22 +1,37 @@
-"""Number formats: codebooks, block-wise quantization, scale storage, bit packing."""
+"""Number formats: format families, codebooks, block-wise quantization, scale storage, bit packing.
 
+A format family (`Format`) is registered once (`register_format`) and owns its piece of the
+config grammar, its levels, quantize/dequantize, exact storage and packed parts; everything
+else asks it through the config (`format_of`). The built-in families are in `standard`.
+"""
+
+from . import standard  # noqa: F401  (registers nf, int and uint)
 from .blockwise import dequantize_codes, fake_quantize, quantize
 from .codebooks import codebook, nearest_code
-from .config import GRAMMAR, QuantConfig, storage_bits
+from .config import GRAMMAR, QuantConfig, grammar, storage_bits
+from .formats import PARTS, BlockCodes, Format, format_names, format_of, get_format, register_format
 from .packed import QuantizedTensor
 from .packing import pack_bits, packed_size, unpack_bits
 
 __all__ = [
     "GRAMMAR",
+    "PARTS",
+    "BlockCodes",
+    "Format",
     "QuantConfig",
     "QuantizedTensor",
     "codebook",
     "dequantize_codes",
     "fake_quantize",
+    "format_names",
+    "format_of",
+    "get_format",
+    "grammar",
     "nearest_code",
     "pack_bits",
     "packed_size",
     "quantize",
+    "register_format",
     "storage_bits",
     "unpack_bits",
 ]

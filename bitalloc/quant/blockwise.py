@@ -12,27 +12,13 @@ exactly in float32 for an integer z, and in the scale's dtype (as HQQ does) for 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import BitallocError
 from .codebooks import codebook, nearest_code, nearest_index
 from .config import QuantConfig
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class BlockCodes:
-    """Unpacked result of quantizing (..., out, in): what gets packed and stored."""
-
-    codes: torch.Tensor  # uint8 (..., out, n_blocks_per_row * B0), padding included
-    scales: torch.Tensor  # float32 (..., out, n_blocks_per_row): the dequantized scales
-    scale_codes: torch.Tensor | None  # uint8 (..., out * n_blocks_per_row) if scales are quantized
-    scales2: torch.Tensor | None  # second-level scales (..., n_groups), in their storage dtype
-    stored_scales: torch.Tensor | None  # float scales in their storage dtype (float-scale configs)
-    zeros: torch.Tensor | None = None  # asymmetric: (..., out, n_blocks_per_row) uint8 or the float dtype
+from .formats import TORCH_DTYPES, BlockCodes, format_of
 
 
 def check_matrix(weight: torch.Tensor, what: str = "weight") -> None:
@@ -90,21 +76,21 @@ def quantize_scales(
     return dequant, codes, scales2, None
 
 
-# The scale search's candidate clips, by method and bits, in units of the block's RMS: each
-# candidate clips the block's range (absmax, or half the min-max range) to ratio = min(1, κ·rms
-# / range); the ratio 1 (no clipping) is always a candidate. κ minimize the error of Gaussian
-# blocks of 64 with the ratio 1 beside them (a grid of κ; more candidates gained < 4% and cost a
-# pass over the matrix each; bench_formats.py measures the result).
+# The scale search's candidate clips (the standard families' ``search_clips``), by bits, in
+# units of the block's RMS: each candidate clips the block's range (absmax, or half the min-max
+# range) to ratio = min(1, κ·rms / range); the ratio 1 (no clipping) is always a candidate. κ
+# minimize the error of Gaussian blocks of 64 with the ratio 1 beside them (a grid of κ; more
+# candidates gained < 4% and cost a pass over the matrix each; bench_formats.py measures it).
 SEARCH_CLIPS = {
     "nf": {2: (1.40,), 3: (2.00,), 4: (2.20,), 8: ()},
     "int": {2: (1.50,), 3: (2.00,), 4: (2.35,), 8: ()},
 }
-SEARCH_CLIPS["uint"] = SEARCH_CLIPS["int"]
 
 
 def search_ratios(blocks: torch.Tensor, half_range: torch.Tensor, config: QuantConfig) -> list:
-    """The candidate clipping ratios of each block: 1, then min(1, κ·rms/half_range) per κ."""
-    clips = SEARCH_CLIPS[config.method][config.bits]
+    """The candidate clipping ratios of each block: 1, then min(1, κ·rms/half_range) per κ
+    (κ: the family's ``search_clips`` for the config's bits)."""
+    clips = format_of(config).search_clips.get(config.bits, ())
     if not clips:
         return [1.0]
     rms = torch.linalg.vector_norm(blocks, dim=-1).mul_(blocks.shape[-1] ** -0.5)
@@ -129,12 +115,12 @@ def element_weights(column_weights: torch.Tensor | None, weight: torch.Tensor, b
 SEARCH_TABLE = 4096  # the search reads NF levels from a table over [-1, 1] in this many steps
 
 
-def _nearest_values(values: torch.Tensor, levels: torch.Tensor, method: str) -> torch.Tensor:
+def _nearest_values(values: torch.Tensor, levels: torch.Tensor, uniform: bool) -> torch.Tensor:
     """The nearest level's value for each entry: exact for the uniform INT levels (rounding);
     for NF read from a table of the nearest level at ``SEARCH_TABLE`` + 1 points of [-1, 1]
     (off by at most one level within 1/``SEARCH_TABLE`` of a midpoint). Only the scale search
     uses it; the stored codes come from `nearest_index`."""
-    if method == "int":  # linspace(-1, 1, K): rounding, no search over levels
+    if uniform:  # linspace(-1, 1, K): rounding, no search over levels
         half = (levels.numel() - 1) / 2
         return values.mul(half).add_(half).round_().clamp_(0, 2 * half).mul_(1 / half).sub_(1)
     half = SEARCH_TABLE / 2
@@ -175,7 +161,7 @@ def search_scales(
     for ratio in search_ratios(blocks, absmax, config):
         scale = absmax * ratio
         inverse = torch.where(scale > 0, 1.0 / scale.clamp_min(tiny), 0.0)
-        if config.method == "int":
+        if format_of(config).uniform:
             # codes c' = half·c, integers (half-integers for even K) from one rounding: two passes
             # fewer than level values; the refit is s = half·Σhxc'/Σhc'²
             unit = half
@@ -267,7 +253,7 @@ def affine_params(
     return scale, zero
 
 
-def _affine_codes(blocks: torch.Tensor, config: QuantConfig, weights: torch.Tensor | None) -> BlockCodes:
+def affine_codes(blocks: torch.Tensor, config: QuantConfig, weights: torch.Tensor | None) -> BlockCodes:
     """Codes, stored scales and stored zero points of an asymmetric (uint) config."""
     dtype = TORCH_DTYPES[config.scale_dtype]
     scale, zero = affine_params(blocks, config, weights)
@@ -287,14 +273,19 @@ def _affine_codes(blocks: torch.Tensor, config: QuantConfig, weights: torch.Tens
 def quantize(
     weight: torch.Tensor, config: QuantConfig | str, column_weights: torch.Tensor | None = None
 ) -> BlockCodes:
-    """Quantize (..., out, in) block-wise; codes are chosen against the stored scales.
+    """Quantize (..., out, in) block-wise with the config's family; codes are chosen against
+    the stored scales.
 
     ``column_weights`` h (per input column) weight the ``-mse`` search's error; ignored otherwise."""
     config = QuantConfig.parse(config)
     blocks = _blocks(weight, config.block_size)
     weights = element_weights(column_weights, weight, config.block_size) if config.search else None
-    if config.asymmetric:
-        return _affine_codes(blocks, config, weights)
+    return format_of(config).quantize(blocks, config, weights)
+
+
+def symmetric_codes(blocks: torch.Tensor, config: QuantConfig, weights: torch.Tensor | None) -> BlockCodes:
+    """Codes and scales of a symmetric codebook family (nf, int): one absmax (or searched) scale
+    per block, stored as the config says, and the nearest level of each scaled element."""
     if config.search:
         raw = block_scales(blocks, config, weights)
     else:
@@ -316,17 +307,20 @@ def dequantize_codes(
     zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 (..., out, cols) from unpacked codes (..., out, padded) and dequantized scales
-    (and, for uint, the stored zero points)."""
-    if config.asymmetric:
-        return _affine_values(codes, scales, zeros, config)[..., :cols]
+    (and, for uint, the stored zero points), by the config's family."""
+    return format_of(config).dequantize(codes, scales, zeros, config)[..., :cols]
+
+
+def symmetric_values(codes: torch.Tensor, scales: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """level[code]·scale of a symmetric codebook family: float32 (..., out, padded)."""
     levels = codebook(config.method, config.bits, codes.device)
     values = levels.index_select(0, codes.reshape(-1).int())
     values = values.reshape(*scales.shape, config.block_size)
     values = values * scales.unsqueeze(-1)
-    return values.reshape(*values.shape[:-2], -1)[..., :cols]
+    return values.reshape(*values.shape[:-2], -1)
 
 
-def _affine_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig):
+def affine_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig):
     """(q - z)·s: exact in float32 for an integer z; in the scale's dtype for a float z (HQQ)."""
     q = codes.reshape(*scales.shape, config.block_size)
     if config.zero == "int":
@@ -348,9 +342,13 @@ def fake_quantize(
     cols = weight.shape[-1]
     blocks = _blocks(weight, config.block_size)
     weights = element_weights(column_weights, weight, config.block_size) if config.search else None
-    if config.asymmetric:
-        parts = _affine_codes(blocks, config, weights)
-        return _affine_values(parts.codes, parts.scales, parts.zeros, config)[..., :cols]
+    return format_of(config).fake_quantize(blocks, config, weights)[..., :cols]
+
+
+def symmetric_fake_quantize(
+    blocks: torch.Tensor, config: QuantConfig, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """`fake_quantize` of a symmetric codebook family on blocks: float32 (..., out, padded)."""
     scales = quantize_scales(block_scales(blocks, config, weights), config)[0]
     levels = codebook(config.method, config.bits, blocks.device)
     inverse = torch.where(scales > 0, 1.0 / scales.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
@@ -358,4 +356,4 @@ def fake_quantize(
     index = nearest_index(blocks * inverse.unsqueeze(-1), levels)
     values = levels.index_select(0, index.reshape(-1)).reshape(index.shape)
     values.mul_(scales.unsqueeze(-1))
-    return values.reshape(*values.shape[:-2], -1)[..., :cols]
+    return values.reshape(*values.shape[:-2], -1)

@@ -1,4 +1,7 @@
-"""Codebooks: NormalFloat (QLoRA/LoftQ) and uniform INT levels, sorted ascending in [-1, 1]."""
+"""Codebooks: NormalFloat (QLoRA/LoftQ) and uniform INT levels, sorted ascending in [-1, 1].
+
+`codebook(method, bits)` asks the registered format family for its levels (`Format.levels`).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +9,21 @@ from functools import cache
 
 import torch
 
+from .formats import get_format
+
 NF_OFFSET = 0.9677083
 
 
 @cache
-def _codebook_cpu(method: str, bits: int) -> torch.Tensor:
+def uniform_levels(bits: int) -> torch.Tensor:
+    """``linspace(-1, 1, 2**bits)`` (LoftQ's uniform codebook), float32."""
+    return torch.linspace(-1.0, 1.0, 2**bits, dtype=torch.float64).float()
+
+
+@cache
+def normal_float_levels(bits: int) -> torch.Tensor:
+    """The NormalFloat codebook of QLoRA/LoftQ with 2**bits levels, float32."""
     levels = 2**bits
-    if method == "int":
-        return torch.linspace(-1.0, 1.0, levels, dtype=torch.float64).float()
-    if method != "nf":
-        raise ValueError(f"unknown codebook {method!r}: expected nf or int")
     half = levels // 2
     positive = torch.special.ndtri(torch.linspace(NF_OFFSET, 0.5, half + 1, dtype=torch.float64)[:-1])
     negative = -torch.special.ndtri(torch.linspace(NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1])
@@ -25,8 +33,11 @@ def _codebook_cpu(method: str, bits: int) -> torch.Tensor:
 
 
 def codebook(method: str, bits: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The 2**bits levels of ``method`` ('nf' or 'int'), ascending, float32."""
-    table = _codebook_cpu(method, int(bits))
+    """The 2**bits levels of the family ``method`` ('nf', 'int'...), ascending, float32;
+    ValueError for a family without a codebook (uint: affine integers)."""
+    table = get_format(method).levels(int(bits))
+    if table is None:
+        raise ValueError(f"{method} has no codebook: its levels are affine integers per block")
     return table if device is None else table.to(device)
 
 

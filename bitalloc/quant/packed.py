@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockwise import TORCH_DTYPES, check_matrix, dequantize_codes, quantize
+from .blockwise import check_matrix, dequantize_codes, quantize
 from .config import QuantConfig
-from .packing import pack_bits, unpack_bits
+from .formats import PARTS, format_of
+from .packing import unpack_bits
 
 
 @dataclass
@@ -20,7 +21,8 @@ class QuantizedTensor:
     ``scales``: float scales (out, blocks) in the config's dtype, or uint8 packed
     ``scale_bits`` codes; ``scales2``: second-level scales (groups,) or None; ``zeros``
     (asymmetric configs): the zero points, uint8 packed ``bits``-bit integers or floats
-    (out, blocks) in the scale's dtype.
+    (out, blocks) in the scale's dtype. The config's format family packs and reads them
+    (`Format.pack`, `Format.scale_values`, `Format.zero_values`).
     """
 
     config: QuantConfig
@@ -44,15 +46,9 @@ class QuantizedTensor:
 
     @classmethod
     def from_block_codes(cls, parts, config: QuantConfig, shape: tuple[int, int]) -> QuantizedTensor:
-        codes = pack_bits(parts.codes, config.bits)
-        if config.quantized_scales:
-            scales = pack_bits(parts.scale_codes, config.scale_bits)
-            return cls(config, shape, codes, scales, parts.scales2.reshape(-1).clone())
-        zeros = None
-        if config.asymmetric:
-            zeros = parts.zeros.reshape(shape[0], -1)
-            zeros = pack_bits(zeros, config.bits) if config.zero == "int" else zeros.clone()
-        return cls(config, shape, codes, parts.stored_scales.reshape(shape[0], -1).clone(), None, zeros)
+        stored = format_of(config).pack(parts, config, shape[0])
+        codes, scales = stored["codes"], stored["scales"]
+        return cls(config, shape, codes, scales, stored.get("scales2"), stored.get("zeros"))
 
     @property
     def blocks_per_row(self) -> int:
@@ -60,16 +56,7 @@ class QuantizedTensor:
 
     def scale_values(self) -> torch.Tensor:
         """The dequantized block scales, float32 (out, blocks_per_row)."""
-        rows, per_row = self.shape[0], self.blocks_per_row
-        if not self.config.quantized_scales:
-            return self.scales.float().reshape(rows, per_row)
-        n = rows * per_row
-        group = self.config.scale_block_size
-        codes = unpack_bits(self.scales, self.config.scale_bits, n).float()
-        codes = torch.nn.functional.pad(codes, (0, self.scales2.numel() * group - n))
-        top = self.scales2.float().unsqueeze(-1)
-        values = codes.reshape(-1, group) / (2**self.config.scale_bits - 1) * top
-        return values.reshape(-1)[:n].reshape(rows, per_row)
+        return format_of(self.config).scale_values(self.tensors(), self.config, self.shape)
 
     def unpacked_codes(self) -> torch.Tensor:
         rows, padded = self.shape[0], self.blocks_per_row * self.config.block_size
@@ -77,12 +64,7 @@ class QuantizedTensor:
 
     def zero_values(self) -> torch.Tensor | None:
         """The stored zero points (out, blocks_per_row): uint8 integers or floats; None if symmetric."""
-        if not self.config.asymmetric:
-            return None
-        rows, per_row = self.shape[0], self.blocks_per_row
-        if self.config.zero == "int":
-            return unpack_bits(self.zeros, self.config.bits, rows * per_row).reshape(rows, per_row)
-        return self.zeros.reshape(rows, per_row)
+        return format_of(self.config).zero_values(self.tensors(), self.config, self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) matrix Q these codes and scales stand for."""
@@ -112,26 +94,23 @@ class QuantizedTensor:
         item = cls(
             config, shape, tensors["codes"], tensors["scales"], tensors.get("scales2"), tensors.get("zeros")
         )
+        family = format_of(config)
         for name, tensor in item.tensors().items():
             if name not in expected:
                 raise ValueError(f"a {config} matrix stores no {name}")
             want = expected[name]
             got = tensor.numel() * tensor.element_size() * 8
-            packed = name == "codes" or (name == "scales" and config.quantized_scales)
-            if packed or (name == "zeros" and config.zero == "int"):
-                ok = tensor.dtype == torch.uint8 and got == math.ceil(want / 8) * 8
-            else:
-                dtype = {"scales2": config.second_level, "zeros": config.zero}.get(name, config.scale_dtype)
-                ok = tensor.dtype == TORCH_DTYPES[dtype] and got == want
+            dtype = family.part_dtype(config, name)
+            # uint8 parts are bit-packed: whole bytes; the others hold exactly their bits
+            ok = tensor.dtype == dtype and got == (math.ceil(want / 8) * 8 if dtype == torch.uint8 else want)
             if not ok:
                 raise ValueError(
                     f"stored {name} of a {shape[0]}x{shape[1]} {config} matrix has "
                     f"{got} bits ({tensor.dtype}), expected {want}"
                 )
-        if config.quantized_scales != (item.scales2 is not None):
-            raise ValueError(f"{config} {'needs' if config.quantized_scales else 'has no'} scales2")
-        if config.asymmetric and item.zeros is None:
-            raise ValueError(f"{config} needs zeros")
+        missing = [name for name in PARTS if name in expected and name not in item.tensors()]
+        if missing:
+            raise ValueError(f"{config} needs {missing[0]}")
         return item
 
     @property
