@@ -12,9 +12,15 @@ from .decomposition import (
 )
 from .lowrank import LOWRANK_METHODS, exact_lowrank, randomized_lowrank
 from .seeds import module_seed
+from .weighting import IDENTITY, Diagonal, Weighting, Whitened, weighting_from
 
 __all__ = [
     "DEFAULT_DAMPING",
+    "IDENTITY",
+    "Diagonal",
+    "Weighting",
+    "Whitened",
+    "weighting_from",
     "LOWRANK_METHODS",
     "Factorization",
     "LoraSettings",
