@@ -259,7 +259,9 @@ def _values(lora, factorization, weighting, options: dict) -> tuple[LoraSettings
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"loftq_batch() got an unexpected keyword argument {unknown[0]!r}")
-    picked = {kind: {k: v for k, v in options.items() if _OPTIONS[k] == kind} for kind in set(_OPTIONS.values())}
+    picked = {kind: {} for kind in set(_OPTIONS.values())}
+    for key, value in options.items():
+        picked[_OPTIONS[key]][key] = value
     lora = dataclasses.replace(lora or LoraSettings(), **picked["lora"])
     factor = {("method" if k == "lowrank" else k): v for k, v in picked["factorization"].items()}
     factorization = dataclasses.replace(factorization or Factorization(), **factor)
@@ -269,7 +271,8 @@ def _values(lora, factorization, weighting, options: dict) -> tuple[LoraSettings
     if weighting is None:
         weighting = weighting_from(**picked["weighting"])
     elif not isinstance(weighting, Weighting):
-        raise BitallocError(f"weighting must be a bitalloc.lora.weighting value, got {type(weighting).__name__}")
+        kind = type(weighting).__name__
+        raise BitallocError(f"weighting must be a bitalloc.lora.weighting value, got {kind}")
     return lora, factorization, weighting
 
 
