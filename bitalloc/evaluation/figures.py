@@ -38,6 +38,7 @@ from ..errors import BitallocError
 from ..fileio import check_name
 from ..names import natural_key
 from ..planning.plan_file import PLAN_FORMAT, Plan
+from ..profiling.objectives import OBJECTIVE_LABELS  # objective -> its error axis label
 from ..quant import QuantConfig
 from .fidelity import EVAL_FORMAT, VARIANTS
 
@@ -48,10 +49,6 @@ FRONTIER_SOLVER = "dp"  # exact, and fast for many budgets
 LOFTQ_MIX = ("nf4-b64-s8b256", "nf2-b64-s8b256")  # the LoftQ paper's mix: first k layers high, rest low
 UNIFORM_BUDGET = 64.0  # bits/param: every uniform config fits
 DPI = 120
-OBJECTIVE_LABELS = {
-    "weight": "total error, log scale\nΣ ‖W − Q − BA‖²_F  (squared weight units)",
-    "activation": "total error, log scale\nΣ ‖(W − Q − BA)·diag(√h)‖²_F  (squared output units)",
-}
 BITS_LABEL = "bits per parameter (exact storage, LoRA not counted)"
 VARIANT_STYLE = {
     "original": {"color": "black", "linestyle": ":", "label": "original"},

@@ -53,6 +53,11 @@ class Weighting:
         """The tensors `loftq_batch` weighs with on ``device``; None: unweighted."""
         return None
 
+    def for_configs(self, device: torch.device | str | None = None) -> Weighting:
+        """The same weighting prepared once on ``device`` to decompose the same matrices in
+        several configs (what is independent of the config computed here)."""
+        return self
+
 
 IDENTITY = Weighting()
 
@@ -146,6 +151,9 @@ class Whitened(Weighting):
         if self.factor is None:
             return Whitened(value[part], self.damping)
         return Whitened(None, self.damping, value[part])
+
+    def for_configs(self, device: torch.device | str | None = None) -> Whitened:
+        return self.factored(device)
 
     def factored(self, device: torch.device | str | None = None) -> Whitened:
         """The same weighting with L computed (float32, on ``device``), to reuse across configs."""

@@ -296,7 +296,7 @@ class Plan:
         `bitalloc.profiling.calibration.Calibrator` that computes the statistics again block
         by block from the recorded calibration text (``calibration``: the text file, if it
         is not at the recorded path) or the same token ids (``calibration_ids``)."""
-        from ..profiling.calibration import statistics_for_plan
+        from ..profiling.objectives import statistics_for_plan
 
         shapes = {name: None for name in self.kept}  # given h covered the kept matrices too
         shapes.update({name: tuple(entry["shape"]) for name, entry in self.modules.items()})
@@ -307,13 +307,10 @@ class Plan:
 
     @property
     def damping(self) -> float:
-        """λ of an output plan's whitening (``calibration.lambda``)."""
-        lam = (self.calibration or {}).get("lambda")
-        if self.objective != "output":
-            return 0.0
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool):
-            raise BitallocError("this output plan does not record its damping (calibration.lambda)")
-        return float(lam)
+        """λ of the plan's weighting (an output plan's ``calibration.lambda``; 0 without one)."""
+        from ..profiling.objectives import get_objective
+
+        return get_objective(self.objective).damping(self.calibration)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

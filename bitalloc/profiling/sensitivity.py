@@ -38,6 +38,7 @@ from torch import nn
 
 from ..checkpoints.runnable import BATCH_TOKENS, find_blocks, run_model, runnable
 from ..errors import BitallocError
+from .memory import release_freed_memory
 
 METHOD = "noise-injection-kl"
 MEMORY_BUDGET = 2 << 30  # bytes of hidden states (all variants of one pass)
@@ -138,8 +139,6 @@ def _slope(pairs: list[tuple[float, float]]) -> float:
 
 
 def _step(bar) -> None:
-    from .profiler import release_freed_memory
-
     bar.update(1)
     release_freed_memory()
 
