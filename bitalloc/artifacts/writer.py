@@ -47,6 +47,7 @@ MAX_SHARD_BYTES = 2 * 1024**3
 DEQUANTIZED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# shape: the public function's documented options (the apply CLI's twin)
 def apply(
     source: str | os.PathLike | torch.nn.Module | Source | None,
     plan: Plan | str | os.PathLike,

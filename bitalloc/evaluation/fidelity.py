@@ -27,6 +27,7 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ DEFAULT_TOKENS = 8192  # tokens of the evaluation text
 DEFAULT_CONTEXT = 512  # window length (causal LMs); longest sentence (encoders)
 
 
+# shape: the public function's documented options (the eval CLI's twin)
 def evaluate(
     model: str | os.PathLike | nn.Module | None = None,
     plan: Plan | str | os.PathLike | None = None,
@@ -133,7 +135,7 @@ def evaluate(
         statistics = plan.statistics(model, calibration=calibration, calibration_ids=calibration_ids,
                                      column_weights=column_weights)  # fmt: skip
         starts = PlanStarts(plan, statistics, torch_device)
-    result = _evaluate(model, plan, starts, text, tokens, context, input_ids, torch_device, quiet)
+    result = _evaluate(model, plan, starts, _Text(text, tokens, context, input_ids), torch_device, quiet)
     result["model"]["source"] = source_name
     result["plan"] = {**plan_info, **_plan_summary(plan)}
     result = _ordered(result)
@@ -172,28 +174,24 @@ def format_evaluation(result: dict) -> str:
 # ---- the run ------------------------------------------------------------------------------
 
 
-def _evaluate(model, plan, starts, text, tokens, context, input_ids, device, quiet) -> dict:
+@dataclass(frozen=True)
+class _Text:
+    """What `evaluate` runs the model over: the first ``tokens`` of ``text`` in windows (or
+    sentences) of ``context``, or ``input_ids`` given directly."""
+
+    text: str | os.PathLike | None
+    tokens: int
+    context: int
+    input_ids: torch.Tensor | None
+
+
+def _evaluate(model, plan: Plan, starts, text: _Text, device: torch.device, quiet: bool) -> dict:
     from tqdm.auto import tqdm
 
     modules = list(plan.modules)
     with runnable(model) as (net, load, tokenizer_dir):
         causal = getattr(net, "get_output_embeddings", lambda: None)() is not None
-        if input_ids is None:
-            tokenizer = load_tokenizer(tokenizer_dir, model)
-            digest = text_sha256(text, "evaluation")  # refuses an empty text before any work
-            corpus = read_text(text, "evaluation")
-            name = describe_text(text, "evaluation")
-        else:
-            tokenizer, corpus = None, None
-            ids = input_ids.to(torch.long).contiguous()
-            name, digest = "input_ids", hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
-        if causal:
-            batches, data = causal_batches(tokenizer, corpus, input_ids, tokens, context)
-            metric = CausalMetric(batches)
-        else:
-            batches, data, order = sentence_batches(tokenizer, corpus, input_ids, tokens, context)
-            metric = EmbeddingMetric(order)
-        data = {"text": name, "text_sha256": digest, **data}
+        batches, data, metric = _batches(model, tokenizer_dir, causal, text)
         try:
             blocks = len(find_blocks(net, modules)[1])
         except BitallocError:
@@ -221,6 +219,27 @@ def _evaluate(model, plan, starts, text, tokens, context, input_ids, device, qui
         "device": device_name,
         "results": metric.results(),
     }
+
+
+def _batches(model, tokenizer_dir, causal: bool, text: _Text):
+    """(batches, the data's record, the metric) for a causal LM's windows or an encoder's sentences."""
+    input_ids, tokens, context = text.input_ids, text.tokens, text.context
+    if input_ids is None:
+        tokenizer = load_tokenizer(tokenizer_dir, model)
+        digest = text_sha256(text.text, "evaluation")  # refuses an empty text before any work
+        corpus = read_text(text.text, "evaluation")
+        name = describe_text(text.text, "evaluation")
+    else:
+        tokenizer, corpus = None, None
+        ids = input_ids.to(torch.long).contiguous()
+        name, digest = "input_ids", hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+    if causal:
+        batches, data = causal_batches(tokenizer, corpus, input_ids, tokens, context)
+        metric = CausalMetric(batches)
+    else:
+        batches, data, order = sentence_batches(tokenizer, corpus, input_ids, tokens, context)
+        metric = EmbeddingMetric(order)
+    return batches, {"text": name, "text_sha256": digest, **data}, metric
 
 
 def _step(bar) -> None:

@@ -67,8 +67,10 @@ def validate_plan_dict(data: object) -> None:
     if bad is not None:
         where, value = bad
         raise BitallocError(f"invalid plan: {where}: {value} is not a finite number (JSON numbers must be)")
+    from ..profiling.objectives import objective_names
+
     try:
-        error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+        error = jsonschema.exceptions.best_match(_validator(objective_names()).iter_errors(data))
     except RecursionError:
         raise BitallocError("invalid plan: nested too deeply") from None
     if error is not None:
@@ -107,11 +109,17 @@ def _check_module(where: str, entry: dict) -> None:
         raise BitallocError(f"{where}/rank: {_shown(entry['rank'])} exceeds the matrix size {_shown(shape)}")
 
 
-@functools.lru_cache(maxsize=1)
-def _validator():
+@functools.lru_cache(maxsize=4)
+def _validator(objectives: tuple[str, ...] = ()):
+    """The schema's validator; ``objectives``: the registered objectives, which replace the
+    shipped file's list of the built-in ones (an objective added in code is valid too)."""
     import jsonschema
 
-    return jsonschema.Draft202012Validator(plan_schema())
+    schema = plan_schema()
+    if objectives:
+        properties = {**schema["properties"], "objective": {"enum": list(objectives)}}
+        schema = {**schema, "properties": properties}
+    return jsonschema.Draft202012Validator(schema)
 
 
 class _NonFinite:

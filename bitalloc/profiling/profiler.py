@@ -42,6 +42,7 @@ from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
 CUDA_BATCH_ELEMENTS = 1 << 27
 
 
+# shape: the public function's documented options; most of its length is the docstring
 def profile(
     model: str | os.PathLike | torch.nn.Module | Source | None = None,
     output: str | os.PathLike | None = None,

@@ -108,6 +108,11 @@ def layer_coefficients(
                     )  # fmt: skip
         finally:
             bar.close()
+    return _sensitivity(modules, sizes, errors, divergences, input_ids, began, len(groups))
+
+
+def _sensitivity(modules, sizes, errors, divergences, input_ids, began: float, passes: int) -> Sensitivity:
+    """The coefficients (slope of KL on injected error) and the run's record."""
     points, coefficients = {}, {}
     for m in modules:
         pairs = [(errors[f"{m}@{k}"], divergences[f"{m}@{k}"]) for k in range(len(sizes))]
@@ -124,7 +129,7 @@ def layer_coefficients(
         "text": "input_ids",
         "text_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
         "modules": len(modules),
-        "passes": len(groups),
+        "passes": passes,
         "seconds": seconds,
     }
     return Sensitivity(coefficients, info, points, seconds)
