@@ -161,7 +161,7 @@ class Decomposer:
         result = loftq(
             weight, config, self.rank, self.iters, lora_alpha=self.alpha,
             seed=module_seed(module, config),
-            **weighting(self.statistics[weighted] if weighted else None, module),
+            weighting=weighting(self.statistics[weighted] if weighted else None, module),
         )  # fmt: skip
         error = result.weighted_error if weighted else result.error
         return result.q.dequantize(), result.lora_A, result.lora_B, result.scaling, error

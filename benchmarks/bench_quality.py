@@ -101,7 +101,7 @@ class Builder:
                 self.original[module] = self.model.get_submodule(module).weight.detach().clone()
             result = loftq(
                 self.original[module], config, self.rank, self.iters, seed=module_seed(module, config),
-                **weighting(statistics, module),
+                weighting=weighting(statistics, module),
             )  # fmt: skip
             error = result.weighted_error if statistics is not None else result.error
             self.cache[key] = (result.q.dequantize() + result.lowrank(), error)

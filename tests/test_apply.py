@@ -191,8 +191,8 @@ def test_interrupted_apply_resumes_and_shards(llama_case, tmp_path, monkeypatch)
         calls.append(1)
         return real_loftq(*args, **kwargs)
 
-    real_loftq = artifacts.loftq
-    monkeypatch.setattr(artifacts, "loftq", failing_loftq)
+    real_loftq = artifacts.decompose
+    monkeypatch.setattr(artifacts, "decompose", failing_loftq)
     target = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         apply(root / "model", plan, target, device="cpu", quiet=True)
@@ -201,7 +201,7 @@ def test_interrupted_apply_resumes_and_shards(llama_case, tmp_path, monkeypatch)
     with pytest.raises(BitallocError, match="holds work for another"):
         apply(root / "model", plan, target, lora_alpha=2.0, device="cpu", quiet=True)
     calls.clear()
-    monkeypatch.setattr(artifacts, "loftq", lambda *a, **k: calls.append(1) or real_loftq(*a, **k))
+    monkeypatch.setattr(artifacts, "decompose", lambda *a, **k: calls.append(1) or real_loftq(*a, **k))
     apply(root / "model", plan, target, device="cpu", quiet=True, max_shard_bytes=150_000)
     assert len(calls) == len(plan.modules) - 5
     assert not Path(f"{target}.partial").exists()

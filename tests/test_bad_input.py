@@ -169,7 +169,7 @@ def interrupted_profile_with(line: bytes):
     def setup(folder: Path) -> None:
         import bitalloc.profiling.profiler as profiler
 
-        real, calls = profiler.loftq_batch, []
+        real, calls = profiler.decompose, []
 
         def dies_on_the_second_matrix(*args, **kwargs):
             calls.append(1)
@@ -177,13 +177,13 @@ def interrupted_profile_with(line: bytes):
                 raise KeyboardInterrupt
             return real(*args, **kwargs)
 
-        profiler.loftq_batch = dies_on_the_second_matrix
+        profiler.decompose = dies_on_the_second_matrix
         try:
             with pytest.raises(KeyboardInterrupt):
                 profiler.profile(folder / "model", folder / "new.parquet", configs=FAST[1].split(","), rank=4,
                                  iters=1, quiet=True)  # fmt: skip
         finally:
-            profiler.loftq_batch = real
+            profiler.decompose = real
         with open(folder / "new.parquet.partial" / "rank-0.jsonl", "ab") as handle:
             handle.write(line)
 

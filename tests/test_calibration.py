@@ -8,7 +8,7 @@ import pytest
 import torch
 from _models import llama_module_names, make_tiny_gguf, make_tiny_llama
 
-import bitalloc.profiling.calibration as calibration_module
+import bitalloc.profiling.collect as collect_module
 from bitalloc.checkpoints.runnable import can_run
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
@@ -164,7 +164,7 @@ def test_calibrated_profile_resumes_and_calibrates_only_unfinished_blocks(
 
     reference, _ = calibrated_profile
     output = tmp_path / "profile.parquet"
-    real = profiler_module.loftq_batch
+    real = profiler_module.decompose
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -173,19 +173,19 @@ def test_calibrated_profile_resumes_and_calibrates_only_unfinished_blocks(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(profiler_module, "loftq_batch", interrupted)
+    monkeypatch.setattr(profiler_module, "decompose", interrupted)
     with pytest.raises(KeyboardInterrupt):
         profile(tiny_dir[0], output, calibration_ids=calibration_ids(), objective="activation", **FAST)
-    monkeypatch.setattr(profiler_module, "loftq_batch", real)
+    monkeypatch.setattr(profiler_module, "decompose", real)
     assert not output.exists()
     hooked: list[str] = []
-    real_hooks = calibration_module._Collector.hooks
+    real_hooks = collect_module._Collector.hooks
 
     def hooks(self, block):
         hooked.extend(self.names)
         return real_hooks(self, block)
 
-    monkeypatch.setattr(calibration_module._Collector, "hooks", hooks)
+    monkeypatch.setattr(collect_module._Collector, "hooks", hooks)
     resumed = profile(tiny_dir[0], output, calibration_ids=calibration_ids(), objective="activation", **FAST)
     assert hooked == NAMES[8:]  # only the unfinished matrices' statistics were computed again
     for column in ("error", "weighted_error"):

@@ -268,13 +268,13 @@ def test_replanning_does_not_profile_again(base, tmp_path, monkeypatch):
     import bitalloc.profiling.profiler as profiler
     from bitalloc.planning.pipeline import plan_files
 
-    real, calls = profiler.loftq_batch, []
+    real, calls = profiler.decompose, []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(profiler, "loftq_batch", counted)
+    monkeypatch.setattr(profiler, "decompose", counted)
     options = dict(configs=["nf2-b64-s8b256", "nf4-b64-s8b256"], rank=4, iters=1, quiet=True)
     plan_files(base / "model", budget=3.5, output=tmp_path / "plan.json", **options)
     first = len(calls)

@@ -263,13 +263,13 @@ SIGTERM_DURING_APPLY = """
 import os, signal, sys
 import bitalloc.artifacts.writer as writer
 from bitalloc.cli import main
-real, calls = writer.loftq, []
+real, calls = writer.decompose, []
 def loftq(*args, **kwargs):
     calls.append(1)
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*args, **kwargs)
-writer.loftq = loftq
+writer.decompose = loftq
 sys.exit(main(["apply", "model", "--plan", "plan.json", "-o", "new", "--quiet"]))
 """
 
@@ -295,7 +295,7 @@ def _interrupted_apply(folder: Path, monkeypatch) -> str:
     """apply killed after its first matrix; returns that matrix's name."""
     import bitalloc.artifacts.writer as writer
 
-    _killed(monkeypatch, writer, "loftq", after=1)
+    _killed(monkeypatch, writer, "decompose", after=1)
     with pytest.raises(KeyboardInterrupt):
         bitalloc.apply(folder / "model", folder / "plan.json", folder / "new", quiet=True)
     monkeypatch.undo()

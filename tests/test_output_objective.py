@@ -100,16 +100,15 @@ def test_covariances_leave_memory_one_block_at_a_time(tiny, tmp_path, monkeypatc
         events.append(f"run {index}")
         return real_step(self, index, *args, **kwargs)
 
-    real_run = profiler_module._run
+    real_run = profiler_module._run_modules
 
-    def run(source, modules, *args, **kwargs):
+    def run(context, modules, statistics=None, **kwargs):
         events.append("profile " + ",".join(sorted({m.split(".")[2] for m in modules})))
-        statistics = args[7]
         assert sorted(statistics) == sorted(modules)  # only this block's statistics are handed over
-        return real_run(source, modules, *args, **kwargs)
+        return real_run(context, modules, statistics, **kwargs)
 
     monkeypatch.setattr(BlockRunner, "step", step)
-    monkeypatch.setattr(profiler_module, "_run", run)
+    monkeypatch.setattr(profiler_module, "_run_modules", run)
     profile(directory, tmp_path / "p.parquet", calibration_ids=ids(), **FAST)
     assert events == ["run 0", "profile 0", "run 1", "profile 1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]  # no statistics on disk
@@ -129,7 +128,7 @@ def test_profile_plan_and_apply_reproduce_the_decomposition_exactly(tiny, output
     source = open_source(directory)
     name, config = "model.layers.1.self_attn.o_proj", CONFIGS[1]
     seed = module_seed(name, config)
-    result = loftq(source.read(name), config, 4, 2, seed=seed, **weighting(covariances, name))
+    result = loftq(source.read(name), config, 4, 2, seed=seed, weighting=weighting(covariances, name))
     row = table[(table.module == name) & (table.config == config)].iloc[0]
     assert row["weighted_error"] == pytest.approx(result.weighted_error, rel=1e-6)
     exact = loftq(
@@ -163,7 +162,7 @@ def test_profile_plan_and_apply_reproduce_the_decomposition_exactly(tiny, output
     for name, config in chosen.assignments.items():
         expected = loftq(
             source.read(name), config, 4, 2, seed=module_seed(name, config), lora_alpha=4,
-            **weighting(covariances, name),
+            weighting=weighting(covariances, name),
         )  # fmt: skip
         row = table[(table.module == name) & (table.config == config)].iloc[0]
         assert expected.weighted_error == pytest.approx(row["weighted_error"], rel=1e-6)
@@ -314,4 +313,4 @@ def test_load_input_statistics_computes_the_profiles_statistics_again(tiny, outp
     assert sorted(found) == sorted(NAMES) and found.damping == 0.01
     for name in NAMES:
         torch.testing.assert_close(found[name], expected[name], rtol=1e-6, atol=1e-9)
-    assert weighting(found, NAMES[0])["damping"] == 0.01
+    assert weighting(found, NAMES[0]).damping == 0.01

@@ -56,7 +56,7 @@ def test_the_free_space_estimate_covers_what_apply_writes(planned):
 
 def test_out_of_memory_splits_the_batch(planned, monkeypatch):
     expected = bitalloc.profile(str(planned / "model"), **FAST)
-    real = profiler.loftq_batch
+    real = profiler.decompose
     sizes = []
 
     def small_device(weights, *args, **kwargs):
@@ -71,7 +71,7 @@ def test_out_of_memory_splits_the_batch(planned, monkeypatch):
             groups[source.shape(module)].append(module)
         return list(groups.values())
 
-    monkeypatch.setattr(profiler, "loftq_batch", small_device)
+    monkeypatch.setattr(profiler, "decompose", small_device)
     monkeypatch.setattr(profiler, "_batches", by_shape)
     table = bitalloc.profile(str(planned / "model"), **FAST)
     assert max(sizes) == 4 and sizes.count(1) == 14 * 2  # q/o: 4 alike, split down to single matrices
@@ -82,7 +82,7 @@ def test_out_of_memory_splits_the_batch(planned, monkeypatch):
 
 
 def test_out_of_memory_on_one_matrix_stops_resumably(planned, monkeypatch, capsys):
-    real = profiler.loftq_batch
+    real = profiler.decompose
     seen = []
 
     def tight_device(weights, *args, **kwargs):
@@ -91,7 +91,7 @@ def test_out_of_memory_on_one_matrix_stops_resumably(planned, monkeypatch, capsy
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(weights, *args, **kwargs)
 
-    monkeypatch.setattr(profiler, "loftq_batch", tight_device)
+    monkeypatch.setattr(profiler, "decompose", tight_device)
     output = planned / "resumed.parquet"
     configs = "nf2-b64-s8b256,nf4-b64-s8b256"
     code = main(["profile", str(planned / "model"), "-o", str(output), "--configs", configs,
@@ -101,9 +101,9 @@ def test_out_of_memory_on_one_matrix_stops_resumably(planned, monkeypatch, capsy
         code == 2 and len(err) == 1 and "ran out of memory on model.layers.1" in err[0] and "resume" in err[0]
     )
     assert not output.exists()
-    monkeypatch.setattr(profiler, "loftq_batch", real)
+    monkeypatch.setattr(profiler, "decompose", real)
     calls = []
-    monkeypatch.setattr(profiler, "loftq_batch", lambda w, *a, **k: calls.append(1) or real(w, *a, **k))
+    monkeypatch.setattr(profiler, "decompose", lambda w, *a, **k: calls.append(1) or real(w, *a, **k))
     resumed = bitalloc.profile(str(planned / "model"), output, **FAST)
     assert len(calls) == 2 * (14 - 8)  # only the matrices not finished before the stop
     fresh = bitalloc.profile(str(planned / "model"), **FAST)

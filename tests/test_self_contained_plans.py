@@ -116,7 +116,7 @@ def test_apply_recomputes_the_profiled_statistics(model_dir, tmp_path):
             config = entry["config"]
             expected = loftq(
                 source.read(name), config, rank=entry["rank"], iters=plan.defaults["iters"], lora_alpha=4,
-                seed=module_seed(name, config), **weighting(covariances, name, record["lambda"]),
+                seed=module_seed(name, config), weighting=weighting(covariances, name, record["lambda"]),
             )  # fmt: skip
             assert expected.weighted_error == pytest.approx(entry["weighted_error"], rel=1e-5)
             b = found[f"base_model.model.{name}.lora_B.weight"]

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,10 +31,11 @@ from ..checkpoints.runnable import check_linears, unexpected_tensors
 from ..devices import resolve_device
 from ..errors import BitallocError, check_path
 from ..fileio import WorkFolder, atomic_path, check_free_space, check_name, save_safetensors
-from ..lora import LoraSettings, loftq, module_seed
+from ..lora import Assignment, LoraSettings, decompose
 from ..lora.decomposition import check_lora_alpha, check_lora_scaling
 from ..planning.plan_file import Plan, most_common
-from ..profiling.calibration import Calibrator, weighting
+from ..profiling.calibrator import Calibrator
+from ..profiling.objectives import get_objective
 from ..profiling.settings import MAX_ITERS
 from ..quant import QuantConfig, QuantizedTensor
 from .hf_quantizer import mark_config, unmark_config
@@ -45,6 +47,7 @@ MAX_SHARD_BYTES = 2 * 1024**3
 DEQUANTIZED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# shape: the public function's documented options (the apply CLI's twin)
 def apply(
     source: str | os.PathLike | torch.nn.Module | Source | None,
     plan: Plan | str | os.PathLike,
@@ -135,8 +138,8 @@ def apply(
     try:
         if verify:
             _verify(plan, matrices, work)
-        _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, (source, statistics),
-               dequantized, dequantized_dtype, max_shard_bytes, unplanned_dtype=unplanned_dtype)  # fmt: skip
+        job = _Job(plan, matrices, ranks, work, lora, torch_device, quiet, source, statistics)
+        _build(job, out, dequantized, dequantized_dtype, max_shard_bytes, unplanned_dtype)
     finally:
         work.folder.close()
     return out
@@ -191,12 +194,30 @@ def _verify(plan: Plan, matrices: Source, work: _WorkDir) -> None:
             )
 
 
-def _build(plan, matrices, ranks, work, out, lora, torch_device, quiet, statistics,
-           dequantized, dequantized_dtype, max_shard_bytes, *, unplanned_dtype=None) -> None:  # fmt: skip
+@dataclass(frozen=True)
+class _Job:
+    """One `apply` run's context: the plan and its matrices (``ranks`` by module), the work
+    folder, the adapter's scaling, where LoftQ runs, and the plan's statistics (None, given
+    h, or a `Calibrator` run on ``model``)."""
+
+    plan: Plan
+    matrices: Source
+    ranks: dict[str, int]
+    work: _WorkDir
+    lora: LoraSettings
+    device: torch.device
+    quiet: bool
+    model: object = None
+    statistics: object = None
+
+
+def _build(job: _Job, out: Path, dequantized: bool, dequantized_dtype: str, max_shard_bytes: int,
+           unplanned_dtype: str | None) -> None:  # fmt: skip
     """Decompose (resumable), write every part into ``OUT.partial/build``, check that it
     loads, and rename it to ``out``."""
-    lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
-    _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, torch_device, quiet, statistics)
+    plan, matrices, ranks, work = job.plan, job.matrices, job.ranks, job.work
+    lora_alpha, use_rslora = job.lora.lora_alpha, job.lora.use_rslora
+    _decompose(job)
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
     _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes, unplanned_dtype)
@@ -343,50 +364,61 @@ class _WorkDir:
         return QuantizedTensor.from_tensors(parts, entry["config"], tuple(entry["shape"]))
 
 
-def _decompose(plan, matrices, ranks, work, lora_alpha, use_rslora, device, quiet, statistics=(None, None)):
+def planned_assignment(plan: Plan, name: str, lora: LoraSettings | None = None) -> Assignment:
+    """How ``plan``'s matrix ``name`` is decomposed: its config and rank, the plan's
+    iterations, and the adapter's scaling (``lora``; alpha None: alpha = r, scaling 1)."""
+    entry = plan.modules[name]
+    rank = int(entry.get("rank", plan.defaults["rank"]))
+    lora = lora or LoraSettings()
+    alpha = (rank or None) if lora.lora_alpha is None else lora.lora_alpha
+    return Assignment(QuantConfig.parse(entry["config"]), rank, plan.defaults["iters"],
+                      LoraSettings(alpha, lora.use_rslora))  # fmt: skip
+
+
+def _decompose(job: _Job) -> None:
     """LoftQ for each planned matrix not yet done, one at a time, saved as it finishes. A
-    data-aware plan's statistics (``statistics``: the model and a `Calibrator`, or given h)
-    are computed block by block for the blocks with matrices to do, each just before them."""
+    data-aware plan's statistics (a `Calibrator`, or given h) are computed block by block for
+    the blocks with matrices to do, each just before them."""
     from tqdm.auto import tqdm
 
-    model, weights = statistics
+    plan, work = job.plan, job.work
+    objective, damping = get_objective(plan.objective), plan.damping
     todo = [name for name in plan.modules if not work.file(name).exists()]
     bar = tqdm(total=len(plan.modules), initial=len(plan.modules) - len(todo), unit="matrix",
-               disable=quiet, dynamic_ncols=True, desc="apply")  # fmt: skip
+               disable=job.quiet, dynamic_ncols=True, desc="apply")  # fmt: skip
     work.matrices.mkdir(exist_ok=True)
 
-    def decompose(name: str, statistic: torch.Tensor | None) -> None:
-        config = QuantConfig.parse(plan.modules[name]["config"])
-        rank = ranks[name]
-        weight, digest = matrices.read_with_digest(name)  # the digest lets `apply --verify` resume
-        result = loftq(
-            weight, config, rank=rank, iters=plan.defaults["iters"],
-            lora_alpha=(rank or None) if lora_alpha is None else lora_alpha, use_rslora=use_rslora,
-            seed=module_seed(name, config), device=device,
-            **weighting(statistic, name, plan.damping),
-        )  # fmt: skip
-        factors = (result.lora_A, result.lora_B)
-        if not math.isfinite(result.rel_error) or not all(bool(torch.isfinite(f).all()) for f in factors):
-            raise BitallocError(f"LoftQ gave non-finite values for {name} (error {result.rel_error!r})")
-        tensors = {f"weight.{part}": t.cpu().contiguous() for part, t in result.q.tensors().items()}
-        tensors["lora_A"] = result.lora_A.float().cpu().contiguous()
-        tensors["lora_B"] = result.lora_B.float().cpu().contiguous()
-        with atomic_path(work.file(name)) as temp:
-            save_safetensors(
-                tensors, str(temp), metadata={"rel_error": repr(result.rel_error), "digest": digest}
-            )
+    def one(name: str, statistic: torch.Tensor | None) -> None:
+        weight, digest = job.matrices.read_with_digest(name)  # the digest lets `apply --verify` resume
+        weighting = objective.weighting(statistic, damping)
+        assignment = planned_assignment(plan, name, job.lora)
+        result = decompose(weight, [name], assignment, weighting, device=job.device)[0]
+        _save_matrix(work, name, result, digest)
         bar.set_postfix_str(f"{name} rel_error {result.rel_error:.4f}")
         bar.update(1)
 
+    statistics = job.statistics
     try:
-        if isinstance(weights, Calibrator):
-            weights.stream(model if model is not None else matrices, todo,
-                           lambda names, found: [decompose(name, found[name]) for name in names])  # fmt: skip
+        if isinstance(statistics, Calibrator):
+            statistics.stream(job.model if job.model is not None else job.matrices, todo,
+                              lambda names, found: [one(name, found[name]) for name in names])  # fmt: skip
         else:
             for name in todo:
-                decompose(name, None if weights is None else weights[name])
+                one(name, None if statistics is None else statistics[name])
     finally:
         bar.close()
+
+
+def _save_matrix(work: _WorkDir, name: str, result, digest: str) -> None:
+    """One decomposed matrix into ``OUT.partial/matrices``, atomically (refusing non-finite factors)."""
+    factors = (result.lora_A, result.lora_B)
+    if not math.isfinite(result.rel_error) or not all(bool(torch.isfinite(f).all()) for f in factors):
+        raise BitallocError(f"LoftQ gave non-finite values for {name} (error {result.rel_error!r})")
+    tensors = {f"weight.{part}": t.cpu().contiguous() for part, t in result.q.tensors().items()}
+    tensors["lora_A"] = result.lora_A.float().cpu().contiguous()
+    tensors["lora_B"] = result.lora_B.float().cpu().contiguous()
+    with atomic_path(work.file(name)) as temp:
+        save_safetensors(tensors, str(temp), metadata={"rel_error": repr(result.rel_error), "digest": digest})
 
 
 # ---- writing ----------------------------------------------------------------------------

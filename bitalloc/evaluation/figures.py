@@ -34,16 +34,13 @@ from pathlib import Path
 
 from ..errors import BitallocError
 from ..fileio import check_name
+from ..profiling.objectives import OBJECTIVE_LABELS  # objective -> its error axis label
 from . import plots
 from .plots import source_name
 from .report_folder import ReportInputs, check_output, mark, read_inputs, replace_folder, save_rows
 from .report_rows import FRONTIER_POINTS, error_rows, eval_rows, frontier_rows, heatmap_rows
 
 DEFAULT_OUTPUT = "report"  # the folder `bitalloc report` writes
-OBJECTIVE_LABELS = {
-    "weight": "total error, log scale\nΣ ‖W − Q − BA‖²_F  (squared weight units)",
-    "activation": "total error, log scale\nΣ ‖(W − Q − BA)·diag(√h)‖²_F  (squared output units)",
-}
 
 
 @dataclass

@@ -11,10 +11,19 @@ from .decomposition import (
     whitening_factor,
 )
 from .lowrank import LOWRANK_METHODS, exact_lowrank, randomized_lowrank
+from .recipe import Assignment, decompose
 from .seeds import module_seed
+from .weighting import IDENTITY, Diagonal, Weighting, Whitened, weighting_from
 
 __all__ = [
+    "Assignment",
+    "decompose",
     "DEFAULT_DAMPING",
+    "IDENTITY",
+    "Diagonal",
+    "Weighting",
+    "Whitened",
+    "weighting_from",
     "LOWRANK_METHODS",
     "Factorization",
     "LoraSettings",

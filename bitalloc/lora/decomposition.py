@@ -2,17 +2,17 @@
 
 Start with A = B = 0 and repeat T times: Q = quant(W - B A); B A = best rank-r
 approximation of W - Q. The error can rise with T on some matrices, so the best
-iterate is kept. With ``column_weights`` h (per input channel, e.g. activation second
-moments) the low-rank step minimizes ||(W - Q - B A) diag(sqrt h)||_F instead, as
-LQ-LoRA does with Fisher weights.
+iterate is kept. The error weighed is a `bitalloc.lora.weighting` value. With `Diagonal`
+h (per input channel, e.g. activation second moments) the low-rank step minimizes
+||(W - Q - B A) diag(sqrt h)||_F instead, as LQ-LoRA does with Fisher weights.
 
-With ``input_covariance`` H = XᵀX/n (the full second moment of the layer's inputs) it
+With `Whitened` H = XᵀX/n (the full second moment of the layer's inputs) it
 minimizes the layer's output error ||(W - Q - B A) X||²/n = ||(W - Q - B A) L||²_F, where
 L Lᵀ = H + λI (Cholesky, λ = ``damping`` · mean(diag H)). The best rank-r correction is
 [(W - Q) L]_r L⁻¹: B = U_r Σ_r^½ and A = Σ_r^½ V_rᵀ L⁻¹ by a triangular solve (L⁻¹ is
 never formed). It is the optimum QERA (arXiv 2410.06040) reaches with a matrix square
 root and EoRA (arXiv 2410.21271) with an eigendecomposition; Cholesky is the cheapest.
-A diagonal H gives the ``column_weights`` path, H = I (λ = 0) plain LoftQ.
+A diagonal H gives the `Diagonal` path, H = I (λ = 0) plain LoftQ.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ from ..errors import BitallocError
 from ..quant import QuantConfig, QuantizedTensor, fake_quantize
 from ..quant.blockwise import check_matrix
 from .lowrank import LOWRANK_METHODS, exact_lowrank, randomized_lowrank
+from .weighting import (  # noqa: F401  (DEFAULT_DAMPING and whitening_factor: re-exported)
+    DEFAULT_DAMPING,
+    IDENTITY,
+    Weighting,
+    check_tensor,
+    weighting_from,
+    whitening_factor,
+)
 
 
 @dataclass
@@ -91,17 +99,6 @@ def check_iters(iters: object) -> None:
     """BitallocError unless ``iters`` is a whole number, 0 <= iters <= MAX_ITERS."""
     if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
         raise BitallocError(f"iters must be a whole number from 0 to {MAX_ITERS}, got {iters!r}")
-
-
-def _check_tensor(value: object, what: str) -> torch.Tensor:
-    """``value`` if it is a tensor with values (not on the meta device), else BitallocError."""
-    if not isinstance(value, torch.Tensor):
-        raise BitallocError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
-    if value.is_meta:
-        raise BitallocError(f"{what} is on the meta device (it has no values): load the weights first")
-    if not value.is_floating_point():
-        raise BitallocError(f"{what} must hold real floating-point values, got {value.dtype}")
-    return value
 
 
 def check_lora_alpha(lora_alpha: object) -> None:
@@ -186,56 +183,21 @@ class Factorization:
     power_iters: int = 4
 
 
-DEFAULT_DAMPING = 0.01  # λ of the whitened step, as a fraction of mean(diag H)
-
-
-def whitening_factor(covariance: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """Lower-triangular L (float64, same batch shape) with L Lᵀ = H + λI, λ = damping · mean(diag H).
-
-    H (..., n, n) must be symmetric, finite, with a positive mean diagonal. When Cholesky
-    fails (H + λI not numerically positive definite: a rank-deficient H with damping 0, or
-    rounding), the diagonal is shifted by the most negative eigenvalue (plus λ, at least
-    1e-10 of the mean diagonal) and Cholesky runs again: the eigenvalue shift fallback.
-    """
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
-        raise BitallocError(f"damping must be a finite number >= 0, got {damping!r}")
-    h = covariance.to(torch.float64)
-    if h.dim() < 2 or h.shape[-1] != h.shape[-2]:
-        raise BitallocError(f"an input covariance must be square (..., n, n), got shape {tuple(h.shape)}")
-    if not bool(torch.isfinite(h).all()):
-        raise BitallocError("the input covariance has NaN or infinite values")
-    h = (h + h.transpose(-1, -2)) / 2
-    mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
-    if bool((mean_diag <= 0).any()):
-        raise BitallocError(
-            "the input covariance is zero (the layer's input was always 0 on the calibration data)"
-        )
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    lam = (damping * mean_diag)[..., None, None]
-    factor, info = torch.linalg.cholesky_ex(h + lam * eye)
-    if bool((info != 0).any()):
-        lowest = torch.linalg.eigvalsh(h)[..., :1, None]  # (..., 1, 1)
-        shift = torch.clamp(-lowest, min=0) + torch.clamp(lam, min=1e-10 * mean_diag[..., None, None])
-        for _ in range(8):
-            factor, info = torch.linalg.cholesky_ex(h + shift * eye)
-            if not bool((info != 0).any()):
-                break
-            shift = shift * 10
-        else:
-            raise BitallocError("the input covariance cannot be made positive definite")
-    return factor
-
-
-# keyword options of loftq_batch -> the settings value they belong to
+# keyword options of loftq_batch -> the value they belong to
 _OPTIONS = {
     "lora_alpha": "lora",
     "use_rslora": "lora",
     "lowrank": "factorization",
     "oversample": "factorization",
     "power_iters": "factorization",
+    "column_weights": "weighting",
+    "input_covariance": "weighting",
+    "damping": "weighting",
+    "whitening": "weighting",
 }
 
 
+# shape: the public function's documented keywords (each a value or a field of one)
 def loftq_batch(
     weights: torch.Tensor,
     config: QuantConfig | str,
@@ -245,10 +207,7 @@ def loftq_batch(
     lora: LoraSettings | None = None,
     factorization: Factorization | None = None,
     seeds: list[int] | None = None,
-    column_weights: torch.Tensor | None = None,
-    input_covariance: torch.Tensor | None = None,
-    damping: float = DEFAULT_DAMPING,
-    whitening: torch.Tensor | None = None,
+    weighting: Weighting | None = None,
     keep_q: bool = True,
     device: str | torch.device | None = None,
     timings: dict[str, float] | None = None,
@@ -256,28 +215,18 @@ def loftq_batch(
 ) -> list[LoftQResult]:
     """LoftQ for a batch of same-shaped matrices (b, out, in), computed in float32.
 
-    ``lora`` sets the factors' scaling and ``factorization`` the rank-r step; the keyword
-    ``options`` ``lora_alpha``, ``use_rslora``, ``lowrank`` (the method), ``oversample`` and
-    ``power_iters`` override single fields. ``column_weights`` (b, in) or (in,) weight the
-    low-rank step and the best-iterate choice (data-aware, diagonal); ``input_covariance``
-    (b, in, in) or (in, in), H of the inputs, whitens them instead (output error, with
-    ``damping`` λ as a fraction of mean(diag H); see the module docstring); the two
-    exclude each other. ``whitening`` is ``whitening_factor(input_covariance, damping)``
-    computed once for several configs of the same matrices. ``seeds`` (one per matrix) seed
-    the randomized factorization. ``timings``, if given, accumulates seconds spent in
-    ``quantize`` and ``factorize``.
+    ``lora`` sets the factors' scaling, ``factorization`` the rank-r step and ``weighting``
+    (`bitalloc.lora.weighting`: `Diagonal` h, `Whitened` H or its factor; default plain
+    LoftQ) the error minimized. The keyword ``options`` override single fields:
+    ``lora_alpha``, ``use_rslora``, ``lowrank`` (the method), ``oversample``,
+    ``power_iters``, and the statistics spelled as tensors: ``column_weights`` (b, in) or
+    (in,) (diagonal), ``input_covariance`` (b, in, in) or (in, in) with ``damping`` λ (a
+    fraction of mean(diag H); see the module docstring) or ``whitening`` (its factor L,
+    computed once for several configs), one of them and not with ``weighting``. ``seeds``
+    (one per matrix) seed the randomized factorization. ``timings``, if given, accumulates
+    seconds spent in ``quantize`` and ``factorize``.
     """
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise TypeError(f"loftq_batch() got an unexpected keyword argument {unknown[0]!r}")
-    lora = dataclasses.replace(lora or LoraSettings(), **{
-        k: v for k, v in options.items() if _OPTIONS[k] == "lora"
-    })  # fmt: skip
-    factor = {
-        ("method" if k == "lowrank" else k): v for k, v in options.items() if _OPTIONS[k] == "factorization"
-    }
-    factorization = dataclasses.replace(factorization or Factorization(), **factor)
-    lora_alpha, lowrank = lora.lora_alpha, factorization.method
+    lora, factorization, weighting = _values(lora, factorization, weighting, options)
     config = QuantConfig.parse(config)
     check_matrix(weights)
     weights = weights.detach()  # results never carry the caller's autograd graph
@@ -285,15 +234,49 @@ def loftq_batch(
         weights = weights.unsqueeze(0)
     if weights.dim() != 3:
         raise BitallocError(f"expected (batch, out, in) matrices, got shape {tuple(weights.shape)}")
-    if lowrank not in LOWRANK_METHODS:
-        raise BitallocError(f"unknown low-rank method {lowrank!r}: expected one of {LOWRANK_METHODS}")
+    if factorization.method not in LOWRANK_METHODS:
+        raise BitallocError(
+            f"unknown low-rank method {factorization.method!r}: expected one of {LOWRANK_METHODS}"
+        )
     batch, rows, cols = weights.shape
     check_rank(rank, (rows, cols))
     check_iters(iters)
-    check_lora_alpha(lora_alpha)
-    check_lora_scaling(rank, lora_alpha, lora.use_rslora)
+    check_lora_scaling(rank, lora.lora_alpha, lora.use_rslora)
     if rank == 0:
         iters = 0  # no low-rank correction: plain quantization
+    seeds = _checked_seeds(seeds, batch)
+    device = resolve_device(device, fallback=weights.device)
+    if device.type == "meta":
+        raise BitallocError("device meta has no values to compute with: use cpu or cuda")
+    bound = weighting.checked(batch, cols).bound(batch, cols, device)  # factored with every thread
+    run = _Run(config, rank, iters, lora, factorization, seeds, keep_q, timings)
+    with torch.no_grad(), one_cpu_thread(device, when=weights.numel() < SINGLE_THREAD_ELEMENTS):
+        return _loftq_batch(weights.to(device=device, dtype=torch.float32), run, bound)
+
+
+def _values(lora, factorization, weighting, options: dict) -> tuple[LoraSettings, Factorization, Weighting]:
+    """``loftq_batch``'s settings values with the keyword ``options`` folded in."""
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"loftq_batch() got an unexpected keyword argument {unknown[0]!r}")
+    picked = {kind: {} for kind in set(_OPTIONS.values())}
+    for key, value in options.items():
+        picked[_OPTIONS[key]][key] = value
+    lora = dataclasses.replace(lora or LoraSettings(), **picked["lora"])
+    factor = {("method" if k == "lowrank" else k): v for k, v in picked["factorization"].items()}
+    factorization = dataclasses.replace(factorization or Factorization(), **factor)
+    spelled = {k: v for k, v in picked["weighting"].items() if k != "damping"}
+    if weighting is not None and any(v is not None for v in spelled.values()):
+        raise BitallocError(f"give weighting or {', '.join(sorted(spelled))}, not both")
+    if weighting is None:
+        weighting = weighting_from(**picked["weighting"])
+    elif not isinstance(weighting, Weighting):
+        kind = type(weighting).__name__
+        raise BitallocError(f"weighting must be a bitalloc.lora.weighting value, got {kind}")
+    return lora, factorization, weighting
+
+
+def _checked_seeds(seeds, batch: int) -> list[int]:
     seeds = [0] * batch if seeds is None else seeds
     if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
         raise BitallocError(f"seeds must be a list of whole numbers, got {type(seeds).__name__}")
@@ -302,108 +285,73 @@ def loftq_batch(
         raise BitallocError(f"got {len(seeds)} seeds for {batch} matrices")
     if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in seeds):
         raise BitallocError(f"seeds must be whole numbers, got {seeds[:3]!r}")
-    device = resolve_device(device, fallback=weights.device)
-    if device.type == "meta":
-        raise BitallocError("device meta has no values to compute with: use cpu or cuda")
-    if column_weights is not None:
-        column_weights = _check_tensor(column_weights, "column_weights").detach()
-        if column_weights.dim() == 1:
-            column_weights = column_weights.unsqueeze(0)
-        count = column_weights.shape[0] if column_weights.dim() == 2 else -1
-        if count not in (1, batch) or column_weights.shape[-1] != cols:
-            raise BitallocError(
-                f"column_weights must be ({cols},) or ({batch}, {cols}) for {batch} ({rows}, {cols}) "
-                f"matrices, got shape {tuple(column_weights.shape)}"
-            )
-        if not bool(torch.isfinite(column_weights).all()) or bool((column_weights <= 0).any()):
-            raise BitallocError("column_weights must be finite and positive (one weight per input column)")
-    if input_covariance is not None:
-        input_covariance = _check_tensor(input_covariance, "input_covariance").detach()
-    factor = None
-    if whitening is not None:
-        whitening = _check_tensor(whitening, "whitening").detach()
-        if input_covariance is not None or column_weights is not None:
-            raise BitallocError("give whitening, input_covariance or column_weights, not two of them")
-        if whitening.dim() == 2:
-            whitening = whitening.unsqueeze(0)
-        if whitening.dim() != 3 or tuple(whitening.shape[-2:]) != (cols, cols):
-            raise BitallocError(f"whitening must be ({cols}, {cols}) per matrix, got {list(whitening.shape)}")
-        factor = whitening.to(device=device, dtype=torch.float32).expand(batch, cols, cols)
-    if input_covariance is not None:
-        if column_weights is not None:
-            raise BitallocError("give column_weights (diagonal) or input_covariance (full), not both")
-        if input_covariance.dim() == 2:
-            input_covariance = input_covariance.unsqueeze(0)
-        if input_covariance.dim() != 3 or tuple(input_covariance.shape[-2:]) != (cols, cols):
-            shape = tuple(input_covariance.shape)
-            raise BitallocError(f"input_covariance must be ({cols}, {cols}) per matrix, got shape {shape}")
-        if input_covariance.shape[0] not in (1, batch):
-            raise BitallocError(f"got {input_covariance.shape[0]} input covariances for {batch} matrices")
-        factor = whitening_factor(input_covariance.to(device), damping)
-        factor = factor.to(torch.float32).expand(batch, cols, cols)
-    with torch.no_grad(), one_cpu_thread(device, when=weights.numel() < SINGLE_THREAD_ELEMENTS):
-        return _loftq_batch(
-            weights.to(device=device, dtype=torch.float32), config, rank, iters, lora, factorization, seeds,
-            column_weights, keep_q, timings, factor,
-        )  # fmt: skip
+    return seeds
 
 
-def _loftq_batch(
-    weight, config, rank, iters, lora, factorization, seeds, column_weights, keep_q, timings, factor=None
-) -> list[LoftQResult]:  # fmt: skip
-    lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
-    lowrank, oversample, power_iters = (
-        factorization.method,
-        factorization.oversample,
-        factorization.power_iters,
+@dataclass(frozen=True)
+class _Run:
+    """One `loftq_batch` call's checked settings."""
+
+    config: QuantConfig
+    rank: int
+    iters: int
+    lora: LoraSettings
+    factorization: Factorization
+    seeds: list[int]
+    keep_q: bool
+    timings: dict[str, float] | None
+
+
+def _sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖²_F per matrix: fp32 pairwise reduction (accurate to ~1e-6 relative), squared in
+    fp64; values whose squares overflow fp32 (|w| > ~1e19) are summed in fp64 instead."""
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1))
+    if not bool(torch.isfinite(norm).all()):
+        norm = torch.linalg.vector_norm(x.double(), dim=(-2, -1))
+    return norm.double() ** 2
+
+
+def _factorize(run: _Run, target: torch.Tensor, step: int, warm):
+    """The rank-r step of iteration ``step`` (warm-started from the previous subspace: later
+    iterations need fewer passes)."""
+    if run.factorization.method == "exact":
+        return exact_lowrank(target, run.rank)
+    power_iters = run.factorization.power_iters
+    return randomized_lowrank(
+        target,
+        run.rank,
+        oversample=run.factorization.oversample,
+        power_iters=power_iters if warm is None else max(1, power_iters // 2),
+        warm_start=warm,
+        seeds=[x + step for x in run.seeds],
     )
+
+
+# shape: the LoftQ iteration with its best-iterate bookkeeping reads best as one piece
+def _loftq_batch(weight: torch.Tensor, run: _Run, bound) -> list[LoftQResult]:
+    config, rank, iters, keep_q = run.config, run.rank, run.iters, run.keep_q
     batch, rows, cols = weight.shape
     device = weight.device
-
-    sqrt_h = None
-    if column_weights is not None:
-        h = column_weights.to(device=device, dtype=torch.float32).expand(batch, cols)
-        sqrt_h = h.sqrt().unsqueeze(1)  # (b, 1, in)
-    weighted = sqrt_h is not None or factor is not None
+    weighted = bound is not None
     # the -mse scale search weighs each block's error per input column: h, or diag(L Lᵀ) = diag(H + λI)
-    search_weights = None
-    if config.search and weighted:
-        search_weights = h if sqrt_h is not None else factor.square().sum(-1)
+    search_weights = bound.search_weights() if config.search and weighted else None
 
     def quantize(x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, config, search_weights)
 
-    def weigh(x: torch.Tensor) -> torch.Tensor:
-        """x·diag(√h), or x·L with L Lᵀ = H + λI: the weighted (output) error's matrix."""
-        return x * sqrt_h if sqrt_h is not None else x @ factor
-
-    def unweigh(vh: torch.Tensor) -> torch.Tensor:
-        """vh·diag(√h)⁻¹, or vh·L⁻¹ by a triangular solve."""
-        if sqrt_h is not None:
-            return vh / sqrt_h
-        return torch.linalg.solve_triangular(factor, vh, upper=False, left=False)
-
-    def sq_norm(x: torch.Tensor) -> torch.Tensor:
-        # fp32 pairwise reduction (accurate to ~1e-6 relative), squared in fp64; values whose
-        # squares overflow fp32 (|w| > ~1e19) are summed in fp64 instead
-        norm = torch.linalg.vector_norm(x, dim=(-2, -1))
-        if not bool(torch.isfinite(norm).all()):
-            norm = torch.linalg.vector_norm(x.double(), dim=(-2, -1))
-        return norm.double() ** 2
-
-    weight_sq = sq_norm(weight)
-    weighted_weight_sq = sq_norm(weigh(weight)) if weighted else weight_sq
+    weigh = bound.weigh if weighted else None
+    weight_sq = _sq_norm(weight)
+    weighted_weight_sq = _sq_norm(weigh(weight)) if weighted else weight_sq
     # iterate 0: plain quantization, A = B = 0
-    clock = _Clock(timings, device)
+    clock = _Clock(run.timings, device)
     q_input = weight
     with clock("quantize"):
         residual = weight - quantize(weight)
-    qlora_sq = sq_norm(residual)
-    err_sq = [qlora_sq]
+    err_sq = [_sq_norm(residual)]
     # the weighted residual: the error's matrix and the next low-rank step's target (with a
     # full L the one big matmul of an iteration, so it is computed once per residual)
     weighted_residual = weigh(residual) if weighted else residual
-    werr_sq = [sq_norm(weighted_residual)] if weighted else err_sq
+    werr_sq = [_sq_norm(weighted_residual)] if weighted else err_sq
     best_score = werr_sq[0].clone()
     best_iter = torch.zeros(batch, dtype=torch.long, device=device)
     best_u = torch.zeros(batch, rows, rank, device=device)
@@ -413,31 +361,20 @@ def _loftq_batch(
     for step in range(1, iters + 1):
         target = weighted_residual
         with clock("factorize"):
-            if lowrank == "exact":
-                u, s, vh = exact_lowrank(target, rank)
-            else:
-                # warm-started from the previous subspace, later iterations need fewer passes
-                u, s, vh = randomized_lowrank(
-                    target,
-                    rank,
-                    oversample=oversample,
-                    power_iters=power_iters if warm is None else max(1, power_iters // 2),
-                    warm_start=warm,
-                    seeds=[x + step for x in seeds],
-                )
+            u, s, vh = _factorize(run, target, step, warm)
         warm = vh.transpose(-1, -2)
         u = u * s.sqrt().unsqueeze(-2)
         vh = vh * s.sqrt().unsqueeze(-1)
-        if factor is not None:
+        if weighted and bound.full:
             # (R - B A) L = R L - U_r Σ_r V_rᵀ since A L = Σ_r^½ V_rᵀ: no in x in matmul
-            werr_sq.append(sq_norm(target - u @ vh))
+            werr_sq.append(_sq_norm(target - u @ vh))
         if weighted:
-            vh = unweigh(vh)
+            vh = bound.unweigh(vh)
         low = u @ vh
         err = residual - low
-        err_sq.append(sq_norm(err))
-        if sqrt_h is not None:
-            werr_sq.append(sq_norm(weigh(err)))
+        err_sq.append(_sq_norm(err))
+        if weighted and not bound.full:
+            werr_sq.append(_sq_norm(weigh(err)))
         improved = werr_sq[-1] < best_score
         if bool(improved.any()):
             mask = improved.view(batch, 1, 1)
@@ -452,24 +389,31 @@ def _loftq_batch(
             with clock("quantize"):
                 residual = weight - quantize(q_input)
             weighted_residual = weigh(residual) if weighted else residual
+    best = (best_iter, best_u, best_vh, best_q_input, search_weights)
+    errors = (err_sq, werr_sq if weighted else None, weight_sq, weighted_weight_sq)
+    return _results(run, best, errors)
 
-    scaling = lora_scaling(rank, lora_alpha, use_rslora)
+
+def _results(run: _Run, best, errors) -> list[LoftQResult]:
+    """One `LoftQResult` per matrix from the kept iterates (``best``) and the error tables."""
+    best_iter, best_u, best_vh, best_q_input, search_weights = best
+    err_sq, werr_sq, weight_sq, weighted_weight_sq = errors
+    scaling = lora_scaling(run.rank, run.lora.lora_alpha, run.lora.use_rslora)
     root = math.sqrt(scaling)
     err_table = torch.stack(err_sq, dim=1).cpu()
-    werr_table = torch.stack(werr_sq, dim=1).cpu() if weighted else None
+    werr_table = torch.stack(werr_sq, dim=1).cpu() if werr_sq is not None else None
     norms = weight_sq.cpu()
     wnorms = weighted_weight_sq.cpu()
     results = []
-    for i in range(batch):
+    for i in range(len(best_iter)):
         k = int(best_iter[i])
-        rel = _relative(err_table[i], norms[i])
         results.append(
             LoftQResult(
-                config=config,
-                rank=rank,
+                config=run.config,
+                rank=run.rank,
                 lora_A=(best_vh[i] / root).contiguous(),
                 lora_B=(best_u[i] / root).contiguous(),
-                errors=rel,
+                errors=_relative(err_table[i], norms[i]),
                 best_iter=k,
                 error=float(err_table[i, k]),
                 qlora_error=float(err_table[i, 0]),
@@ -477,7 +421,7 @@ def _loftq_batch(
                 scaling=scaling,
                 weighted_error=None if werr_table is None else float(werr_table[i, k]),
                 weighted_errors=None if werr_table is None else _relative(werr_table[i], wnorms[i]),
-                q_input=best_q_input[i] if keep_q else None,
+                q_input=best_q_input[i] if run.keep_q else None,
                 search_weights=None if search_weights is None else search_weights[i].clone(),
             )
         )
@@ -509,18 +453,14 @@ def loftq(
     seed = kwargs.pop("seed", None)
     if seed is not None:
         kwargs["seeds"] = [seed]
-    column_weights = kwargs.pop("column_weights", None)
-    if column_weights is not None:
-        column_weights = _check_tensor(column_weights, "column_weights")
-        if column_weights.dim() != 1:
-            raise BitallocError(
-                f"column_weights must be one weight per input column, shape ({weight.shape[1]},), "
-                f"got shape {tuple(column_weights.shape)}"
-            )
-    covariance = kwargs.pop("input_covariance", None)
-    if covariance is not None:
-        covariance = _check_tensor(covariance, "input_covariance")
-        kwargs["input_covariance"] = covariance.unsqueeze(0) if covariance.dim() == 2 else covariance
+    column_weights = kwargs.get("column_weights")
+    if column_weights is not None and check_tensor(column_weights, "column_weights").dim() != 1:
+        raise BitallocError(
+            f"column_weights must be one weight per input column, shape ({weight.shape[1]},), "
+            f"got shape {tuple(column_weights.shape)}"
+        )
+    if kwargs.get("input_covariance") is not None:
+        check_tensor(kwargs["input_covariance"], "input_covariance")
     if lora_alpha is not None:
         kwargs["lora_alpha"] = lora_alpha
-    return loftq_batch(weight.unsqueeze(0), config, rank, iters, column_weights=column_weights, **kwargs)[0]
+    return loftq_batch(weight.unsqueeze(0), config, rank, iters, **kwargs)[0]

@@ -67,8 +67,10 @@ def validate_plan_dict(data: object) -> None:
     if bad is not None:
         where, value = bad
         raise BitallocError(f"invalid plan: {where}: {value} is not a finite number (JSON numbers must be)")
+    from ..profiling.objectives import objective_names
+
     try:
-        error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+        error = jsonschema.exceptions.best_match(_validator(objective_names()).iter_errors(data))
     except RecursionError:
         raise BitallocError("invalid plan: nested too deeply") from None
     if error is not None:
@@ -107,11 +109,17 @@ def _check_module(where: str, entry: dict) -> None:
         raise BitallocError(f"{where}/rank: {_shown(entry['rank'])} exceeds the matrix size {_shown(shape)}")
 
 
-@functools.lru_cache(maxsize=1)
-def _validator():
+@functools.lru_cache(maxsize=4)
+def _validator(objectives: tuple[str, ...] = ()):
+    """The schema's validator; ``objectives``: the registered objectives, which replace the
+    shipped file's list of the built-in ones (an objective added in code is valid too)."""
     import jsonschema
 
-    return jsonschema.Draft202012Validator(plan_schema())
+    schema = plan_schema()
+    if objectives:
+        properties = {**schema["properties"], "objective": {"enum": list(objectives)}}
+        schema = {**schema, "properties": properties}
+    return jsonschema.Draft202012Validator(schema)
 
 
 class _NonFinite:
@@ -296,7 +304,7 @@ class Plan:
         `bitalloc.profiling.calibration.Calibrator` that computes the statistics again block
         by block from the recorded calibration text (``calibration``: the text file, if it
         is not at the recorded path) or the same token ids (``calibration_ids``)."""
-        from ..profiling.calibration import statistics_for_plan
+        from ..profiling.objectives import statistics_for_plan
 
         shapes = {name: None for name in self.kept}  # given h covered the kept matrices too
         shapes.update({name: tuple(entry["shape"]) for name, entry in self.modules.items()})
@@ -307,13 +315,10 @@ class Plan:
 
     @property
     def damping(self) -> float:
-        """λ of an output plan's whitening (``calibration.lambda``)."""
-        lam = (self.calibration or {}).get("lambda")
-        if self.objective != "output":
-            return 0.0
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool):
-            raise BitallocError("this output plan does not record its damping (calibration.lambda)")
-        return float(lam)
+        """λ of the plan's weighting (an output plan's ``calibration.lambda``; 0 without one)."""
+        from ..profiling.objectives import get_objective
+
+        return get_objective(self.objective).damping(self.calibration)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

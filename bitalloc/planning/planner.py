@@ -26,6 +26,7 @@ import pandas as pd
 
 from ..errors import BitallocError
 from ..names import compile_patterns, natural_key
+from ..profiling.objectives import OBJECTIVE_COLUMNS  # objective -> the column it minimizes
 from ..profiling.table import REQUIRED_COLUMNS, read_profile
 from ..quant import QuantConfig
 from .mckp import SOLVERS, solve
@@ -33,7 +34,6 @@ from .plan_file import Plan, _shown, most_common
 
 __all__ = ["Plan", "feasible_range", "parse_sweep", "plan", "sweep"]
 
-OBJECTIVE_COLUMNS = {"weight": "error", "activation": "weighted_error", "output": "weighted_error"}
 LORA_BITS = 16  # LoRA factors are counted at 16 bits when the budget includes them
 MAX_SWEEP = 1000  # budgets in one sweep
 MAX_EXACT_INT = 2**53  # integer columns are read through float64: exact up to here

@@ -10,28 +10,30 @@ ranks by estimated cost; rank 0 merges). Randomized steps are seeded from
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
 from ..checkpoints import Source, open_source
 from ..checkpoints.base import combine_digests
-from ..checkpoints.runnable import runnable
 from ..devices import resolve_device
 from ..errors import BitallocError
 from ..fileio import check_output
-from ..lora import loftq_batch, module_seed
-from ..lora.decomposition import check_rank, whitening_factor
+from ..lora import Assignment, decompose
+from ..lora.decomposition import check_rank
+from ..lora.weighting import IDENTITY, Weighting
 from ..quant import QuantConfig
-from .calibration import calibration_settings, calibrator_for, check_given, given_digest, resolve_objective
+from .calibrator import Calibrator
 from .distributed import Distributed, split_by_cost
 from .layer_weights import layer_weights_path, layer_weights_spec, prepare_layer_weights
+from .memory import release_freed_memory
+from .objectives import Objective, resolve_objective
 from .settings import MAX_ITERS, CalibrationSettings, ProfileSettings, build_settings
 from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
 
@@ -40,6 +42,7 @@ from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
 CUDA_BATCH_ELEMENTS = 1 << 27
 
 
+# shape: the public function's documented options; most of its length is the docstring
 def profile(
     model: str | os.PathLike | torch.nn.Module | Source | None = None,
     output: str | os.PathLike | None = None,
@@ -85,35 +88,8 @@ def profile(
     if dist.world > 1 and output is None:
         raise BitallocError("a torchrun profile needs an output file (-o) to merge the ranks into")
     device = dist.device or resolve_device(device)
-    profile_settings = {
-        "configs": [str(c) for c in grid], "rank": rank, "iters": iters, "lowrank": settings.lowrank,
-    }  # fmt: skip
-    meta = {
-        "format": PROFILE_FORMAT,
-        "source": source.name,
-        "fingerprint": source.fingerprint(),
-        "digest_format": DIGEST_FORMAT,
-        "file_stats": source.file_stats(),
-        "objective": "weight",
-        "settings": profile_settings,
-        "modules": len(source.modules()),
-        "selection": {"include": _listed(settings.include), "exclude": _listed(settings.exclude)},
-    }
     objective = resolve_objective(model, calibration)
-    if objective != "weight":
-        meta["settings"]["calibration"] = calibration_settings(calibration, objective)
-        meta["objective"] = objective
-        if calibration.column_weights is None and not isinstance(model, torch.nn.Module):
-            with runnable(model):  # the model can be built from its config: before any work
-                pass
-    if objective == "output":
-        meta["settings"]["damping"] = float(calibration.damping)
-    if calibration.layer_weights:
-        if objective == "weight":
-            raise BitallocError(
-                "layer weights need a data-aware objective (activation or output), not 'weight'"
-            )
-        meta["settings"]["layer_weights"] = layer_weights_spec(calibration, grid)
+    meta = _metadata(model, source, settings, grid, objective, calibration)
     for module in source.modules():
         if rank > min(source.shape(module)):
             raise BitallocError(f"rank {rank} exceeds the size of {module} {source.shape(module)}")
@@ -121,64 +97,103 @@ def profile(
     store = ProfileStore(output, meta, overwrite, inputs) if output is not None else None
     if output is not None:
         check_output(layer_weights_path(output), inputs)
+    run = _Run(source, grid, meta["settings"], device, store, dist, quiet, stats if stats is not None else {},
+               objective, float(calibration.damping))  # fmt: skip
     try:
-        return _profile(model, output, source, grid, meta, objective, calibration, store, dist, device,
-                        quiet, stats, verify)  # fmt: skip
+        return _profile(run, model, output, meta, calibration, verify)
     finally:
         if store is not None:
             store.close()
+
+
+@dataclass
+class _Run:
+    """One profile run's context, shared by its steps: what is measured (``grid`` and the
+    LoftQ ``settings``: rank, iters, lowrank) where, logged to which ``store``, on which
+    rank of ``dist``; the ``objective`` and its damping λ; ``timings`` accumulates seconds."""
+
+    source: Source
+    grid: list[QuantConfig]
+    settings: dict
+    device: torch.device
+    store: ProfileStore | None
+    dist: Distributed
+    quiet: bool
+    timings: dict
+    objective: Objective
+    damping: float
+
+    def assignment(self, config: QuantConfig) -> Assignment:
+        settings = self.settings
+        return Assignment(config, settings["rank"], settings["iters"], lowrank=settings["lowrank"])
+
+
+# shape: the profile's inputs that its metadata records, each once
+def _metadata(model, source: Source, settings: ProfileSettings, grid: list[QuantConfig], objective: Objective,
+              calibration: CalibrationSettings) -> dict:  # fmt: skip
+    """The profile's metadata before the run: what is measured, on which model, for which
+    objective (its settings are the resume identity)."""
+    profile_settings = {
+        "configs": [str(c) for c in grid], "rank": settings.rank, "iters": settings.iters,
+        "lowrank": settings.lowrank,
+    }  # fmt: skip
+    profile_settings.update(objective.profile_settings(model, calibration))
+    if calibration.layer_weights:
+        if not objective.data_aware:
+            raise BitallocError(
+                f"layer weights need a data-aware objective (activation or output), not {objective.name!r}"
+            )
+        profile_settings["layer_weights"] = layer_weights_spec(calibration, grid)
+    return {
+        "format": PROFILE_FORMAT,
+        "source": source.name,
+        "fingerprint": source.fingerprint(),
+        "digest_format": DIGEST_FORMAT,
+        "file_stats": source.file_stats(),
+        "objective": objective.name,
+        "settings": profile_settings,
+        "modules": len(source.modules()),
+        "selection": {"include": _listed(settings.include), "exclude": _listed(settings.exclude)},
+    }
 
 
 def _listed(patterns) -> list[str] | None:
     return None if patterns is None else list(patterns)
 
 
-def _profile(model, output, source, grid, meta, objective, calibration, store, dist, device, quiet, stats,
-             verify):  # fmt: skip
+def _profile(run: _Run, model, output, meta: dict, calibration: CalibrationSettings, verify: bool):
     """The run itself (profile's arguments checked and its output folder claimed)."""
-    profile_settings = meta["settings"]
+    source, store, dist, stats = run.source, run.store, run.dist, run.timings
     if store is not None:
         finished = dist.first(lambda: store.prepare(source, verify))
         if finished is not None:
-            if not quiet and dist.rank == 0:
+            if not run.quiet and dist.rank == 0:
                 print(f"profile {output} is up to date ({len(finished)} rows)")
             return finished
-    given, calibrator = None, None
-    if objective != "weight":
+    statistics = None
+    if run.objective.data_aware:
         start = time.perf_counter()
         shapes = {m: source.shape(m) for m in source.modules()}
-        if calibration.column_weights is not None:
-            given = check_given(calibration.column_weights, shapes)
-            meta["calibration"] = {"text": "column_weights", "digest": given_digest(given)}
-        else:  # every rank tokenizes and runs the calibration itself: nothing to share
-            calibrator = calibrator_for(model, calibration, objective)
-            meta["calibration"] = dict(calibrator.record)
-        if objective == "output":
-            meta["calibration"]["lambda"] = float(calibration.damping)
+        meta["calibration"], statistics = run.objective.profile_statistics(model, calibration, shapes)
         if calibration.layer_weights:
-            identity = {
-                "fingerprint": meta["fingerprint"],
-                "weights": meta["file_stats"] or source.content_digest(),
-            }
+            weights = meta["file_stats"] or source.content_digest()
+            identity = {"fingerprint": meta["fingerprint"], "weights": weights}
             meta["layer_weights"] = dist.first(
                 lambda: prepare_layer_weights(
-                    model, source, source.modules(), output, identity, calibration, grid, quiet=quiet
+                    model, source, source.modules(), output, identity, calibration, run.grid, quiet=run.quiet
                 )
             )
-        if stats is not None:
-            stats["calibration"] = stats.get("calibration", 0.0) + time.perf_counter() - start
-    timings = stats if stats is not None else {}
+        stats["calibration"] = stats.get("calibration", 0.0) + time.perf_counter() - start
 
     def work():
         done = store.done_modules() if store is not None else {}
         if store is not None:
             store.check_weights(source, done, verify)
         todo = [m for m in source.modules() if m not in done]
-        if calibrator is None:
-            mine = split_by_cost(todo, source, len(grid), dist.world)[dist.rank]
-            return _run(source, mine, grid, profile_settings, device, store, dist.rank, quiet, timings, given)
-        return _run_by_block(source, todo, grid, profile_settings, device, store, dist, quiet, timings,
-                             model, calibrator, float(calibration.damping))  # fmt: skip
+        if isinstance(statistics, Calibrator):
+            return _run_by_block(run, todo, model, statistics)
+        mine = split_by_cost(todo, source, len(run.grid), dist.world)[dist.rank]
+        return _run_modules(run, mine, statistics)
 
     # each guarded step ends every rank with the same error when any rank fails (no rank
     # waits forever in a collective); `each` also waits until every rank's matrices are logged
@@ -195,8 +210,7 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
     return table if table is not None else read_profile(output)
 
 
-def _run_by_block(source, todo, grid, settings, device, store, dist, quiet, timings, model, calibrator,
-                  damping):  # fmt: skip
+def _run_by_block(run: _Run, todo: list[str], model, calibrator: Calibrator) -> dict:
     """The data-aware profile: the calibration runs one block at a time, and each block's
     matrices (this rank's share of them) are profiled while that block's statistics are in
     memory, then dropped. A resumed run hooks only the blocks with unfinished matrices and
@@ -208,16 +222,15 @@ def _run_by_block(source, todo, grid, settings, device, store, dist, quiet, timi
         runner_blocks.setdefault(_block_prefix(module), []).append(module)
     mine = []
     for names in runner_blocks.values():
-        mine += split_by_cost(names, source, len(grid), dist.world)[dist.rank]
+        mine += split_by_cost(names, run.source, len(run.grid), run.dist.world)[run.dist.rank]
     results: dict[str, dict] = {}
-    bar = tqdm(total=len(mine), unit="matrix", disable=quiet or dist.rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=len(mine), unit="matrix", disable=run.quiet or run.dist.rank != 0, dynamic_ncols=True)
 
     def consume(names: list[str], statistics: dict[str, torch.Tensor]) -> None:
-        results.update(_run(source, names, grid, settings, device, store, dist.rank, True, timings,
-                            statistics, damping=damping, bar=bar))  # fmt: skip
+        results.update(_run_modules(run, names, statistics, bar=bar))
 
     try:
-        calibrator.stream(model, mine, consume, timings=timings)
+        calibrator.stream(model, mine, consume, timings=run.timings)
     finally:
         bar.close()
     return results
@@ -244,57 +257,28 @@ def _batches(modules: list[str], source: Source, device: torch.device) -> list[l
     return batches
 
 
-def _run(source, modules, grid, settings, device, store, rank, quiet, timings, column_weights=None, *,
-         damping: float = 0.0, bar=None):  # fmt: skip
-    """Profile ``modules``; ``column_weights``: their h (1-D) or H (2-D) by module, or None."""
+def _run_modules(run: _Run, modules: list[str], statistics=None, *, bar=None) -> dict:
+    """Profile ``modules``; ``statistics``: their statistic by module, or None."""
     from tqdm.auto import tqdm
 
     results: dict[str, dict] = {}
-    batches = _batches(modules, source, device)
+    batches = _batches(modules, run.source, run.device)
     if not batches:
         return results
     own_bar = bar is None
-
-    def read(batch: list[str]) -> tuple[torch.Tensor, list[str]]:
-        start = time.perf_counter()
-        pairs = [source.read_with_digest(m) for m in batch]  # every stored byte hashed as it is read
-        weights = torch.stack([weight for weight, _ in pairs])
-        if device.type == "cuda":
-            weights = weights.pin_memory().to(device, non_blocking=True)
-        timings["read"] = timings.get("read", 0.0) + time.perf_counter() - start
-        return weights, [digest for _, digest in pairs]
-
     if own_bar:
-        bar = tqdm(total=len(modules), unit="matrix", disable=quiet or rank != 0, dynamic_ncols=True)
+        quiet = run.quiet or run.dist.rank != 0
+        bar = tqdm(total=len(modules), unit="matrix", disable=quiet, dynamic_ncols=True)
     started = time.perf_counter()
     configs_done = 0
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(read, batches[0])
+        pending = reader.submit(_read, run, batches[0])
         for index, batch in enumerate(batches):
             weights, digests = pending.result()
             if index + 1 < len(batches):
-                pending = reader.submit(read, batches[index + 1])
-            rows = {m: [] for m in batch}
-            weighting = {}
-            if column_weights is not None and column_weights[batch[0]].dim() == 2:
-                h = torch.stack([column_weights[m] for m in batch]).to(device)
-                # factored once for every config (loftq_batch would do the same per call)
-                weighting = {"whitening": whitening_factor(h, damping).to(torch.float32)}
-                del h
-            elif column_weights is not None:
-                weighting = {"column_weights": torch.stack([column_weights[m] for m in batch])}
-            for config in grid:
-                outcome = _loftq_fitting(weights, batch, config, settings, device, timings, weighting)
-                for module, result in zip(batch, outcome):
-                    rows[module].append(_row(module, tuple(weights.shape[1:]), config, result, settings))
-            for module, digest in zip(batch, digests):
-                if rows[module] and rows[module][0]["weight_norm_sq"] == 0.0:
-                    warnings.warn(f"{module} is all zeros: its error is 0 for every config", stacklevel=2)
-                record = {"module": module, "rows": rows[module], "digest": digest}
-                if store is not None:
-                    store.append(rank, record)
-                results[module] = record
-            configs_done += len(batch) * len(grid)
+                pending = reader.submit(_read, run, batches[index + 1])
+            results.update(_measure(run, batch, weights, digests, statistics))
+            configs_done += len(batch) * len(run.grid)
             bar.set_postfix_str(f"{configs_done / (time.perf_counter() - started):.2f} configs/s")
             bar.update(len(batch))
             del weights
@@ -304,16 +288,49 @@ def _run(source, modules, grid, settings, device, store, rank, quiet, timings, c
     return results
 
 
-def _loftq_fitting(weights, batch, config, settings, device, timings, weighting) -> list:
-    """`loftq_batch` for ``batch`` (names of ``weights``' matrices); when the GPU runs out of
+def _read(run: _Run, batch: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The weights of ``batch`` stacked (on the run's GPU), every stored byte hashed as it is read."""
+    start = time.perf_counter()
+    pairs = [run.source.read_with_digest(m) for m in batch]
+    weights = torch.stack([weight for weight, _ in pairs])
+    if run.device.type == "cuda":
+        weights = weights.pin_memory().to(run.device, non_blocking=True)
+    run.timings["read"] = run.timings.get("read", 0.0) + time.perf_counter() - start
+    return weights, [digest for _, digest in pairs]
+
+
+def _measure(run: _Run, batch: list[str], weights: torch.Tensor, digests: list[str], statistics) -> dict:
+    """Every config of the grid on the same-shaped matrices ``batch``; their logged records."""
+    rows: dict[str, list[dict]] = {m: [] for m in batch}
+    weighting = IDENTITY
+    if statistics is not None:
+        stacked = torch.stack([statistics[m] for m in batch])
+        # prepared once for every config (a whitened weighting's factor: one Cholesky per matrix)
+        weighting = run.objective.weighting(stacked, run.damping).for_configs(run.device)
+        del stacked
+    for config in run.grid:
+        outcome = _loftq_fitting(run, weights, batch, config, weighting)
+        for module, result in zip(batch, outcome):
+            rows[module].append(_row(module, tuple(weights.shape[1:]), config, result, run))
+    results = {}
+    for module, digest in zip(batch, digests):
+        if rows[module] and rows[module][0]["weight_norm_sq"] == 0.0:
+            warnings.warn(f"{module} is all zeros: its error is 0 for every config", stacklevel=3)
+        record = {"module": module, "rows": rows[module], "digest": digest}
+        if run.store is not None:
+            run.store.append(run.dist.rank, record)
+        results[module] = record
+    return results
+
+
+def _loftq_fitting(run: _Run, weights, batch: list[str], config: QuantConfig, weighting: Weighting) -> list:
+    """`decompose` for ``batch`` (names of ``weights``' matrices); when the GPU runs out of
     memory, the batch again in halves, down to one matrix. A single matrix that does not fit
     stops the run with one line: the matrices already finished are kept for a resume."""
+    device = run.device
     try:
-        return loftq_batch(
-            weights, config, settings["rank"], settings["iters"], lowrank=settings["lowrank"],
-            seeds=[module_seed(m, config) for m in batch], keep_q=False, device=device,
-            timings=timings, **weighting,
-        )  # fmt: skip
+        return decompose(weights, batch, run.assignment(config), weighting, keep_q=False, device=device,
+                         timings=run.timings)  # fmt: skip
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -327,31 +344,12 @@ def _loftq_fitting(weights, batch, config, settings, device, timings, weighting)
     half = len(batch) // 2
     results = []
     for part in (slice(0, half), slice(half, len(batch))):
-        halved = {key: value[part] for key, value in weighting.items()}
-        results += _loftq_fitting(weights[part], batch[part], config, settings, device, timings, halved)
+        results += _loftq_fitting(run, weights[part], batch[part], config, weighting.select(part))
     return results
 
 
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc): without it, the fragments of each
-    matrix's temporaries pile up and peak RSS grows with the number of layers."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 (glibc only)
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
-
-
-def _row(module: str, shape: tuple[int, int], config: QuantConfig, result, settings: dict) -> dict:
+def _row(module: str, shape: tuple[int, int], config: QuantConfig, result, run: _Run) -> dict:
+    settings = run.settings
     row = {
         "module": module,
         "shape": f"{shape[0]}x{shape[1]}",
@@ -371,7 +369,7 @@ def _row(module: str, shape: tuple[int, int], config: QuantConfig, result, setti
         "iters": settings["iters"],
     }
     if result.weighted_error is not None:
-        row["weighted_error"] = result.weighted_error
+        row[run.objective.column] = result.weighted_error
     return row
 
 

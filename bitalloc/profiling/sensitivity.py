@@ -36,6 +36,7 @@ from torch import nn
 
 from ..checkpoints.runnable import BATCH_TOKENS, find_blocks, run_model, runnable
 from ..errors import BitallocError
+from .memory import release_freed_memory
 
 METHOD = "noise-injection-kl"
 MEMORY_BUDGET = 2 << 30  # bytes of hidden states (all variants of one pass)
@@ -105,6 +106,11 @@ def layer_coefficients(
                     )  # fmt: skip
         finally:
             bar.close()
+    return _sensitivity(modules, sizes, errors, divergences, input_ids, began, len(groups))
+
+
+def _sensitivity(modules, sizes, errors, divergences, input_ids, began: float, passes: int) -> Sensitivity:
+    """The coefficients (slope of KL on injected error) and the run's record."""
     points, coefficients = {}, {}
     for m in modules:
         pairs = [(errors[f"{m}@{k}"], divergences[f"{m}@{k}"]) for k in range(len(sizes))]
@@ -121,7 +127,7 @@ def layer_coefficients(
         "text": "input_ids",
         "text_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
         "modules": len(modules),
-        "passes": len(groups),
+        "passes": passes,
         "seconds": seconds,
     }
     return Sensitivity(coefficients, info, points, seconds)
@@ -136,8 +142,6 @@ def _slope(pairs: list[tuple[float, float]]) -> float:
 
 
 def _step(bar) -> None:
-    from .profiler import release_freed_memory
-
     bar.update(1)
     release_freed_memory()
 
