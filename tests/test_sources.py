@@ -389,3 +389,24 @@ def test_reading_a_large_checkpoint_keeps_memory_small(tmp_path):
         growths.append(growth)
     growth = sorted(growths)[1]
     assert growth < size / 3, f"peak RSS grew {[g >> 20 for g in growths]} MiB reading {size >> 20} MiB"
+
+
+def test_gguf_parse_and_config_are_reused_until_the_file_changes(tmp_path):
+    """One GGUF file is parsed once per process, however many sources open it; writing the file
+    again (new size or time) parses it again, and the config files follow the new contents."""
+    from bitalloc.checkpoints import gguf as gguf_source
+
+    path = tmp_path / "m.gguf"
+    make_tiny_gguf(path, tiny_llama(num_hidden_layers=1))
+    first, second = GGUFSource(path), GGUFSource(path)
+    assert first._reader is second._reader
+    first.write_config(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    make_tiny_gguf(path, tiny_llama(num_hidden_layers=2))
+    third = GGUFSource(path)
+    assert third._reader is not first._reader
+    assert sorted(third.all_matrices) != sorted(first.all_matrices)
+    third.write_config(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert len(gguf_source._CONFIG_FILES) == len(gguf_source._READERS) == 1

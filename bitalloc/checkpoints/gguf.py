@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
+import threading
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,6 +47,35 @@ _LLAMA_TOP_NAMES = {
 # reads); True where llama.cpp permuted the rows of attn_q/attn_k.
 SUPPORTED_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+# Parsing a GGUF file's metadata (tens of thousands of tokenizer strings) and rebuilding its
+# transformers config and tokenizer take seconds to tens of seconds, and one command opens the
+# same file several times (selection, calibration, the skeleton, the writer). Both are kept
+# per process, keyed by the file's identity, so that a file changed on disk is parsed again.
+_CACHE_LOCK = threading.Lock()
+_READERS: dict[tuple, object] = {}  # identity -> gguf.GGUFReader (the last file only)
+_CONFIG_FILES: dict[tuple, tuple[dict[str, bytes], list[str]]] = {}  # identity -> (files, warnings)
+
+
+def _identity(path: str) -> tuple:
+    stat = os.stat(path)
+    return (os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _reader(path: str):
+    """The parsed file, shared by every source of this file in the process (read-only use)."""
+    import gguf
+
+    key = _identity(path)
+    with _CACHE_LOCK:
+        if key in _READERS:
+            return _READERS[key]
+    reader = gguf.GGUFReader(path)
+    with _CACHE_LOCK:
+        _READERS.clear()  # one file's tensors and fields at a time
+        _READERS[key] = reader
+    return reader
 
 
 def hf_module_name(gguf_name: str) -> str | None:
@@ -87,14 +118,12 @@ class GGUFSource(Source):
         exclude: str | list[str] | None = None,
         modules: list[str] | None = None,
     ) -> None:
-        import gguf
-
         self.path = str(path)
         self.name = str(path)
         if not os.path.isfile(self.path):
             raise BitallocError(f"model not found: {path}")
         try:
-            self._reader = gguf.GGUFReader(self.path)
+            self._reader = _reader(self.path)
         except Exception as err:  # gguf raises ValueError, struct.error, IndexError, ...
             raise BitallocError(f"corrupt or unreadable GGUF file {path}: {err}") from None
         self._architecture = self._field("general.architecture")
@@ -180,14 +209,35 @@ class GGUFSource(Source):
         return torch.from_numpy(np.ascontiguousarray(values))
 
     def write_config(self, folder: Path) -> None:
-        from transformers import AutoConfig, AutoTokenizer
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
+        """config.json and the tokenizer files that transformers rebuilds from the metadata
+        (built once per file and process, then written again from memory)."""
         if self._unnamed:
             warnings.warn(
                 f"GGUF tensors with no transformers name left out: {', '.join(self._unnamed)}", stacklevel=3
             )
+        key = _identity(self.path)
+        with _CACHE_LOCK:
+            cached = _CONFIG_FILES.get(key)
+        if cached is None:
+            with tempfile.TemporaryDirectory(prefix="bitalloc-gguf-config-") as scratch:
+                notes = self._build_config(Path(scratch))
+                files = {p.name: p.read_bytes() for p in sorted(Path(scratch).iterdir()) if p.is_file()}
+            cached = (files, notes)
+            with _CACHE_LOCK:
+                _CONFIG_FILES.clear()
+                _CONFIG_FILES[key] = cached
         folder.mkdir(parents=True, exist_ok=True)
+        files, notes = cached
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+
+    def _build_config(self, folder: Path) -> list[str]:
+        """Writes the config and tokenizer into ``folder``; returns the warnings to give."""
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
         where, file = os.path.dirname(os.path.abspath(self.path)), os.path.basename(self.path)
         try:
             config = AutoConfig.from_pretrained(where, gguf_file=file)
@@ -204,7 +254,8 @@ class GGUFSource(Source):
         try:
             AutoTokenizer.from_pretrained(where, gguf_file=file).save_pretrained(folder)
         except Exception as exc:  # transformers raises many types for missing tokenizer data
-            warnings.warn(f"no tokenizer written: {self.path} has none usable ({exc})", stacklevel=3)
+            return [f"no tokenizer written: {self.path} has none usable ({exc})"]
+        return []
 
     def has_tokenizer(self) -> bool:
         return self._reader.get_field("tokenizer.ggml.tokens") is not None
