@@ -11,6 +11,7 @@ ranks by estimated cost; rank 0 merges). Randomized steps are seeded from
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import os
 import time
@@ -33,7 +34,7 @@ from .calibration import calibration_settings, calibrator_for, check_given, give
 from .distributed import Distributed, split_by_cost
 from .layer_weights import layer_weights_path, layer_weights_spec, prepare_layer_weights
 from .settings import MAX_ITERS, CalibrationSettings, ProfileSettings, build_settings
-from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
+from .table import DIGEST_FORMAT, ProfileMetadata, ProfileStore, read_profile
 
 # GPU batches of same-shaped matrices stay under this many elements (fp32: 4 bytes each,
 # LoftQ holds about six copies)
@@ -88,32 +89,27 @@ def profile(
     profile_settings = {
         "configs": [str(c) for c in grid], "rank": rank, "iters": iters, "lowrank": settings.lowrank,
     }  # fmt: skip
-    meta = {
-        "format": PROFILE_FORMAT,
-        "source": source.name,
-        "fingerprint": source.fingerprint(),
-        "digest_format": DIGEST_FORMAT,
-        "file_stats": source.file_stats(),
-        "objective": "weight",
-        "settings": profile_settings,
-        "modules": len(source.modules()),
-        "selection": {"include": _listed(settings.include), "exclude": _listed(settings.exclude)},
-    }
+    meta = ProfileMetadata(
+        source=source.name, fingerprint=source.fingerprint(), digest_format=DIGEST_FORMAT,
+        file_stats=source.file_stats(), objective="weight", settings=profile_settings,
+        modules=len(source.modules()),
+        selection={"include": _listed(settings.include), "exclude": _listed(settings.exclude)},
+    )  # fmt: skip
     objective = resolve_objective(model, calibration)
     if objective != "weight":
-        meta["settings"]["calibration"] = calibration_settings(calibration, objective)
-        meta["objective"] = objective
+        meta.settings["calibration"] = calibration_settings(calibration, objective)
+        meta.objective = objective
         if calibration.column_weights is None and not isinstance(model, torch.nn.Module):
             with runnable(model):  # the model can be built from its config: before any work
                 pass
     if objective == "output":
-        meta["settings"]["damping"] = float(calibration.damping)
+        meta.settings["damping"] = float(calibration.damping)
     if calibration.layer_weights:
         if objective == "weight":
             raise BitallocError(
                 "layer weights need a data-aware objective (activation or output), not 'weight'"
             )
-        meta["settings"]["layer_weights"] = layer_weights_spec(calibration, grid)
+        meta.settings["layer_weights"] = layer_weights_spec(calibration, grid)
     for module in source.modules():
         if rank > min(source.shape(module)):
             raise BitallocError(f"rank {rank} exceeds the size of {module} {source.shape(module)}")
@@ -136,7 +132,7 @@ def _listed(patterns) -> list[str] | None:
 def _profile(model, output, source, grid, meta, objective, calibration, store, dist, device, quiet, stats,
              verify):  # fmt: skip
     """The run itself (profile's arguments checked and its output folder claimed)."""
-    profile_settings = meta["settings"]
+    profile_settings = meta.settings
     if store is not None:
         finished = dist.first(lambda: store.prepare(source, verify))
         if finished is not None:
@@ -149,18 +145,18 @@ def _profile(model, output, source, grid, meta, objective, calibration, store, d
         shapes = {m: source.shape(m) for m in source.modules()}
         if calibration.column_weights is not None:
             given = check_given(calibration.column_weights, shapes)
-            meta["calibration"] = {"text": "column_weights", "digest": given_digest(given)}
+            meta.calibration = {"text": "column_weights", "digest": given_digest(given)}
         else:  # every rank tokenizes and runs the calibration itself: nothing to share
             calibrator = calibrator_for(model, calibration, objective)
-            meta["calibration"] = dict(calibrator.record)
+            meta.calibration = dict(calibrator.record)
         if objective == "output":
-            meta["calibration"]["lambda"] = float(calibration.damping)
+            meta.calibration["lambda"] = float(calibration.damping)
         if calibration.layer_weights:
             identity = {
-                "fingerprint": meta["fingerprint"],
-                "weights": meta["file_stats"] or source.content_digest(),
+                "fingerprint": meta.fingerprint,
+                "weights": meta.file_stats or source.content_digest(),
             }
-            meta["layer_weights"] = dist.first(
+            meta.layer_weights = dist.first(
                 lambda: prepare_layer_weights(
                     model, source, source.modules(), output, identity, calibration, grid, quiet=quiet
                 )
@@ -375,13 +371,13 @@ def _row(module: str, shape: tuple[int, int], config: QuantConfig, result, setti
     return row
 
 
-def _assemble(modules: list[str], records: dict[str, dict], meta: dict) -> pd.DataFrame:
+def _assemble(modules: list[str], records: dict[str, dict], meta: ProfileMetadata) -> pd.DataFrame:
     missing = [m for m in modules if m not in records]
     if missing:
         raise BitallocError(f"profile incomplete: {len(missing)} matrices missing, e.g. {missing[0]}")
     table = pd.DataFrame([row for m in modules for row in records[m]["rows"]])
     digests = {m: records[m].get("digest") for m in modules}
     if all(digests.values()):
-        meta = dict(meta, tensor_digests=digests, content_digest=combine_digests(digests))
-    table.attrs.update(meta)
+        meta = dataclasses.replace(meta, tensor_digests=digests, content_digest=combine_digests(digests))
+    table.attrs.update(meta.to_attrs())
     return table
