@@ -1,0 +1,177 @@
+"""One matrix's entry in a plan: `ModuleEntry`, a dataclass whose fields are the JSON keys.
+
+The plan file's ``modules`` object maps each quantized matrix to one of these. Each field
+carries its JSON Schema fragment (`bitalloc.planning.schema` builds the plan schema from
+them), so the entry, its key order in the file and the schema are one definition.
+
+For code written against the plan's JSON form, an entry also reads as a read-only mapping
+of its JSON keys (``entry["config"]``, ``"coefficient" in entry``, ``dict(entry)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from ..errors import BitallocError
+from ..quant import QuantConfig
+from ..quant.config import (
+    BLOCK_SIZE_RANGE,
+    FLOAT_DTYPE_BITS,
+    METHODS,
+    SCALE_BLOCK_SIZE_RANGE,
+    SUPPORTED_BITS,
+    SUPPORTED_SCALE_BITS,
+)
+from .schema import keys_of
+
+CONFIG_PATTERN = (
+    "^((nf|int)[0-9]+-b[0-9]+-s(fp32|fp16|bf16|[0-9]+b[0-9]+(fp16|bf16)?)"
+    "|uint[0-9]+-b[0-9]+-s(fp32|fp16|bf16)-z(fp32|fp16|bf16|[0-9]+))(-mse)?$"
+)
+
+
+def _dtypes() -> list[str]:
+    return list(FLOAT_DTYPE_BITS)
+
+
+def _scale_schema() -> dict:
+    """The ``scale`` object: a float scale per block (uint: and its zero point), or quantized
+    scales with a second-level scale per group; ``search`` when the scales were searched."""
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["dtype"],
+                "additionalProperties": False,
+                "properties": {
+                    "dtype": {"enum": _dtypes()},
+                    "zero": {
+                        "description": "uint configs: the zero point's storage, its bits (an integer like "
+                        "the codes) or its float dtype (the scale's).",
+                        "enum": [*SUPPORTED_BITS, *_dtypes()],
+                    },
+                    "search": {
+                        "description": "present when scales were searched for the least error (-mse)",
+                        "enum": ["mse"],
+                    },
+                },
+            },
+            {
+                "type": "object",
+                "required": ["bits", "block_size", "second_level"],
+                "additionalProperties": False,
+                "properties": {
+                    "bits": {"enum": list(SUPPORTED_SCALE_BITS)},
+                    "block_size": {
+                        "type": "integer",
+                        "minimum": SCALE_BLOCK_SIZE_RANGE[0],
+                        "maximum": SCALE_BLOCK_SIZE_RANGE[1],
+                    },  # fmt: skip
+                    "second_level": {"enum": _dtypes()},
+                    "search": {"enum": ["mse"]},
+                },
+            },
+        ]
+    }
+
+
+def _schema(fragment, **options):
+    """A dataclass field whose JSON Schema is ``fragment``."""
+    return field(metadata={"schema": fragment}, **options)
+
+
+NUMBER = {"type": "number", "minimum": 0}
+COUNT = {"type": "integer", "minimum": 1}
+
+
+@dataclass(kw_only=True)
+class ModuleEntry(Mapping):
+    """A planned matrix: its config (the authority) and what the config implies on its shape,
+    the LoRA rank it is decomposed with, and the errors the plan was chosen on."""
+
+    config: str = _schema({
+        "type": "string",
+        "description": "The authority (bitalloc.quant.config): symmetric nf/int with float or quantized "
+        "scales, or asymmetric uint with a zero point (-z), each optionally with the scale search (-mse).",
+        "pattern": CONFIG_PATTERN,
+    })  # fmt: skip
+    method: str = _schema({"enum": list(METHODS)})
+    bits: int = _schema({"enum": list(SUPPORTED_BITS)})
+    block_size: int = _schema(
+        {"type": "integer", "minimum": BLOCK_SIZE_RANGE[0], "maximum": BLOCK_SIZE_RANGE[1]}
+    )
+    scale: dict = _schema(_scale_schema)
+    bits_per_param: float = _schema({"type": "number", "exclusiveMinimum": 0})
+    storage_bits: int = _schema(COUNT)  # exact bits on disk: codes, padding, scales
+    shape: list[int] = _schema({
+        "type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "integer", "minimum": 1},
+    })  # fmt: skip
+    numel: int = _schema(COUNT)
+    rank: int = _schema({"type": "integer", "minimum": 0})  # LoRA rank r of the decomposition
+    error: float = _schema(NUMBER)  # ||W - Q - BA||_F^2 at the profile
+    weighted_error: float | None = _schema(
+        {
+            "description": "Only in data-aware plans (objective activation or output): the matrix's "
+            "weighted (output) error.",
+            **NUMBER,
+        },
+        default=None,
+    )
+    coefficient: float | None = _schema(
+        {
+            "description": "Only in plans with layer_weights: what the solver multiplied weighted_error by.",
+            **NUMBER,
+        },
+        default=None,
+    )
+
+    @classmethod
+    def from_config(cls, config: str | QuantConfig, shape, **values) -> ModuleEntry:
+        """The entry of ``config`` on ``shape``: the config's derived fields and exact storage,
+        plus ``values`` (numel defaults to out·in)."""
+        config = QuantConfig.parse(config)
+        shape = [int(n) for n in shape]
+        values.setdefault("numel", shape[0] * shape[1])
+        return cls(**config.to_dict(), storage_bits=config.storage_bits(tuple(shape)), shape=shape, **values)
+
+    @classmethod
+    def from_dict(cls, data: Mapping, where: str = "invalid plan: modules entry") -> ModuleEntry:
+        """An entry from its JSON form; BitallocError naming a missing or unknown key."""
+        if isinstance(data, ModuleEntry):
+            return data
+        if not isinstance(data, Mapping):
+            raise BitallocError(f"{where}: expected an object, got {type(data).__name__}")
+        unknown = [key for key in data if key not in MODULE_KEYS]
+        if unknown:
+            raise BitallocError(f"{where}: unknown field {unknown[0]!r}")
+        try:
+            return cls(**data)
+        except TypeError:
+            missing = [
+                f.name for f in dataclasses.fields(cls) if f.default is not None and f.name not in data
+            ]
+            raise BitallocError(f"{where}: missing field {missing[0]!r}") from None
+
+    def to_dict(self) -> dict:
+        """The JSON form, keys in the documented order; optional fields only when set."""
+        return {key: getattr(self, key) for key in MODULE_KEYS if getattr(self, key) is not None}
+
+    # ---- the read-only mapping view of the JSON form ------------------------------------
+    def __getitem__(self, key: str):
+        value = getattr(self, key, None) if key in MODULE_KEYS else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    __hash__ = None  # mutable, like the dict it replaces
+
+
+MODULE_KEYS = keys_of(ModuleEntry)  # the entry's key order in the file (the contract)
