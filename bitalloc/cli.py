@@ -229,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one error line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
+    _add_profile_command(commands, choices)
+    _add_plan_command(commands, choices)
+    _add_apply_command(commands, choices)
+    _add_eval_command(commands)
+    _add_report_command(commands)
+    _add_export_command(commands, choices)
+    return parser
+
+
+def _add_profile_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``profile`` command's arguments."""
     prof = commands.add_parser("profile", help="measure every matrix x config (LoftQ error, storage)")
     _model_argument(prof, "HF model folder, .safetensors or .gguf file (default: the demo model)")
     prof.add_argument(
@@ -243,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_options(prof, choices)
     prof.set_defaults(func=cmd_profile)
 
+
+def _add_plan_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``plan`` command's arguments."""
     pl = commands.add_parser("plan", help="allocate configs under a bits/param budget (ILP)")
     _model_argument(pl, "model to profile first (cached next to -o); default: the demo model")
     pl.add_argument("--budget", type=float, default=None, help="average bits per parameter, e.g. 2.5")
@@ -278,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_options(pl, choices)
     pl.set_defaults(func=cmd_plan)
 
+
+def _add_apply_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``apply`` command's arguments."""
     ap = commands.add_parser("apply", help="build the quantized backbone and LoftQ LoRA adapter of a plan")
     _model_argument(ap, "HF model folder, .safetensors or .gguf file (default: the demo model)")
     ap.add_argument("--plan", required=True, help="plan JSON from `bitalloc plan`")
@@ -306,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.set_defaults(func=cmd_apply)
 
+
+def _add_eval_command(commands) -> None:
+    """The ``eval`` command's arguments."""
     ev = commands.add_parser(
         "eval", help="perplexity, KL and top-1 of a plan's LoftQ and QLoRA starts against the original"
     )
@@ -327,11 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_report_command(commands) -> None:
+    """The ``report`` command's arguments."""
     rp = commands.add_parser("report", help="figures (PNG, CSV, README.md) of a profile, plans, evals")
     rp.add_argument("inputs", nargs="+", help="profile.parquet, plan JSON and `bitalloc eval` JSON files")
     rp.add_argument("-o", "--output", default=None, help="output folder (default report/)")
     rp.set_defaults(func=cmd_report)
 
+
+def _add_export_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``export`` command's arguments."""
     ex = commands.add_parser("export", help="write the plan as another quantizer's config")
     ex.add_argument("plan", help="plan JSON from `bitalloc plan` (best from a --rank 0 profile)")
     ex.add_argument("--to", required=True, metavar="TARGET", choices=choices["target"],
@@ -344,7 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="hqq: a per-module dict for HQQLinear (plans not uniform per tag)",
     )
     ex.set_defaults(func=cmd_export)
-    return parser
 
 
 class _Parser(argparse.ArgumentParser):

@@ -35,6 +35,7 @@ MAX_SWEEP = 1000  # budgets in one sweep
 
 
 # ---- public API ----------------------------------------------------------------------------
+# shape: the public API's keyword-only constraints (fields of `constraints.Constraints`)
 def plan(
     profile_table: pd.DataFrame,
     budget: float = 2.5,
