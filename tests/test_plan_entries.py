@@ -38,6 +38,8 @@ def test_entry_reads_as_its_json_mapping():
     assert entry["config"] == "nf2-b64-s8b256" and entry.get("rank") == 4
     assert "coefficient" not in entry and entry.get("coefficient") is None
     assert dict(entry) == entry.to_dict() and list(entry) == [k for k in MODULE_KEYS if k in entry.to_dict()]
+    assert entry == entry.to_dict() and entry == ModuleEntry.from_dict(entry.to_dict())
+    assert entry != {**entry.to_dict(), "rank": 5} and entry != dataclasses.replace(entry, rank=5)
     with pytest.raises(KeyError):
         entry["nonsense"]
     weighted = dataclasses.replace(entry, weighted_error=0.25, coefficient=2.0)

@@ -171,6 +171,12 @@ class ModuleEntry(Mapping):
     def __len__(self) -> int:
         return len(self.to_dict())
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to an entry or a mapping with the same JSON form."""
+        if isinstance(other, Mapping):
+            return self.to_dict() == dict(other)
+        return NotImplemented
+
     __hash__ = None  # mutable, like the dict it replaces
 
 

@@ -23,7 +23,7 @@ from ..errors import BitallocError
 from ..fileio import check_output
 from ..profiling.profiler import profile
 from ..profiling.settings import CalibrationSettings, ProfileSettings, build_settings
-from ..profiling.table import read_profile
+from ..profiling.table import profile_metadata, read_profile
 from .plan_file import Plan
 from .planner import parse_sweep, plan, sweep
 
@@ -208,7 +208,7 @@ def plan_files(
         cache = profile_cache_path(output, model, settings, calibration)
         table = profile(model, cache, settings, calibration, quiet=quiet)
     start = time.perf_counter()
-    source = table.attrs.get("source")
+    source = profile_metadata(table).source
     if sweep_budgets is None:
         plans = [plan(table, budget, source=source, **constraints.as_kwargs())]
         used = [float(budget)]
