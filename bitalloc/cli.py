@@ -24,17 +24,32 @@ def _strs(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-# CLI option -> keyword option of `bitalloc.profile` (None when the user did not give it)
-PROFILE_FLAGS = {
-    "bits": "bits", "block_sizes": "block_sizes", "method": "methods", "scales": "scales",
-    "configs": "configs", "rank": "rank", "iters": "iters", "lowrank": "lowrank", "device": "device",
-    "include": "include", "exclude": "exclude", "objective": "objective",
-    "calibration_tokens": "calibration_tokens", "damping": "damping", "layer_weights": "layer_weights",
-    "layer_tokens": "layer_tokens",
-}  # fmt: skip
+def _profile_flags() -> dict[str, str]:
+    """argparse destination -> keyword option of `bitalloc.profile`, from the library's one
+    table of option names (`bitalloc.profiling.settings.OPTIONS`)."""
+    from .profiling.settings import OPTIONS
+
+    return {option.dest: option.keyword for option in OPTIONS if option.flag is not None}
 
 
-def _add_profile_options(parser: argparse.ArgumentParser) -> None:
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The enumerations the CLI offers, read from the library's registries (never copied)."""
+    from .artifacts.writer import DEQUANTIZED_DTYPES
+    from .export import TARGETS
+    from .lora.lowrank import LOWRANK_METHODS
+    from .planning.mckp import SOLVERS
+    from .planning.planner import OBJECTIVE_COLUMNS
+
+    return {
+        "objective": ("auto", *OBJECTIVE_COLUMNS),
+        "solver": tuple(SOLVERS),
+        "lowrank": tuple(LOWRANK_METHODS),
+        "target": tuple(TARGETS),
+        "dtype": tuple(DEQUANTIZED_DTYPES),
+    }
+
+
+def _add_profile_options(parser: argparse.ArgumentParser, choices: dict[str, tuple[str, ...]]) -> None:
     group = parser.add_argument_group("profile settings (defaults: bitalloc.ProfileSettings)")
     group.add_argument("--bits", type=_ints, help="code bits (default 2,3,4,8)")
     group.add_argument("--block-sizes", type=_ints, help="block sizes B0 (default 32,64,128)")
@@ -49,7 +64,7 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--rank", type=int, help="LoRA rank r (default 16)")
     group.add_argument("--iters", type=int, help="LoftQ iterations T (default 5)")
-    group.add_argument("--lowrank", choices=["randomized", "exact"])
+    group.add_argument("--lowrank", choices=choices["lowrank"])
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     group.add_argument(
         "--include",
@@ -60,7 +75,7 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exclude", action="append", metavar="REGEX")
     group.add_argument(
         "--objective",
-        choices=["auto", "output", "activation", "weight"],
+        choices=choices["objective"],
         help="error to minimize: weight ||W - Q - BA||^2; output: the layer's output error on "
         "calibration text (full input covariance); activation: its diagonal approximation; auto: "
         "output when the model can be run (config and tokenizer). Default: auto for plan; for "
@@ -90,7 +105,7 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
 def _profile_options(args: argparse.Namespace) -> dict:
     """Only the profile options the user gave: the library owns every default."""
     return {
-        key: getattr(args, flag) for flag, key in PROFILE_FLAGS.items() if getattr(args, flag) is not None
+        key: getattr(args, flag) for flag, key in _profile_flags().items() if getattr(args, flag) is not None
     }
 
 
@@ -210,9 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"bitalloc {__version__}")
+    choices = _choices()
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one error line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
+    _add_profile_command(commands, choices)
+    _add_plan_command(commands, choices)
+    _add_apply_command(commands, choices)
+    _add_eval_command(commands)
+    _add_report_command(commands)
+    _add_export_command(commands, choices)
+    return parser
+
+
+def _add_profile_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``profile`` command's arguments."""
     prof = commands.add_parser("profile", help="measure every matrix x config (LoftQ error, storage)")
     _model_argument(prof, "HF model folder, .safetensors or .gguf file (default: the demo model)")
     prof.add_argument(
@@ -224,9 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-hash every weight when resuming or reusing (default: changed files)",
     )
-    _add_profile_options(prof)
+    _add_profile_options(prof, choices)
     prof.set_defaults(func=cmd_profile)
 
+
+def _add_plan_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``plan`` command's arguments."""
     pl = commands.add_parser("plan", help="allocate configs under a bits/param budget (ILP)")
     _model_argument(pl, "model to profile first (cached next to -o); default: the demo model")
     pl.add_argument("--budget", type=float, default=None, help="average bits per parameter, e.g. 2.5")
@@ -244,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", default="plan.json", help="plan to write (default plan.json)")
     pl.add_argument(
         "--solver",
-        choices=["cbc", "highs", "dp"],
+        choices=choices["solver"],
         default="cbc",
-        help="cbc (PuLP), highs (scipy) or dp (exact dynamic program); all prove optimality",
+        help=f"one of {', '.join(choices['solver'])} (see bitalloc.plan); all prove optimality",
     )
     pl.add_argument("--count-lora", action="store_true", help="count the 16-bit LoRA factors in the budget")
     pl.add_argument(
@@ -259,9 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-bits", type=int, default=None)
     pl.add_argument("--pin", action="append", metavar="REGEX=CONFIG", help="force a config")
     pl.add_argument("--keep", action="append", metavar="REGEX", help="leave in 16 bits, outside the budget")
-    _add_profile_options(pl)
+    _add_profile_options(pl, choices)
     pl.set_defaults(func=cmd_plan)
 
+
+def _add_apply_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``apply`` command's arguments."""
     ap = commands.add_parser("apply", help="build the quantized backbone and LoftQ LoRA adapter of a plan")
     _model_argument(ap, "HF model folder, .safetensors or .gguf file (default: the demo model)")
     ap.add_argument("--plan", required=True, help="plan JSON from `bitalloc plan`")
@@ -272,9 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dequantized", action="store_true",
         help="also write OUT/dequantized/, a plain checkpoint with Q as 16-bit weights",
     )  # fmt: skip
-    ap.add_argument("--dequantized-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--dequantized-dtype", choices=choices["dtype"], default="bf16")
     ap.add_argument(
-        "--unplanned-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+        "--unplanned-dtype", choices=choices["dtype"], default=None,
         help="dtype of the tensors outside the plan (default: as stored; a GGUF's quantized ones bf16)",
     )  # fmt: skip
     ap.add_argument(
@@ -290,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.set_defaults(func=cmd_apply)
 
+
+def _add_eval_command(commands) -> None:
+    """The ``eval`` command's arguments."""
     ev = commands.add_parser(
         "eval", help="perplexity, KL and top-1 of a plan's LoftQ and QLoRA starts against the original"
     )
@@ -311,15 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_report_command(commands) -> None:
+    """The ``report`` command's arguments."""
     rp = commands.add_parser("report", help="figures (PNG, CSV, README.md) of a profile, plans, evals")
     rp.add_argument("inputs", nargs="+", help="profile.parquet, plan JSON and `bitalloc eval` JSON files")
     rp.add_argument("-o", "--output", default=None, help="output folder (default report/)")
     rp.set_defaults(func=cmd_report)
 
+
+def _add_export_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``export`` command's arguments."""
     ex = commands.add_parser("export", help="write the plan as another quantizer's config")
     ex.add_argument("plan", help="plan JSON from `bitalloc plan` (best from a --rank 0 profile)")
-    ex.add_argument("--to", required=True, metavar="TARGET",
-                    help="gptqmodel, autoround, llamacpp, compressed-tensors, torchao or hqq")  # fmt: skip
+    ex.add_argument("--to", required=True, metavar="TARGET", choices=choices["target"],
+                    help=", ".join(choices["target"]))  # fmt: skip
     ex.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
     ex.add_argument("--imatrix", action="store_true", help="llamacpp: an importance matrix will be given")
     ex.add_argument(
@@ -328,7 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="hqq: a per-module dict for HQQLinear (plans not uniform per tag)",
     )
     ex.set_defaults(func=cmd_export)
-    return parser
 
 
 class _Parser(argparse.ArgumentParser):

@@ -80,7 +80,7 @@ def llama_case(tmp_path_factory):
     plan = make_plan(table, 3.0)
     for name, entry in plan.modules.items():
         if ".layers.1.mlp." in name:
-            entry["rank"] = 4  # different ranks: the adapter needs rank_pattern/alpha_pattern
+            entry.rank = 4  # different ranks: the adapter needs rank_pattern/alpha_pattern
     plan_path = root / "plan.json"
     plan.save(plan_path)
     out = apply(root / "model", plan_path, root / "out", dequantized=True, device="cpu", quiet=True)

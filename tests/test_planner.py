@@ -626,7 +626,7 @@ def test_save_refuses_a_non_finite_plan_before_writing(tmp_path):
     path = result.save(tmp_path / "plan.json")
     before = path.read_bytes()
     name = next(iter(result.modules))
-    result.modules[name]["error"] = float("nan")
+    result.modules[name].error = float("nan")
     for write in (lambda: result.save(path), lambda: result.save(tmp_path / "new.json"), result.to_json):
         with pytest.raises(
             BitallocError, match=f"modules/{re.escape(name)}/error: nan is not a finite number"

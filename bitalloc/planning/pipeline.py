@@ -23,7 +23,7 @@ from ..errors import BitallocError
 from ..fileio import check_output
 from ..profiling.profiler import profile
 from ..profiling.settings import CalibrationSettings, ProfileSettings, build_settings
-from ..profiling.table import read_profile
+from ..profiling.table import profile_metadata, read_profile
 from .plan_file import Plan
 from .planner import parse_sweep, plan, sweep
 
@@ -142,6 +142,28 @@ def profile_cache_path(
     return Path(output).parent / CACHE_FOLDER / f"profile-{digest}.parquet"
 
 
+def _sweep_budgets(budget: float | None, budgets: str | list[float] | None) -> list | None:
+    """The sweep's budgets (None for a single budget); BitallocError for neither, both, an
+    empty sweep or a budget given twice (each budget writes one plan file)."""
+    if budget is None and budgets is None:
+        raise BitallocError("give a budget (e.g. --budget 2.5) or a sweep (--sweep START:STOP:STEP)")
+    if budget is not None and budgets is not None:
+        raise BitallocError("give a budget or a sweep, not both")
+    sweep_budgets = parse_sweep(budgets) if isinstance(budgets, str) else budgets
+    if sweep_budgets is not None and not sweep_budgets:
+        raise BitallocError("no budgets to sweep")
+    if sweep_budgets is not None:
+        seen: set[float] = set()
+        for value in sweep_budgets:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                break  # `sweep` names the bad value
+            if float(value) in seen:
+                raise BitallocError(f"budget {value:g} is given twice: each budget writes one plan file")
+            seen.add(float(value))
+    return sweep_budgets
+
+
+# shape: the public API's keyword arguments (the CLI's `plan` options), all keyword-only
 def plan_files(
     model: str | os.PathLike | None = None,
     *,
@@ -162,21 +184,7 @@ def plan_files(
     a data-aware plan records its calibration data, no side file). Profile
     ``settings``/``calibration``/keyword ``options`` apply to a model, and are refused
     with a profile file (it was measured with its own settings)."""
-    if budget is None and budgets is None:
-        raise BitallocError("give a budget (e.g. --budget 2.5) or a sweep (--sweep START:STOP:STEP)")
-    if budget is not None and budgets is not None:
-        raise BitallocError("give a budget or a sweep, not both")
-    sweep_budgets = parse_sweep(budgets) if isinstance(budgets, str) else budgets
-    if sweep_budgets is not None and not sweep_budgets:
-        raise BitallocError("no budgets to sweep")
-    if sweep_budgets is not None:
-        seen: set[float] = set()
-        for value in sweep_budgets:
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                break  # `sweep` names the bad value
-            if float(value) in seen:
-                raise BitallocError(f"budget {value:g} is given twice: each budget writes one plan file")
-            seen.add(float(value))
+    sweep_budgets = _sweep_budgets(budget, budgets)
     constraints = constraints or PlanConstraints()
     paths = [Path(output)] if sweep_budgets is None else [sweep_path(output, b) for b in sweep_budgets]
     text = calibration.text if isinstance(calibration, CalibrationSettings) else calibration
@@ -200,7 +208,7 @@ def plan_files(
         cache = profile_cache_path(output, model, settings, calibration)
         table = profile(model, cache, settings, calibration, quiet=quiet)
     start = time.perf_counter()
-    source = table.attrs.get("source")
+    source = profile_metadata(table).source
     if sweep_budgets is None:
         plans = [plan(table, budget, source=source, **constraints.as_kwargs())]
         used = [float(budget)]

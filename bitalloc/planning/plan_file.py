@@ -1,7 +1,7 @@
 """The plan file: the `Plan` dataclass and its JSON form (``bitalloc.plan/v2``; v1 plans load).
 
-The JSON layout is a contract described by ``bitalloc/planning/plan.schema.json``;
-`Plan.from_json` validates against it. Writing is
+The JSON layout is a contract (docs/architecture.md, "Plan JSON") described by
+``bitalloc/plan.schema.json``; `Plan.from_json` validates against it. Writing is
 deterministic (fixed key order, no timings), so the same plan gives the same bytes.
 """
 
@@ -14,41 +14,54 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from ..errors import BitallocError, check_path
 from ..fileio import write_text_atomic
+from ..lora.decomposition import MAX_ITERS
 from ..quant import QuantConfig
+from . import mckp, objectives
+from .entry import MODULE_KEYS, ModuleEntry
+from .schema import object_schema
+
+__all__ = [
+    "MODULE_KEYS",
+    "PLAN_FORMAT",
+    "PLAN_FORMATS",
+    "ModuleEntry",
+    "Plan",
+    "plan_schema",
+    "validate_plan_dict",
+]
 
 PLAN_FORMAT = "bitalloc.plan/v2"
 PLAN_FORMATS = ("bitalloc.plan/v1", PLAN_FORMAT)  # what loads
+SCHEMA_FILE = Path(__file__).with_name("plan.schema.json")  # the generated schema, shipped in the wheel
 
 
-# Key order of a per-module entry in the file (the contract); `weighted_error` only in
-# data-aware plans.
-MODULE_KEYS = (
-    "config",
-    "method",
-    "bits",
-    "block_size",
-    "scale",
-    "bits_per_param",
-    "storage_bits",
-    "shape",
-    "numel",
-    "rank",
-    "error",
-    "weighted_error",
-    "coefficient",
-)
-
-
-@functools.lru_cache(maxsize=1)
 def plan_schema() -> dict:
-    """The plan's JSON Schema (draft 2020-12), shipped as ``bitalloc/planning/plan.schema.json``."""
-    text = resources.files("bitalloc.planning").joinpath("plan.schema.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    """The plan's JSON Schema (draft 2020-12), generated from `Plan` and `ModuleEntry` with the
+    solvers and objectives registered now; ``plan.schema.json`` is this with the built-in ones."""
+    return json.loads(json.dumps(_schema_for(tuple(mckp.SOLVERS), tuple(objectives.OBJECTIVE_COLUMNS))))
+
+
+def schema_text() -> str:
+    """`plan_schema` as the text of ``plan.schema.json``."""
+    return json.dumps(plan_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+@functools.lru_cache(maxsize=8)
+def _schema_for(solvers: tuple, objectives: tuple) -> dict:
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/bitalloc/bitalloc/plan.schema.json",
+        "title": "bitalloc plan",
+        "description": "One quantization config per weight matrix under an average bit budget "
+        "(DESIGN.md, 'Plan JSON'). Generated from bitalloc.planning.plan_file.Plan and "
+        "bitalloc.planning.entry.ModuleEntry: python -m bitalloc.planning.plan_file",
+        **object_schema(Plan),
+        "$defs": {"module": object_schema(ModuleEntry)},
+    }
 
 
 def validate_plan_dict(data: object) -> None:
@@ -67,10 +80,8 @@ def validate_plan_dict(data: object) -> None:
     if bad is not None:
         where, value = bad
         raise BitallocError(f"invalid plan: {where}: {value} is not a finite number (JSON numbers must be)")
-    from ..profiling.objectives import objective_names
-
     try:
-        error = jsonschema.exceptions.best_match(_validator(objective_names()).iter_errors(data))
+        error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
     except RecursionError:
         raise BitallocError("invalid plan: nested too deeply") from None
     if error is not None:
@@ -109,17 +120,15 @@ def _check_module(where: str, entry: dict) -> None:
         raise BitallocError(f"{where}/rank: {_shown(entry['rank'])} exceeds the matrix size {_shown(shape)}")
 
 
-@functools.lru_cache(maxsize=4)
-def _validator(objectives: tuple[str, ...] = ()):
-    """The schema's validator; ``objectives``: the registered objectives, which replace the
-    shipped file's list of the built-in ones (an objective added in code is valid too)."""
+def _validator():
+    return _validator_for(tuple(mckp.SOLVERS), tuple(objectives.OBJECTIVE_COLUMNS))
+
+
+@functools.lru_cache(maxsize=8)
+def _validator_for(solvers: tuple, objectives: tuple):
     import jsonschema
 
-    schema = plan_schema()
-    if objectives:
-        properties = {**schema["properties"], "objective": {"enum": list(objectives)}}
-        schema = {**schema, "properties": properties}
-    return jsonschema.Draft202012Validator(schema)
+    return jsonschema.Draft202012Validator(_schema_for(solvers, objectives))
 
 
 class _NonFinite:
@@ -175,31 +184,116 @@ def _cut(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
 
 
+def _schema(fragment, **options):
+    """A dataclass field whose JSON Schema is ``fragment`` (see `bitalloc.planning.schema`)."""
+    return field(metadata={"schema": fragment}, **options)
+
+
+def _closed(required: list[str], properties: dict) -> dict:
+    return {"type": "object", "required": required, "additionalProperties": False, "properties": properties}
+
+
+CALIBRATION_DESCRIPTION = (
+    "Data-aware plans: the data their input statistics are computed from again by apply and eval "
+    "(activation: second moments h; output: covariances H, statistic 'covariance', factored with damping "
+    "lambda): the text's name, sha256 and (a user file) path, or token ids given directly (text "
+    "'input_ids', their sha256), the token count, the context and the sha256 of the token windows "
+    "(ids_sha256); given h: text 'column_weights' and their sha256 (digest). Plans from earlier versions "
+    "also have digest, the sha256 of a side file that is no longer read."
+)
+SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+BITS = {"type": "number", "exclusiveMinimum": 0}
+
+
 @dataclass(kw_only=True)
 class Plan:
     """A bit allocation: one quantization config per matrix, fields as in the plan JSON.
 
-    ``modules`` maps each quantized matrix to its entry (config, method, bits, block_size,
-    scale, bits_per_param, storage_bits, shape, numel, rank, error); ``kept`` lists the
-    matrices left in 16 bits, outside the budget.
+    ``modules`` maps each quantized matrix to its `ModuleEntry` (config, method, bits,
+    block_size, scale, bits_per_param, storage_bits, shape, numel, rank, error); ``kept``
+    lists the matrices left in 16 bits, outside the budget. Each field's JSON Schema is
+    beside it: the plan schema is generated from them.
     """
 
-    format: str = PLAN_FORMAT
-    model: dict = field(default_factory=lambda: {"source": None, "fingerprint": None})
-    budget: dict
-    objective: str = "weight"
-    calibration: dict | None = None  # data-aware plans: the data their statistics are computed from
-    layer_weights: dict | None = None  # per-matrix coefficients: how they were measured
-    solver: dict
-    defaults: dict
-    kept: list[str] = field(default_factory=list)
-    modules: dict[str, dict]
+    format: str = _schema(
+        {
+            "description": "v2 adds the output objective (full input covariance), its calibration fields "
+            "and per-matrix layer coefficients; v1 plans still load.",
+            "enum": lambda: list(PLAN_FORMATS),
+        },
+        default=PLAN_FORMAT,
+    )
+    model: dict = _schema(
+        _closed(["source", "fingerprint"], {
+            "source": {"type": ["string", "null"]}, "fingerprint": {"type": ["string", "null"]},
+        }),
+        default_factory=lambda: {"source": None, "fingerprint": None},
+    )  # fmt: skip
+    budget: dict = _schema(_closed(["target_bits", "achieved_bits", "includes_lora"], {
+        "target_bits": BITS, "achieved_bits": BITS, "includes_lora": {"type": "boolean"},
+    }))  # fmt: skip
+    objective: str = _schema({"enum": lambda: list(objectives.OBJECTIVE_COLUMNS)}, default="weight")
+    # data-aware plans: the data their statistics are computed from
+    calibration: dict | None = _schema(
+        {
+            "description": CALIBRATION_DESCRIPTION,
+            "type": "object",
+            "anyOf": [{"required": ["text_sha256"]}, {"required": ["digest"]}],
+            "properties": {
+                "digest": SHA256,
+                "text": {"type": ["string", "null"]},
+                "text_sha256": {"type": ["string", "null"]},
+                "text_path": {"type": "string", "minLength": 1},
+                "ids_sha256": SHA256,
+                "tokens": {"type": "integer", "minimum": 1},
+                "context": {"type": "integer", "minimum": 1},
+                "damping": {"type": "number", "minimum": 0},
+                "statistic": {"enum": ["covariance"]},
+                "lambda": {"type": "number", "minimum": 0},
+            },
+        },
+        default=None,
+    )
+    # per-matrix coefficients: how they were measured
+    layer_weights: dict | None = _schema(
+        {
+            "description": "Plans whose objective was weighted per matrix: how the coefficients (each "
+            "module's 'coefficient') were measured.",
+            "type": "object",
+            "required": ["method"],
+            "properties": {"method": {"type": "string", "minLength": 1}},
+        },
+        default=None,
+    )
+    solver: dict = _schema(_closed(["name", "status", "objective", "gap"], {
+        "name": {"enum": lambda: list(mckp.SOLVERS)}, "status": {"enum": ["optimal"]},
+        "objective": {"type": "number", "minimum": 0}, "gap": {"type": "number", "minimum": 0},
+    }))  # fmt: skip
+    defaults: dict = _schema(_closed(["rank", "iters"], {
+        "rank": {"type": "integer", "minimum": 0},
+        "iters": {"type": "integer", "minimum": 0, "maximum": MAX_ITERS},
+    }))  # fmt: skip
+    kept: list[str] = _schema(
+        {"type": "array", "uniqueItems": True, "items": {"type": "string", "minLength": 1}},
+        default_factory=list,
+    )
+    modules: dict[str, ModuleEntry] = _schema({
+        "type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
+        "additionalProperties": {"$ref": "#/$defs/module"},
+    })  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules, dict):
+            self.modules = {
+                name: ModuleEntry.from_dict(entry, f"invalid plan: modules/{_cut(str(name))}")
+                for name, entry in self.modules.items()
+            }
 
     # ---- convenient views -----------------------------------------------------------
     @property
     def assignments(self) -> dict[str, str]:
         """Module name -> config string, for the quantized (non-kept) matrices."""
-        return {name: entry["config"] for name, entry in self.modules.items()}
+        return {name: entry.config for name, entry in self.modules.items()}
 
     @property
     def target_bits(self) -> float:
@@ -217,10 +311,7 @@ class Plan:
     # ---- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """The plan as plain JSON data, keys in the documented order."""
-        modules = {
-            name: {key: entry[key] for key in MODULE_KEYS if key in entry}
-            for name, entry in self.modules.items()
-        }
+        modules = {name: entry.to_dict() for name, entry in self.modules.items()}
         return {
             "format": self.format,
             "model": {
@@ -331,3 +422,8 @@ def most_common(values: Iterable) -> object:
     """The most frequent value (the smallest among equally frequent ones)."""
     counts = Counter(values)
     return min(counts, key=lambda value: (-counts[value], value))
+
+
+if __name__ == "__main__":  # regenerate the shipped schema file from the dataclasses
+    write_text_atomic(SCHEMA_FILE, schema_text())
+    print(f"wrote {SCHEMA_FILE}")

@@ -18,8 +18,10 @@ import pandas as pd
 
 from ..errors import BitallocError
 from ..names import natural_key
+from .budget import capacity_bits
+from .constraints import Problem, prepare_problem
 from .plan_file import Plan
-from .planner import Problem, canonical_config, capacity_bits, prepare_problem
+from .profile_reader import canonical_config
 
 __all__ = ["Baseline", "first_k_layers_baseline", "summarize", "uniform_baselines"]
 
@@ -142,7 +144,7 @@ def _layer_index(name: str) -> int | None:
 
 def _layer_table(plan: Plan) -> list[str]:
     """Rows = layer index, columns = short matrix kind (q, k, ..., down), cells = nf2/64."""
-    cells = {n: f"{e['method']}{e['bits']}/{e['block_size']}" for n, e in plan.modules.items()}
+    cells = {n: f"{e.method}{e.bits}/{e.block_size}" for n, e in plan.modules.items()}
     cells.update(dict.fromkeys(plan.kept, "16bit"))
     names = sorted(cells, key=natural_key)
     kinds = {name: name.rsplit(".", 1)[-1].removesuffix("_proj") for name in names}

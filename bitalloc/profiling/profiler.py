@@ -10,6 +10,7 @@ ranks by estimated cost; rank 0 merges). Randomized steps are seeded from
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -35,7 +36,7 @@ from .layer_weights import layer_weights_path, layer_weights_spec, prepare_layer
 from .memory import release_freed_memory
 from .objectives import Objective, resolve_objective
 from .settings import MAX_ITERS, CalibrationSettings, ProfileSettings, build_settings
-from .table import DIGEST_FORMAT, PROFILE_FORMAT, ProfileStore, read_profile
+from .table import DIGEST_FORMAT, ProfileMetadata, ProfileStore, read_profile
 
 # GPU batches of same-shaped matrices stay under this many elements (fp32: 4 bytes each,
 # LoftQ holds about six copies)
@@ -97,7 +98,7 @@ def profile(
     store = ProfileStore(output, meta, overwrite, inputs) if output is not None else None
     if output is not None:
         check_output(layer_weights_path(output), inputs)
-    run = _Run(source, grid, meta["settings"], device, store, dist, quiet, stats if stats is not None else {},
+    run = _Run(source, grid, meta.settings, device, store, dist, quiet, stats if stats is not None else {},
                objective, float(calibration.damping))  # fmt: skip
     try:
         return _profile(run, model, output, meta, calibration, verify)
@@ -130,7 +131,7 @@ class _Run:
 
 # shape: the profile's inputs that its metadata records, each once
 def _metadata(model, source: Source, settings: ProfileSettings, grid: list[QuantConfig], objective: Objective,
-              calibration: CalibrationSettings) -> dict:  # fmt: skip
+              calibration: CalibrationSettings) -> ProfileMetadata:  # fmt: skip
     """The profile's metadata before the run: what is measured, on which model, for which
     objective (its settings are the resume identity)."""
     profile_settings = {
@@ -144,24 +145,23 @@ def _metadata(model, source: Source, settings: ProfileSettings, grid: list[Quant
                 f"layer weights need a data-aware objective (activation or output), not {objective.name!r}"
             )
         profile_settings["layer_weights"] = layer_weights_spec(calibration, grid)
-    return {
-        "format": PROFILE_FORMAT,
-        "source": source.name,
-        "fingerprint": source.fingerprint(),
-        "digest_format": DIGEST_FORMAT,
-        "file_stats": source.file_stats(),
-        "objective": objective.name,
-        "settings": profile_settings,
-        "modules": len(source.modules()),
-        "selection": {"include": _listed(settings.include), "exclude": _listed(settings.exclude)},
-    }
+    return ProfileMetadata(
+        source=source.name,
+        fingerprint=source.fingerprint(),
+        digest_format=DIGEST_FORMAT,
+        file_stats=source.file_stats(),
+        objective=objective.name,
+        settings=profile_settings,
+        modules=len(source.modules()),
+        selection={"include": _listed(settings.include), "exclude": _listed(settings.exclude)},
+    )
 
 
 def _listed(patterns) -> list[str] | None:
     return None if patterns is None else list(patterns)
 
 
-def _profile(run: _Run, model, output, meta: dict, calibration: CalibrationSettings, verify: bool):
+def _profile(run: _Run, model, output, meta: ProfileMetadata, calibration: CalibrationSettings, verify: bool):
     """The run itself (profile's arguments checked and its output folder claimed)."""
     source, store, dist, stats = run.source, run.store, run.dist, run.timings
     if store is not None:
@@ -174,11 +174,11 @@ def _profile(run: _Run, model, output, meta: dict, calibration: CalibrationSetti
     if run.objective.data_aware:
         start = time.perf_counter()
         shapes = {m: source.shape(m) for m in source.modules()}
-        meta["calibration"], statistics = run.objective.profile_statistics(model, calibration, shapes)
+        meta.calibration, statistics = run.objective.profile_statistics(model, calibration, shapes)
         if calibration.layer_weights:
-            weights = meta["file_stats"] or source.content_digest()
-            identity = {"fingerprint": meta["fingerprint"], "weights": weights}
-            meta["layer_weights"] = dist.first(
+            weights = meta.file_stats or source.content_digest()
+            identity = {"fingerprint": meta.fingerprint, "weights": weights}
+            meta.layer_weights = dist.first(
                 lambda: prepare_layer_weights(
                     model, source, source.modules(), output, identity, calibration, run.grid, quiet=run.quiet
                 )
@@ -373,13 +373,13 @@ def _row(module: str, shape: tuple[int, int], config: QuantConfig, result, run: 
     return row
 
 
-def _assemble(modules: list[str], records: dict[str, dict], meta: dict) -> pd.DataFrame:
+def _assemble(modules: list[str], records: dict[str, dict], meta: ProfileMetadata) -> pd.DataFrame:
     missing = [m for m in modules if m not in records]
     if missing:
         raise BitallocError(f"profile incomplete: {len(missing)} matrices missing, e.g. {missing[0]}")
     table = pd.DataFrame([row for m in modules for row in records[m]["rows"]])
     digests = {m: records[m].get("digest") for m in modules}
     if all(digests.values()):
-        meta = dict(meta, tensor_digests=digests, content_digest=combine_digests(digests))
-    table.attrs.update(meta)
+        meta = dataclasses.replace(meta, tensor_digests=digests, content_digest=combine_digests(digests))
+    table.attrs.update(meta.to_attrs())
     return table

@@ -120,17 +120,41 @@ class CalibrationSettings:
         return self.text is not None or self.input_ids is not None or self.column_weights is not None
 
 
-PROFILE_OPTIONS = {f.name for f in dataclasses.fields(ProfileSettings)}
-CALIBRATION_OPTIONS = {
-    "objective": "objective",
-    "calibration_tokens": "tokens",
-    "calibration_context": "context",
-    "calibration_ids": "input_ids",
-    "column_weights": "column_weights",
-    "damping": "damping",
-    "layer_weights": "layer_weights",
-    "layer_tokens": "layer_tokens",
-}
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of `bitalloc.profile` (and `bitalloc.plan_files`): the settings field
+    it sets and the command-line flag that gives it (None: Python only, e.g. tensors)."""
+
+    keyword: str
+    settings: type  # ProfileSettings or CalibrationSettings
+    field: str
+    flag: str | None
+
+    @property
+    def dest(self) -> str | None:
+        """The flag's argparse destination (``--block-sizes`` -> ``block_sizes``)."""
+        return None if self.flag is None else self.flag.removeprefix("--").replace("-", "_")
+
+
+def _profile_option(name: str, flag: str | None = None) -> Option:
+    return Option(name, ProfileSettings, name, flag or f"--{name.replace('_', '-')}")
+
+
+# Every option name, mapped once: the keyword, the settings field, the CLI flag.
+OPTIONS = (
+    *(_profile_option(f.name) for f in dataclasses.fields(ProfileSettings) if f.name != "methods"),
+    _profile_option("methods", "--method"),
+    Option("objective", CalibrationSettings, "objective", "--objective"),
+    Option("calibration_tokens", CalibrationSettings, "tokens", "--calibration-tokens"),
+    Option("calibration_context", CalibrationSettings, "context", None),
+    Option("calibration_ids", CalibrationSettings, "input_ids", None),
+    Option("column_weights", CalibrationSettings, "column_weights", None),
+    Option("damping", CalibrationSettings, "damping", "--damping"),
+    Option("layer_weights", CalibrationSettings, "layer_weights", "--layer-weights"),
+    Option("layer_tokens", CalibrationSettings, "layer_tokens", "--layer-tokens"),
+)
+PROFILE_OPTIONS = {o.keyword for o in OPTIONS if o.settings is ProfileSettings}
+CALIBRATION_OPTIONS = {o.keyword: o.field for o in OPTIONS if o.settings is CalibrationSettings}
 
 
 def build_settings(

@@ -20,10 +20,13 @@ import pandas as pd
 
 from ..errors import BitallocError, check_path
 from ..fileio import WorkFolder, atomic_path, check_output
+from .metadata import DIGEST_FORMAT, PROFILE_FORMAT, PROFILE_FORMATS, ProfileMetadata
 
-PROFILE_FORMAT = "bitalloc.profile/v1"
-# 2: a sha256 of every stored byte per matrix (format 1 sampled 4,096 elements per matrix)
-DIGEST_FORMAT = 2
+__all__ = [
+    "DIGEST_FORMAT", "PROFILE_FORMAT", "PROFILE_FORMATS", "REQUIRED_COLUMNS", "ProfileMetadata",
+    "ProfileStore", "profile_metadata", "read_profile", "write_profile",
+]  # fmt: skip
+
 METADATA_KEY = b"bitalloc"
 CSV_METADATA = "# bitalloc: "  # a CSV profile's first line: its metadata as one line of JSON
 REQUIRED_COLUMNS = (
@@ -33,20 +36,22 @@ REQUIRED_COLUMNS = (
 
 
 def write_profile(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Parquet (or CSV by extension) with the metadata in the file; atomic."""
+    """Parquet (or CSV by extension) with the metadata in the file; atomic. The metadata is
+    checked first (`ProfileMetadata`): nothing is written that `read_profile` would refuse."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    attrs = profile_metadata(table).to_attrs()
     with atomic_path(path) as temp:
         if str(path).endswith(".csv"):
             with open(temp, "w", encoding="utf-8", newline="") as handle:
-                meta = json.dumps(dict(table.attrs), sort_keys=True, allow_nan=False)
+                meta = json.dumps(attrs, sort_keys=True, allow_nan=False)
                 handle.write(f"{CSV_METADATA}{meta}\n")
                 table.to_csv(handle, index=False)
             return
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         metadata = dict(arrow.schema.metadata or {})
-        metadata[METADATA_KEY] = json.dumps(dict(table.attrs), sort_keys=True, allow_nan=False).encode()
+        metadata[METADATA_KEY] = json.dumps(attrs, sort_keys=True, allow_nan=False).encode()
         pq.write_table(arrow.replace_schema_metadata(metadata), temp)
 
 
@@ -71,12 +76,19 @@ def read_profile(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise BitallocError(f"{path} is not a bitalloc profile: missing columns {', '.join(missing)}")
-    if "weighted_error" in table.columns and not table.attrs.get("objective"):
+    meta = ProfileMetadata.from_attrs(table.attrs)
+    if "weighted_error" in table.columns and not meta.objective:
         raise BitallocError(
             f"{path} holds data-aware errors (weighted_error) but no metadata saying how they were "
             "measured (a CSV from an older bitalloc?): profile again, or write Parquet"
         )
+    table.attrs = meta.to_attrs()
     return table
+
+
+def profile_metadata(table: pd.DataFrame) -> ProfileMetadata:
+    """The typed metadata of a profile table (its ``.attrs``, checked)."""
+    return ProfileMetadata.from_attrs(dict(table.attrs))
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -101,48 +113,47 @@ _REDO = "use another output, or --overwrite to profile again"
 class ProfileStore:
     """The output table plus its side log ``OUT.partial/`` (header + one JSONL per rank)."""
 
-    def __init__(self, output: str | os.PathLike, meta: dict, overwrite: bool, inputs: tuple = ()):
+    def __init__(
+        self, output: str | os.PathLike, meta: ProfileMetadata | dict, overwrite: bool, inputs: tuple = ()
+    ):
         self.output = Path(output)
         check_output(self.output, inputs)
         self.work = WorkFolder(f"{output}.partial", legacy=("header.json",))
         self.partial = self.work.path
-        self.meta = meta
+        self.meta = meta if isinstance(meta, ProfileMetadata) else ProfileMetadata.from_attrs(meta)
         self.overwrite = overwrite
 
-    def _identity(self, meta: dict) -> dict:
-        return {k: meta.get(k) for k in ("format", "fingerprint", "settings")}
-
-    def _mismatch(self, other: dict, what: str) -> None:
-        mine = self._identity(self.meta)
-        theirs = self._identity(other)
+    def _mismatch(self, other: ProfileMetadata, what: str) -> None:
+        mine, theirs = self.meta.identity(), other.identity()
         if theirs["fingerprint"] != mine["fingerprint"]:
-            if other.get("selection", self.meta.get("selection")) != self.meta.get("selection"):
+            selection = other.selection if other.selection is not None else self.meta.selection
+            if selection != self.meta.selection:
                 reason = "a profile of other matrices (other --include/--exclude)"
             else:
-                reason = f"a profile of another model ({other.get('source')})"
+                reason = f"a profile of another model ({other.source})"
         elif theirs != mine:
-            other = theirs["settings"] or {}
-            changed = sorted(
-                k for k in {*mine["settings"], *other} if mine["settings"].get(k) != other.get(k)
-            )
+            ours, other_settings = mine["settings"] or {}, theirs["settings"] or {}
+            changed = sorted(k for k in {*ours, *other_settings} if ours.get(k) != other_settings.get(k))
             reason = f"a profile with other settings ({', '.join(changed) or 'format'})"
         else:
             return
         raise BitallocError(f"{what} holds {reason}: refusing to mix them; use another output or --overwrite")
 
-    def check_weights(self, source, records: dict[str, dict], verify: bool, meta: dict | None = None) -> None:
+    def check_weights(
+        self, source, records: dict[str, dict] | None, verify: bool, meta: ProfileMetadata | None = None
+    ) -> None:
         """BitallocError unless the weights behind ``records`` (finished matrices, or a whole
         table's ``meta``) are the weights ``source`` holds now (see `Source.changed_modules`)."""
-        meta = meta if meta is not None else json.loads((self.partial / "header.json").read_text())
+        meta = meta if meta is not None else self._header()
         where = str(self.output if records is None else self.partial)
-        if meta.get("digest_format") != DIGEST_FORMAT:  # an older bitalloc's sampled digest
-            if meta.get("content_digest") not in (None, source.legacy_content_digest()):
+        if meta.digest_format != DIGEST_FORMAT:  # an older bitalloc's sampled digest
+            if meta.content_digest not in (None, source.legacy_content_digest()):
                 raise BitallocError(f"{where} was made from other weights with the same shapes: {_REDO}")
             return
-        digests = meta.get("tensor_digests") if records is None else {
+        digests = meta.tensor_digests if records is None else {
             m: r.get("digest") for m, r in records.items()
         }  # fmt: skip
-        changed = source.changed_modules(digests or {}, meta.get("file_stats") or {}, verify)
+        changed = source.changed_modules(digests or {}, meta.file_stats or {}, verify)
         if changed:
             raise BitallocError(
                 f"{where} was made from other weights: {changed[0]} changed "
@@ -161,25 +172,28 @@ class ProfileStore:
                     ) from None
                 existing = None
             if existing is not None and not self.overwrite:
-                self._mismatch(existing.attrs, str(self.output))
+                meta = profile_metadata(existing)
+                self._mismatch(meta, str(self.output))
                 if source is not None:
-                    self.check_weights(source, None, verify, existing.attrs)
+                    self.check_weights(source, None, verify, meta)
                 return existing
         self.work.open()
         header = self.partial / "header.json"
         if header.exists() and not self.overwrite:
-            try:
-                other = json.loads(header.read_text())
-                if not isinstance(other, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                raise BitallocError(f"{header} is corrupt: delete {self.partial} to start over") from None
-            self._mismatch(other, str(self.partial))
+            self._mismatch(self._header(), str(self.partial))
         else:
             self.work.clear()
             with atomic_path(header) as temp:
-                temp.write_text(json.dumps(self.meta, sort_keys=True, indent=1))
+                temp.write_text(json.dumps(self.meta.to_attrs(), sort_keys=True, indent=1))
         return None
+
+    def _header(self) -> ProfileMetadata:
+        """The metadata of the run the side log belongs to (``OUT.partial/header.json``)."""
+        header = self.partial / "header.json"
+        try:
+            return ProfileMetadata.from_attrs(json.loads(header.read_text()))
+        except (ValueError, BitallocError):
+            raise BitallocError(f"{header} is corrupt: delete {self.partial} to start over") from None
 
     def done_modules(self) -> dict[str, dict]:
         """Finished matrices: module -> record (rows, digest of the weights they measured)."""
