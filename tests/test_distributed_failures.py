@@ -26,8 +26,10 @@ SCRIPT = textwrap.dedent(
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure\\nsecond line")
 
+    for name in ("_run_modules", "_assemble"):  # a rename must fail here, not pass silently
+        assert callable(getattr(profiler, name)), name
     if fail and step == "run":
-        profiler._run = broken
+        profiler._run_modules = broken
     if fail and step == "merge":
         profiler._assemble = broken
     sys.exit(main(["profile", sys.argv[1], "-o", sys.argv[2], "--configs", "nf4-b32-sfp32", "--quiet"]))
