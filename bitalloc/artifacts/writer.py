@@ -113,7 +113,7 @@ def apply(
     matrices = _open_matrices(source, plan)
     statistics = plan.statistics(source if source is not None else matrices, calibration=calibration,
                                  calibration_ids=calibration_ids, column_weights=column_weights)  # fmt: skip
-    ranks = {name: int(entry.get("rank", plan.defaults["rank"])) for name, entry in plan.modules.items()}
+    ranks = {name: entry.rank for name, entry in plan.modules.items()}
     for rank in sorted(set(ranks.values())):  # before any work: factors that stay finite
         check_lora_scaling(rank, (rank or None) if lora_alpha is None else lora_alpha, use_rslora)
     check_plan_iters(plan)
@@ -285,7 +285,7 @@ def check_plan(plan: Plan, source: Source) -> None:
             raise BitallocError(
                 f"shape mismatch for {name}: plan {planned[0]}x{planned[1]}, model {actual[0]}x{actual[1]}"
             )
-        rank = int(entry.get("rank", plan.defaults["rank"]))
+        rank = entry.rank
         if rank > min(actual):
             raise BitallocError(f"plan rank {rank} for {name} exceeds its size {actual[0]}x{actual[1]}")
 
@@ -368,7 +368,7 @@ def planned_assignment(plan: Plan, name: str, lora: LoraSettings | None = None) 
     """How ``plan``'s matrix ``name`` is decomposed: its config and rank, the plan's
     iterations, and the adapter's scaling (``lora``; alpha None: alpha = r, scaling 1)."""
     entry = plan.modules[name]
-    rank = int(entry.get("rank", plan.defaults["rank"]))
+    rank = entry.rank
     lora = lora or LoraSettings()
     alpha = (rank or None) if lora.lora_alpha is None else lora.lora_alpha
     return Assignment(QuantConfig.parse(entry["config"]), rank, plan.defaults["iters"],
@@ -461,8 +461,8 @@ def unplanned_torch_dtype(source: Source, name: str, unplanned_dtype: str | None
 
 
 def _packed_items(work: _WorkDir, plan: Plan, module: str) -> list[Item]:
-    config = QuantConfig.parse(plan.modules[module]["config"])
-    parts = config.storage_bits_parts(tuple(plan.modules[module]["shape"]))
+    config = QuantConfig.parse(plan.modules[module].config)
+    parts = config.storage_bits_parts(tuple(plan.modules[module].shape))
     return [
         (f"{module}.weight.{part}", math.ceil(bits / 8),
          lambda part=part: work.load(module, f"weight.{part}"))
@@ -471,7 +471,7 @@ def _packed_items(work: _WorkDir, plan: Plan, module: str) -> list[Item]:
 
 
 def _dequantized_item(work: _WorkDir, plan: Plan, module: str, dtype: torch.dtype) -> list[Item]:
-    rows, cols = plan.modules[module]["shape"]
+    rows, cols = plan.modules[module].shape
     nbytes = rows * cols * dtype.itemsize
     return [(f"{module}.weight", nbytes, lambda: work.quantized(module, plan).dequantize(dtype))]
 

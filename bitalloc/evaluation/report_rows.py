@@ -165,9 +165,9 @@ def heatmap_rows(plan: Plan) -> list[dict]:
                 "module": name,
                 "layer": _layer(name),
                 "kind": kinds[name],
-                "config": entry["config"] if entry else "kept (16-bit)",
-                "bits": entry["bits"] if entry else 16,
-                "block_size": entry["block_size"] if entry else None,
+                "config": entry.config if entry is not None else "kept (16-bit)",
+                "bits": entry.bits if entry is not None else 16,
+                "block_size": entry.block_size if entry is not None else None,
             }
         )
     return rows

@@ -70,10 +70,10 @@ def matrices(plan: Plan) -> list[Matrix]:
     return [
         Matrix(
             name=name,
-            config=QuantConfig.parse(entry["config"]),
-            rows=entry["shape"][0],
-            columns=entry["shape"][1],
-            storage_bits=entry["storage_bits"],
+            config=QuantConfig.parse(entry.config),
+            rows=entry.shape[0],
+            columns=entry.shape[1],
+            storage_bits=entry.storage_bits,
         )
         for name, entry in plan.modules.items()
     ]
@@ -104,7 +104,7 @@ def divisor_group(block_size: int, columns: int, multiple_of: int = 1) -> int | 
 
 def lora_note(plan: Plan, target: str) -> list[str]:
     """Warn (and note) when the plan was made with a LoRA correction the target will not have."""
-    rank = max([plan.defaults["rank"], *(entry["rank"] for entry in plan.modules.values())])
+    rank = max([plan.defaults["rank"], *(entry.rank for entry in plan.modules.values())])
     if rank <= 0:
         return []
     note = (

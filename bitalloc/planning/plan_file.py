@@ -1,7 +1,7 @@
 """The plan file: the `Plan` dataclass and its JSON form (``bitalloc.plan/v2``; v1 plans load).
 
-The JSON layout is a contract (docs/architecture.md, "Plan JSON") described by
-``bitalloc/plan.schema.json``; `Plan.from_json` validates against it. Writing is
+The JSON layout is a contract described by ``bitalloc/planning/plan.schema.json`` (generated
+from `Plan` and `ModuleEntry`); `Plan.from_json` validates against it. Writing is
 deterministic (fixed key order, no timings), so the same plan gives the same bytes.
 """
 
@@ -56,8 +56,8 @@ def _schema_for(solvers: tuple, objectives: tuple) -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://github.com/bitalloc/bitalloc/plan.schema.json",
         "title": "bitalloc plan",
-        "description": "One quantization config per weight matrix under an average bit budget "
-        "(DESIGN.md, 'Plan JSON'). Generated from bitalloc.planning.plan_file.Plan and "
+        "description": "One quantization config per weight matrix under an average bit budget. "
+        "Generated from bitalloc.planning.plan_file.Plan and "
         "bitalloc.planning.entry.ModuleEntry: python -m bitalloc.planning.plan_file",
         **object_schema(Plan),
         "$defs": {"module": object_schema(ModuleEntry)},
@@ -398,7 +398,7 @@ class Plan:
         from ..profiling.objectives import statistics_for_plan
 
         shapes = {name: None for name in self.kept}  # given h covered the kept matrices too
-        shapes.update({name: tuple(entry["shape"]) for name, entry in self.modules.items()})
+        shapes.update({name: tuple(entry.shape) for name, entry in self.modules.items()})
         return statistics_for_plan(
             model, self.objective, self.calibration, shapes, text=calibration, input_ids=calibration_ids,
             column_weights=column_weights,

@@ -5,6 +5,7 @@ The single-process path needs nothing (nanoGPT's rule: RANK unset means one proc
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 
@@ -42,6 +43,10 @@ class Distributed:
         use_cuda = torch.cuda.is_available() and str(device) != "cpu"
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            # torn down before the interpreter exits: a process group left to finalization
+            # can abort the process ("terminate called without an active exception") after
+            # its error line was printed, turning exit code 2 into a crash
+            atexit.register(_destroy_process_group)
         local = int(os.environ.get("LOCAL_RANK", 0))
         chosen = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
         if use_cuda:
@@ -96,6 +101,16 @@ class Distributed:
         if failed is not None:
             raise BitallocError(failed)
         return value
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; the peer may be gone already
+            pass
 
 
 def failure_message(exc: BaseException, rank: int, world: int) -> str:
