@@ -22,19 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BitallocError
+from ..quant.blockwise import check_tensor
 
 DEFAULT_DAMPING = 0.01  # λ of the whitened step, as a fraction of mean(diag H)
-
-
-def check_tensor(value: object, what: str) -> torch.Tensor:
-    """``value`` if it is a tensor with values (not on the meta device), else BitallocError."""
-    if not isinstance(value, torch.Tensor):
-        raise BitallocError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
-    if value.is_meta:
-        raise BitallocError(f"{what} is on the meta device (it has no values): load the weights first")
-    if not value.is_floating_point():
-        raise BitallocError(f"{what} must hold real floating-point values, got {value.dtype}")
-    return value
 
 
 @dataclass(frozen=True, eq=False)

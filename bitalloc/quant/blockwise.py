@@ -21,15 +21,22 @@ from .config import QuantConfig
 from .formats import TORCH_DTYPES, BlockCodes, format_of
 
 
+def check_tensor(value: object, what: str) -> torch.Tensor:
+    """``value`` if it is a tensor with values (not on the meta device) of a real
+    floating-point dtype, else BitallocError."""
+    if not isinstance(value, torch.Tensor):
+        raise BitallocError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_meta:
+        raise BitallocError(f"{what} is on the meta device (it has no values): load the weights first")
+    if not value.is_floating_point():
+        raise BitallocError(f"{what} must hold real floating-point values, got {value.dtype}")
+    return value
+
+
 def check_matrix(weight: torch.Tensor, what: str = "weight") -> None:
     """BitallocError (a ValueError) for what cannot be quantized: not a real floating-point
     2-D tensor, empty, NaN or Inf."""
-    if not isinstance(weight, torch.Tensor):
-        raise BitallocError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.is_meta:
-        raise BitallocError(f"{what} is on the meta device (it has no values): load the weights first")
-    if not weight.is_floating_point():
-        raise BitallocError(f"{what} must hold real floating-point values, got {weight.dtype}")
+    check_tensor(weight, what)
     if weight.dim() < 2:
         raise BitallocError(f"{what} must be a 2-D matrix (out, in), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
