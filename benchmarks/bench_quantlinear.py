@@ -10,10 +10,9 @@ in forward and again in backward; the table shows what that costs and what it sa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from common import timed
 from torch import nn
 
 from bitalloc.artifacts.nn import QuantLinear
@@ -21,24 +20,6 @@ from bitalloc.quant import QuantizedTensor
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIGS = ("nf4-b64-s8b256", "nf2-b64-s8b256")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:

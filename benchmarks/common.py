@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,3 +63,24 @@ def docstring_text() -> str:
             if doc and len(doc) > 200:  # prose, not one-line stubs
                 parts.append(doc.strip())
     return "\n\n".join(parts)
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

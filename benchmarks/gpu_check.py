@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import timed
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,24 +51,6 @@ class Sizes:
 
 FULL = Sizes(hidden=4096, ffn=11008, heads=32, vocab=32000, tokens=4096, batch=(4, 2048), repeats=5)
 TINY = Sizes(hidden=64, ffn=128, heads=2, vocab=256, tokens=128, batch=(2, 32), repeats=1)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ---- (a) ------------------------------------------------------------------------------

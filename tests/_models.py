@@ -89,6 +89,21 @@ _GGUF_NAMES = {
 }
 
 
+def gguf_writer(path: str | os.PathLike, config, architecture: str):
+    """A `gguf.GGUFWriter` for ``path`` with the block hyper-parameters of ``config`` written."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    return writer
+
+
 def make_tiny_gguf(
     path: str | os.PathLike,
     model: LlamaForCausalLM,
@@ -102,14 +117,7 @@ def make_tiny_gguf(
     import gguf
 
     config = model.config
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer = gguf_writer(path, config, architecture)
     for name, tensor in model.state_dict().items():
         module = name.removesuffix(".weight")
         array = tensor.detach().float().numpy()

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import transformers as tf
+from _models import gguf_writer
 from test_calibration import byte_tokenizer
 
 import bitalloc
@@ -269,14 +270,7 @@ def write_gguf(path, model, architecture: str) -> None:
     import gguf
 
     config = model.config
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer = gguf_writer(path, config, architecture)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_vocab_size(config.vocab_size)
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture)
