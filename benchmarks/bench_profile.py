@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 
 HIDDEN, INTERMEDIATE, KV, VOCAB = 2048, 5632, 256, 32000
+TINYLLAMA = (HIDDEN, INTERMEDIATE, KV, VOCAB)  # hidden, intermediate, k/v width, vocabulary
+LLAMA_7B = (4096, 11008, 4096, 32000)
 
 
-def llama_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+def llama_tensors(layers: int, dims: tuple = TINYLLAMA) -> list[tuple[str, tuple[int, ...]]]:
+    HIDDEN, INTERMEDIATE, KV, VOCAB = dims  # noqa: N806
     names = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -50,10 +53,11 @@ def llama_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return names
 
 
-def write_model(directory: Path, layers: int, shards: int = 4) -> int:
+def write_model(directory: Path, layers: int, shards: int = 4, dims: tuple = TINYLLAMA) -> int:
     """Stream a random fp16 llama to sharded safetensors; returns the parameter count."""
+    HIDDEN, INTERMEDIATE, KV, VOCAB = dims  # noqa: N806
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = llama_tensors(layers)
+    tensors = llama_tensors(layers, dims)
     per_shard = -(-len(tensors) // shards)
     weight_map, total = {}, 0
     generator = torch.Generator().manual_seed(0)
@@ -78,7 +82,8 @@ def write_model(directory: Path, layers: int, shards: int = 4) -> int:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
               "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": 32,
-              "num_key_value_heads": 4, "vocab_size": VOCAB, "torch_dtype": "float16"}  # fmt: skip
+              "num_key_value_heads": 32 * KV // HIDDEN, "vocab_size": VOCAB,
+              "torch_dtype": "float16"}  # fmt: skip
     (directory / "config.json").write_text(json.dumps(config))
     return total
 

@@ -19,7 +19,14 @@ the calibration text; see `bitalloc.texts`) and the standard library's docstring
 (`common.docstring_text`). Profiles, calibration and perplexities are cached in --work,
 so a rerun only computes what is missing (delete the folder to time a fresh run).
 
-    python benchmarks/bench_quality.py [--budgets 3,3.5,4] [--variants a8192,o8192,...]
+    python benchmarks/bench_quality.py [--budgets 3,3.5,4] [--variants a8192,o8192,...] [--grids today,new]
+
+Grids (`GRIDS`): ``today`` is the NF grid with absmax-searched 8-bit scales the results in
+docs/data_aware.md were first measured with; ``new`` adds the formats near the bound: the
+same NF configs with the per-block scale search (``-mse``) and asymmetric integer groups
+with fp16 scale and an integer zero (``uint...-mse``). The ILP picks among all of them, so a
+format that does not pay is simply not chosen (the mix column shows what was). KL (mean
+KL(original || allocation) per token) is measured on the evaluation text.
 
 Variant names: a<tokens> (activation), o<tokens>[l<λ>] (output), o<tokens>[l<λ>]w (output
 with layer weights). Results: docs/data_aware.md.
@@ -42,6 +49,14 @@ import torch
 from common import GGUF_FILE, Cache, docstring_text, smollm2_path
 
 CONFIGS = [f"nf{bits}-b{block}-s8b256" for bits in (2, 3, 4) for block in (64, 128)]
+GRIDS = {
+    "today": CONFIGS,
+    "new": [
+        *CONFIGS,
+        *(f"{config}-mse" for config in CONFIGS),
+        *(f"uint{bits}-b{block}-sfp16-z{bits}-mse" for bits in (2, 3, 4) for block in (64, 128)),
+    ],
+}
 DEFAULT_VARIANTS = "a8192,o8192,o4096,o16384,o50000,o8192l0.001,o8192l0.1"
 
 
@@ -133,10 +148,32 @@ def mix(assignments: dict[str, str]) -> str:
     return ", ".join(f"{c.split('-s')[0]}x{n}" for c, n in sorted(counts.items()))
 
 
+@torch.inference_mode()
+def window_log_probs(model, ids: torch.Tensor, context: int) -> list[torch.Tensor]:
+    """The model's next-token log-probabilities (float32) per ``context`` window of ``ids``."""
+    from bitalloc.texts import windows
+
+    return [
+        torch.log_softmax(model(w.unsqueeze(0), use_cache=False).logits[0, :-1].float(), dim=-1)
+        for w in windows(ids.reshape(-1), context)
+    ]
+
+
+@torch.inference_mode()
+def mean_kl(model, ids: torch.Tensor, reference: list[torch.Tensor], context: int) -> float:
+    """Mean per-token KL(original || model) over the windows ``reference`` was computed on."""
+    total, count = 0.0, 0
+    for ref, logp in zip(reference, window_log_probs(model, ids, context), strict=True):
+        total += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+        count += ref.shape[0]
+    return total / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--budgets", default="3,3.5,4")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--grids", default="today", help=f"comma-separated, of {', '.join(GRIDS)}")
     parser.add_argument("--iters", type=int, default=2, help="LoftQ T (default 2)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -167,6 +204,9 @@ def main() -> None:
     gguf = smollm2_path()
     budgets = [float(b) for b in args.budgets.split(",")]
     common = dict(configs=CONFIGS, rank=args.rank, iters=args.iters)
+    grids = args.grids.split(",")
+    if any(grid not in GRIDS for grid in grids):
+        raise SystemExit(f"--grids: of {', '.join(GRIDS)}")
     tag = f"r{args.rank}-t{args.iters}"
 
     model, tokenizer = load_model(gguf)
@@ -175,18 +215,24 @@ def main() -> None:
     text_keys = {name: text_digest(text)[:12] for name, text in texts.items()}
     builder = Builder(model, args.rank, args.iters)
 
+    reference: list[torch.Tensor] = []
+
     def measure(assignments: dict[str, str], statistics, label: str, expected_error: float) -> dict:
         keys = {
             n: f"ppl {tag} {text_keys[n]} {args.eval_tokens} {assignment_key(assignments, label)}"
             for n in texts
         }
+        keys["kl"] = f"kl {tag} {text_keys['eval']} {args.eval_tokens} {assignment_key(assignments, label)}"
         if any(cache.get(k) is None for k in keys.values()):
+            if not reference:
+                reference.extend(window_log_probs(model, eval_ids["eval"], args.context))
             start = time.perf_counter()
             rebuilt = builder.build(assignments, statistics, label)
             if abs(rebuilt - expected_error) > 1e-4 * expected_error:  # the profile measured this
                 raise SystemExit(f"rebuilt error {rebuilt:.6g} != profiled {expected_error:.6g}")
-            for name, key in keys.items():
-                cache.put(key, perplexity(model, None, eval_ids[name], context=args.context))
+            for name in texts:
+                cache.put(keys[name], perplexity(model, None, eval_ids[name], context=args.context))
+            cache.put(keys["kl"], mean_kl(model, eval_ids["eval"], reference, args.context))
             builder.restore()
             shown = ", ".join(f"{n} {cache.get(k):.3f}" for n, k in keys.items())
             print(f"  {label}: evaluated in {time.perf_counter() - start:.0f}s: ppl {shown}", flush=True)
@@ -209,18 +255,20 @@ def main() -> None:
             result = plan(weight_table, budget)
             ppl = measure(result.assignments, None, "weight", result.total_error)
             rows.append((budget, "weight plan", result.achieved_bits, ppl, mix(result.assignments)))
-    for variant in args.variants.split(","):
+    for grid, variant in [(g, v) for g in grids for v in args.variants.split(",")]:
         spec = parse_variant(variant)
         options = spec["options"]
         base = variant.rstrip("w")  # the same H: the same reconstructions
-        path = work / f"{variant}-{tag}.parquet"
-        print(f"variant {variant}", flush=True)
+        stem = variant if grid == "today" else f"{variant}-{grid}"  # today's names: earlier caches
+        path = work / f"{stem}-{tag}.parquet"
+        print(f"variant {variant}, grid {grid}", flush=True)
         if spec["layer_weights"] and args.coefficients:
             path = work / f"{base}-{tag}.parquet"
             options.pop("layer_weights")
         table = timed_profile(
-            gguf, path, cache, f"time {variant} {tag}", calibration="default", **options, **common
-        )
+            gguf, path, cache, f"time {stem} {tag}", calibration="default", **options,
+            **{**common, "configs": GRIDS[grid]},
+        )  # fmt: skip
         if spec["layer_weights"] and args.coefficients:
             measured = json.loads(Path(args.coefficients).read_text())
             table.attrs["layer_weights"] = {**measured["info"], "coefficients": measured["coefficients"]}
@@ -231,13 +279,15 @@ def main() -> None:
                 entry["weighted_error"] for entry in result.modules.values()
             )  # before coefficients
             ppl = measure(result.assignments, statistics, base, summed)
-            rows.append((budget, variant, result.achieved_bits, ppl, mix(result.assignments)))
+            label = variant if len(grids) == 1 else f"{variant}, {grid} grid"
+            rows.append((budget, label, result.achieved_bits, ppl, mix(result.assignments)))
 
     timings = {k: v for k, v in cache.data.items() if k.startswith("time")}
     print()
     print(f"SmolLM2-135M-Instruct ({GGUF_FILE}), {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s), {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    print(f"configs {', '.join(CONFIGS)}; LoftQ r={args.rank}, T={args.iters}")
+    for grid in grids:
+        print(f"{grid} grid: {', '.join(GRIDS[grid])}; LoftQ r={args.rank}, T={args.iters}")
     for name in texts:
         described = text_name("evaluation") if name == "eval" else "stdlib docstrings (benchmarks/common.py)"
         print(f"held-out {name}: {len(eval_ids[name])} tokens of {described}, context {args.context}; "
@@ -246,9 +296,11 @@ def main() -> None:
     for key, value in sorted(timings.items()):
         print(f"{key}: profile {value['profile_s']:.0f}s, calibration {value['calibration_s']:.0f}s")
     print()
-    print("| budget | allocation | bits/param | ppl eval | ppl docstrings | mix |\n|---|---|---|---|---|---|")
-    for budget, name, bits, ppl, notes in rows:
-        print(f"| {budget:g} | {name} | {bits:.4f} | {ppl['eval']:.2f} | {ppl['docstrings']:.2f} | {notes} |")
+    print("| budget | allocation | bits/param | ppl eval | KL eval | ppl docstrings | mix |")
+    print("|---|---|---|---|---|---|---|")
+    for budget, name, bits, ppl, notes in sorted(rows, key=lambda row: row[0]):
+        print(f"| {budget:g} | {name} | {bits:.4f} | {ppl['eval']:.2f} | {ppl['kl']:.4f} | "
+              f"{ppl['docstrings']:.2f} | {notes} |")  # fmt: skip
 
 
 if __name__ == "__main__":
