@@ -28,6 +28,7 @@ from .entry import ModuleEntry
 from .mckp import SOLVERS, solve
 from .objectives import OBJECTIVE_COLUMNS
 from .plan_file import Plan, _shown, most_common
+from .targets import TargetFormat
 
 __all__ = ["LORA_BITS", "OBJECTIVE_COLUMNS", "Plan", "feasible_range", "parse_sweep", "plan", "sweep"]
 
@@ -49,6 +50,7 @@ def plan(
     keep: Iterable[str] = (),
     source: str | None = None,
     layer_weights: bool = True,
+    target: TargetFormat | None = None,
 ) -> Plan:
     """Choose one config per matrix minimizing the total error within ``budget`` bits/param.
 
@@ -84,6 +86,7 @@ def plan(
         max_bits=max_bits,
         pin=pin,
         keep=keep,
+        target=target,
     )
     return _solve_plan(problem, budget, solver, source)
 
@@ -248,6 +251,7 @@ def _build_plan(problem: Problem, assignment: dict[str, str], solved: _Solved) -
         defaults={"rank": most_common(ranks), "iters": most_common(iters)},
         kept=list(problem.kept),
         modules=modules,
+        target=None if problem.target is None else {"name": problem.target.name, "storage_bits": storage},
     )
 
 
