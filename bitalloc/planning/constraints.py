@@ -93,7 +93,8 @@ def prepare_problem(profile_table, **constraints) -> Problem:
     if target is not None:
         if count_lora:
             raise BitallocError(
-                f"a plan in {target.name}'s storage cannot count LoRA factors: {target.name} does not store them"
+                f"a plan in {target.name}'s storage cannot count LoRA factors: "
+                f"{target.name} does not store them"
             )
         _in_target(target, matrices, quantized, candidates, given.pin)
     pinned = _pin(given.pin, matrices, kept, candidates)
@@ -111,7 +112,9 @@ def prepare_problem(profile_table, **constraints) -> Problem:
     return Problem(matrices, groups, kept_names, numel, read.objective, count_lora, meta, target)
 
 
-def _in_target(target: TargetFormat, matrices: dict[str, Matrix], quantized: list[str], candidates, pin) -> None:
+def _in_target(
+    target: TargetFormat, matrices: dict[str, Matrix], quantized: list[str], candidates: dict, pin
+) -> None:
     """Narrow each matrix's candidates to the configs ``target`` stores exactly on its shape and count
     them in the target's storage; BitallocError for a pinned config it does not store, or a matrix
     left with none."""
@@ -132,8 +135,8 @@ def _in_target(target: TargetFormat, matrices: dict[str, Matrix], quantized: lis
         if not candidates[name] and reasons:
             config, why = next(iter(reasons.items()))
             raise BitallocError(
-                f"no profiled config of {name!r} (shape {matrix.shape[0]}x{matrix.shape[1]}) is stored exactly "
-                f"by {target.name}: {config} ({why}) and {len(reasons) - 1} more; profile it with "
+                f"no profiled config of {name!r} (shape {matrix.shape[0]}x{matrix.shape[1]}) is stored "
+                f"exactly by {target.name}: {config} ({why}) and {len(reasons) - 1} more; profile it with "
                 f"--target {target.name}, which takes {target.description}"
             )
 
