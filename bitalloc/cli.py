@@ -143,7 +143,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         calibration=args.calibration, constraints=constraints, quiet=args.quiet, **options,
     )  # fmt: skip
     if args.sweep is None:
-        print(summarize(run.plans[0], run.table))
+        print(summarize(run.plans[0], run.table, constraints.target))
         print(f"solved in {run.seconds:.2f}s; wrote {run.paths[0]}")
         return
     print(f"{'budget':>7} {'achieved':>9} {'total error':>12}  configs used")

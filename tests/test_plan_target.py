@@ -262,11 +262,15 @@ def run_cli(folder, *args: str) -> tuple[int, str, str]:
 
 
 def test_cli_plan_target_then_export_is_exact(tiny_model, tmp_path):
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         tmp_path, "plan", str(tiny_model), "--budget", "4.3", "--target", "gptqmodel", "--bits", "2,4",
         "--quiet", "-o", "plan.json",
     )  # fmt: skip
     assert code == 0, err
+    assert "(LoRA not counted, in gptqmodel's storage)" in out
+    # the summary's uniform baseline is also in GPTQ's storage, among configs exact on every matrix:
+    # 4-bit groups of 32 (the only ones that divide down_proj's 96 columns) cost 4.625 + g_idx > 4.3
+    assert "best uniform config within 4.3 bits: uint2-b32-sfp16-z2-mse" in out
     result = Plan.load(tmp_path / "plan.json")
     assert result.defaults["rank"] == 0  # the target stores no LoRA correction
     grid = target_format("gptqmodel").grid((2, 4), (32, 64, 128))
