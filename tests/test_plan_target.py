@@ -20,7 +20,7 @@ from bitalloc.export import exact_targets, export, target_format
 from bitalloc.planning.budget import capacity_bits
 from bitalloc.planning.pipeline import PlanConstraints, plan_files
 from bitalloc.planning.plan_file import Plan
-from bitalloc.planning.planner import feasible_range, plan
+from bitalloc.planning.planner import feasible_range, plan, sweep
 from bitalloc.quant import QuantConfig
 
 TARGETS = ("gptqmodel", "autoround", "compressed-tensors", "torchao", "hqq")
@@ -116,6 +116,11 @@ def test_plan_in_target_exports_exact(target):
         again = Plan.from_json(result.to_json())  # the record survives the file
         assert again.target == result.target
         check_exact_export(again, target)
+    swept = sweep(table, [low, high], target=fmt)
+    assert [p.target["storage_bits"] for p in swept] == [target_total(p, target) for p in swept]
+    assert swept[1].achieved_bits == pytest.approx(high, abs=1e-6)
+    for result in swept:
+        check_exact_export(result, target)
 
 
 def test_target_storage_differs_from_bitalloc_and_is_what_the_plan_counts():

@@ -155,8 +155,8 @@ def budget_check(
 def exact_note(plan: Plan, mats: list[Matrix], target: str) -> str:
     """The note of a plan whose every config the target stores exactly."""
     note = (
-        f"exact: {target} stores the configs of all {len(mats)} matrices as planned (asymmetric integer "
-        "groups: the same codes, group size, scale and zero point; its dequantization equals bitalloc's)"
+        f"exact: {target} stores the configs of all {len(mats)} matrices as planned (the same codes, groups, "
+        "scales and offsets: its dequantization of them equals bitalloc's)"
     )
     if not (plan.target and plan.target["name"] == target):
         note += (
