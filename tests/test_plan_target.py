@@ -224,6 +224,9 @@ def test_a_config_the_target_does_not_store_is_refused(tiny_model, tmp_path):
         plan_files(tiny_model, budget=4, output=tmp_path / "p.json", constraints=gptq, methods=["int"])
     with pytest.raises(BitallocError, match="group size 256"):
         plan_files(tiny_model, budget=4, output=tmp_path / "p.json", constraints=gptq, block_sizes=[256])
+    with pytest.raises(BitallocError, match="cannot count LoRA factors"):
+        plan_files(tiny_model, budget=4, output=tmp_path / "p.json", constraints=PlanConstraints(
+            count_lora=True, target=target_format("torchao")))  # fmt: skip
     assert not (tmp_path / "p.json").exists()
     assert not (tmp_path / ".bitalloc-cache").exists()  # refused before profiling
 

@@ -192,6 +192,11 @@ def plan_files(
     the plan is made in the target's format and storage (`bitalloc.plan`)."""
     sweep_budgets = _sweep_budgets(budget, budgets)
     constraints = constraints or PlanConstraints()
+    target = check_target(constraints.target)
+    if target is not None and constraints.count_lora:  # before any profiling
+        raise BitallocError(
+            f"a plan in {target.name}'s storage cannot count LoRA factors: {target.name} does not store them"
+        )
     paths = [Path(output)] if sweep_budgets is None else [sweep_path(output, b) for b in sweep_budgets]
     text = calibration.text if isinstance(calibration, CalibrationSettings) else calibration
     inputs = [profile_path, *model_input_files(model), text]
@@ -208,7 +213,6 @@ def plan_files(
             )
         table = read_profile(profile_path)
     else:
-        target = check_target(constraints.target)
         if target is not None and settings is None and "rank" not in options:
             options = {**options, "rank": 0}  # the target stores no LoRA correction: plan without one
         settings, calibration = build_settings(
