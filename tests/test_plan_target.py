@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from bitalloc import BitallocError
-from bitalloc.export import exact_targets, export, target_format
+from bitalloc.export import TargetFormat, exact_targets, export, target_format
 from bitalloc.planning.budget import capacity_bits
 from bitalloc.planning.pipeline import PlanConstraints, plan_files
 from bitalloc.planning.plan_file import Plan
@@ -321,3 +321,59 @@ def test_cli_plan_target_then_export_is_exact(tiny_model, tmp_path):
     assert code == 2 and err.startswith(
         "bitalloc: error: config 'nf4-b64-s8b256' is not stored exactly by torchao"
     )
+
+
+# ---- any target can declare an exact grid (the way llama.cpp's types will) --------------------------
+class SymmetricInt8(TargetFormat):
+    """A toy target storing ``int8-b{B}-sfp16`` with B dividing the row: a byte per weight and an
+    fp16 scale per block, plus a 64-bit header per matrix (so its storage is not bitalloc's)."""
+
+    name = "toy-exact-int8"
+    description = "int8-b<B>-sfp16 with B dividing the row"
+
+    def why_not(self, config, shape=None):
+        if (config.method, config.bits, config.scale_dtype, config.scale_bits) != ("int", 8, "fp16", None):
+            return "the toy stores int8 with fp16 scales only"
+        if shape is not None and shape[1] % config.block_size:
+            return "partial blocks"
+        return None
+
+    def storage_bits(self, config, shape):
+        return shape[0] * shape[1] * 8 + shape[0] * (shape[1] // config.block_size) * 16 + 64
+
+    def grid(self, bits, block_sizes):
+        return [f"int8-b{block}-sfp16" for block in block_sizes]
+
+
+def test_a_registered_target_declares_its_exact_grid():
+    from bitalloc.export import Translation, register_target
+    from bitalloc.export._common import begin, finish
+
+    toy = SymmetricInt8()
+
+    def translate(plan_: Plan) -> Translation:
+        mats, notes = begin(plan_, toy.name, exact=toy)
+        storage = {m.name: toy.storage_bits(m.config, (m.rows, m.columns)) for m in mats}
+        return finish(
+            plan_, mats, notes, toy.name, lambda m: storage[m.name], {m.name: str(m.config) for m in mats}
+        )
+
+    if toy.name not in exact_targets():
+        register_target(toy.name, translate, exact=toy)
+    assert target_format(toy.name) is toy
+    with pytest.raises(BitallocError, match="exact must be a TargetFormat named 'toy-other'"):
+        register_target("toy-other", translate, exact=toy)
+    table = make_table(["int8-b32-sfp16", "int8-b64-sfp16", "int8-b128-sfp16", "nf4-b64-sfp16"])
+    low, high = feasible_range(table, target=toy)
+    result = plan(table, (low + high) / 2, target=toy)
+    assert {e.config for e in result.modules.values()} <= {
+        "int8-b32-sfp16",
+        "int8-b64-sfp16",
+        "int8-b128-sfp16",
+    }
+    assert result.target["storage_bits"] == sum(
+        toy.storage_bits(QuantConfig.parse(e.config), tuple(e.shape)) for e in result.modules.values()
+    )
+    exported = export(result, toy.name)
+    assert exported.notes[0].startswith(f"exact: {toy.name} stores the configs of all 8 matrices")
+    assert exported.target_bits == result.achieved_bits
