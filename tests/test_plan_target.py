@@ -377,3 +377,32 @@ def test_a_registered_target_declares_its_exact_grid():
     exported = export(result, toy.name)
     assert exported.notes[0].startswith(f"exact: {toy.name} stores the configs of all 8 matrices")
     assert exported.target_bits == result.achieved_bits
+
+
+def test_scales_in_the_models_dtype_are_one_dtype_per_plan(tiny_model, tmp_path):
+    """compressed-tensors, torchao and HQQ store scales in the model's dtype: fp16 or bf16 configs are
+    each exact, a plan mixing them is not (and the exact note says which dtype to run)."""
+    ct = target_format("compressed-tensors")
+    fp16, bf16 = "uint4-b64-sfp16-z4-mse", "uint4-b32-sbf16-z4-mse"
+    with pytest.raises(BitallocError, match="scales in bf16 and fp16: compressed-tensors stores every scale"):
+        plan_files(
+            tiny_model, budget=5, output=tmp_path / "p.json", constraints=PlanConstraints(target=ct),
+            configs=[fp16, bf16],
+        )  # fmt: skip
+    table = make_table([fp16, bf16, "uint4-b32-sfp16-z4-mse"], shapes={"mlp.up_proj": (96, 128)})
+    with pytest.raises(BitallocError, match="not stored exactly together"):
+        plan(table, 5, target=ct)
+    with pytest.raises(BitallocError, match="not stored exactly together"):
+        plan(table, 5, target=ct, pin={"layers.0": fp16, "layers.1": bf16})
+    mixed = plan(table, 5, pin={"layers.0": fp16, "layers.1": bf16})  # without --target: each one exact
+    notes = export(mixed, "compressed-tensors").notes
+    assert not any(note.startswith("exact:") for note in notes)
+    assert any(note.startswith("scales (sbf16-z4-mse, sfp16-z4-mse)") for note in notes)
+    one = plan(table, 5, target=ct, pin={"layers": fp16})
+    exact = check_exact_export(one, "compressed-tensors").notes
+    assert any("stores scales in the model's dtype: run the model in fp16" in note for note in exact)
+    # GPTQ's scales are fp16 whatever the model: no condition
+    gptq = plan(
+        make_table(target_format("gptqmodel").grid((4,), (32,))), 5, target=target_format("gptqmodel")
+    )
+    assert not any("model's dtype" in note for note in check_exact_export(gptq, "gptqmodel").notes)

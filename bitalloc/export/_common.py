@@ -152,12 +152,15 @@ def budget_check(
     return note, target_bits
 
 
-def exact_note(plan: Plan, mats: list[Matrix], target: str) -> str:
-    """The note of a plan whose every config the target stores exactly."""
+def exact_note(plan: Plan, mats: list[Matrix], target: str, conditions: str | None = None) -> str:
+    """The note of a plan whose every config the target stores exactly (``conditions``: what must
+    hold where it runs)."""
     note = (
         f"exact: {target} stores the configs of all {len(mats)} matrices as planned (the same codes, groups, "
         "scales and offsets: its dequantization of them equals bitalloc's)"
     )
+    if conditions:
+        note += f"; {conditions}"
     if not (plan.target and plan.target["name"] == target):
         note += (
             f"; the plan's budget counted bitalloc's storage, not {target}'s (plan --target {target} "
@@ -233,8 +236,13 @@ def begin(
     the plan's levels, scales and blocks became (see `grid_notes`)."""
     mats = matrices(plan)
     notes = lora_note(plan, target)
-    if exact is not None and all(exact.why_not(m.config, (m.rows, m.columns)) is None for m in mats):
-        notes.append(exact_note(plan, mats, target))
+    configs = [m.config for m in mats]
+    if (
+        exact is not None
+        and all(exact.why_not(m.config, (m.rows, m.columns)) is None for m in mats)
+        and exact.plan_why_not(configs) is None
+    ):
+        notes.append(exact_note(plan, mats, target, exact.conditions(configs)))
     elif grid is not None:
         notes += grid_notes(mats, target, grid, groups)
     return mats, notes

@@ -37,6 +37,7 @@ class IntegerGroups(TargetFormat):
     group_sizes: tuple[int, ...] | None = None
     group_multiple: int = 1
     bits: tuple[int, ...] = EXACT_BITS
+    scale_follows_model: bool = False  # scales stored in the model's dtype (one per model), not a fixed one
 
     @property
     def groups_text(self) -> str:
@@ -74,6 +75,20 @@ class IntegerGroups(TargetFormat):
             return f"group size {group}; {self.name} takes {self.groups_text}"
         if shape is not None and shape[1] % group:
             return f"{shape[1]} columns are not a multiple of the group size {group}"
+        return None
+
+    def plan_why_not(self, configs: Sequence[QuantConfig]) -> str | None:
+        dtypes = sorted({config.scale_dtype for config in configs})
+        if self.scale_follows_model and len(dtypes) > 1:
+            return (
+                f"scales in {' and '.join(dtypes)}: {self.name} stores every scale in the model's one dtype"
+            )
+        return None
+
+    def conditions(self, configs: Sequence[QuantConfig]) -> str | None:
+        dtypes = sorted({config.scale_dtype for config in configs})
+        if self.scale_follows_model and len(dtypes) == 1:
+            return f"{self.name} stores scales in the model's dtype: run the model in {dtypes[0]}"
         return None
 
     def storage_bits(self, config: QuantConfig, shape: Shape) -> int:

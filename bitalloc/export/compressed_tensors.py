@@ -29,7 +29,7 @@ def storage_bits(m: Matrix) -> int:
 
 
 # pack-quantized int groups: scales in the model's dtype, integer zero points (weight_zero_point)
-EXACT = IntegerGroups(TARGET, storage_bits, scale_dtypes=("fp16", "bf16"))
+EXACT = IntegerGroups(TARGET, storage_bits, scale_dtypes=("fp16", "bf16"), scale_follows_model=True)
 
 
 def _group_order(item: tuple) -> tuple:

@@ -32,10 +32,10 @@ def storage_bits(m: Matrix, group: int) -> int:
     return codes + groups * 2 * 16
 
 
-# HQQ (axis=1): a scale and a float zero in the compute dtype per group, groups multiples of 8
+# HQQ (axis=1): a scale and a float zero in the compute dtype (the model's) per group, groups multiples of 8
 EXACT = IntegerGroups(
     TARGET, lambda m: storage_bits(m, m.config.block_size), scale_dtypes=("fp16", "bf16"), float_zero=True,
-    group_multiple=GROUP_MULTIPLE,
+    group_multiple=GROUP_MULTIPLE, scale_follows_model=True,
 )  # fmt: skip
 
 

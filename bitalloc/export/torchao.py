@@ -56,7 +56,10 @@ def storage_bits(m: Matrix, group: int) -> int:
 # IntxWeightOnlyConfig(ASYMMETRIC, UNPACKED_TO_INT8): a scale in the weight's dtype (bf16 models
 # first) and an int8 zero point per group, groups dividing the row
 EXACT = IntegerGroups(
-    TARGET, lambda m: storage_bits(m, m.config.block_size), scale_dtypes=("bf16", "fp16")
+    TARGET,
+    lambda m: storage_bits(m, m.config.block_size),
+    scale_dtypes=("bf16", "fp16"),
+    scale_follows_model=True,
 )
 
 

@@ -98,6 +98,14 @@ def prepare_problem(profile_table, **constraints) -> Problem:
             )
         _in_target(target, matrices, quantized, candidates, given.pin)
     pinned = _pin(given.pin, matrices, kept, candidates)
+    if target is not None:
+        every = sorted(set().union(*(candidates[name] for name in quantized)))
+        why = target.plan_why_not([QuantConfig.parse(config) for config in every])
+        if why is not None:
+            raise BitallocError(
+                f"the candidate configs for {target.name} are not stored exactly together ({why}): "
+                "pin them (--pin) or profile --configs of one kind"
+            )
     for name in quantized:
         if not candidates[name]:
             why = f"pinned to {pinned[name]!r}" if name in pinned else "profiled configs"

@@ -44,6 +44,16 @@ class TargetFormat:
         """The configs to profile for the target at these bits and block sizes (its default grid)."""
         raise NotImplementedError
 
+    def plan_why_not(self, configs: Sequence[QuantConfig]) -> str | None:
+        """None if a plan using all of ``configs`` (each stored exactly on its own) is stored exactly
+        as a whole, else why not (e.g. two scale dtypes where the target stores the model's one)."""
+        return None
+
+    def conditions(self, configs: Sequence[QuantConfig]) -> str | None:
+        """What must hold where the target runs for it to store ``configs`` as planned (a clause for
+        the export's "exact" note), or None."""
+        return None
+
 
 def check_target(target: object) -> TargetFormat | None:
     """``target`` if it is a TargetFormat or None; BitallocError otherwise (names resolve in
@@ -65,11 +75,15 @@ def refuse(target: TargetFormat, config: str | QuantConfig, why: str) -> Bitallo
 
 def check_configs(target: TargetFormat, configs: Sequence[str]) -> None:
     """BitallocError naming the first config the target never stores exactly."""
+    parsed = []
     for text in configs:
-        config = QuantConfig.parse(text)
-        why = target.why_not(config)
+        parsed.append(QuantConfig.parse(text))
+        why = target.why_not(parsed[-1])
         if why is not None:
             raise refuse(target, text, why)
+    why = target.plan_why_not(parsed)
+    if why is not None:
+        raise BitallocError(f"--target {target.name}: the configs are not stored exactly together: {why}")
 
 
 def target_settings(target: TargetFormat, settings: ProfileSettings) -> ProfileSettings:
