@@ -233,6 +233,9 @@ def test_a_config_the_target_does_not_store_is_refused(tiny_model, tmp_path):
 
 def test_planner_refusals():
     fmt = target_format("gptqmodel")
+    config = QuantConfig.parse("uint4-b16-sfp16-z4")
+    assert fmt.why_not(config, (64, 80)).endswith("int32 words: multiples of 32")  # 80 = 5 groups of 16
+    assert target_format("compressed-tensors").why_not(config, (64, 80)) is None  # pads its words
     table = make_table(fmt.grid((2, 4), (32, 64)))
     with pytest.raises(BitallocError, match="cannot count LoRA factors"):
         plan(table, 4, target=fmt, count_lora=True)

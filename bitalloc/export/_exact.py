@@ -38,6 +38,7 @@ class IntegerGroups(TargetFormat):
     group_multiple: int = 1
     bits: tuple[int, ...] = EXACT_BITS
     scale_follows_model: bool = False  # scales stored in the model's dtype (one per model), not a fixed one
+    dims_multiple: int = 1  # rows and columns must be multiples of this (GPTQ's int32 packing of both)
 
     @property
     def groups_text(self) -> str:
@@ -75,6 +76,8 @@ class IntegerGroups(TargetFormat):
             return f"group size {group}; {self.name} takes {self.groups_text}"
         if shape is not None and shape[1] % group:
             return f"{shape[1]} columns are not a multiple of the group size {group}"
+        if shape is not None and (shape[0] % self.dims_multiple or shape[1] % self.dims_multiple):
+            return f"{self.name} packs both dimensions in int32 words: multiples of {self.dims_multiple}"
         return None
 
     def plan_why_not(self, configs: Sequence[QuantConfig]) -> str | None:

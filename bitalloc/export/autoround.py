@@ -9,14 +9,17 @@ from __future__ import annotations
 from ._common import Grid, PlanLike, Translation, begin, finish, gptq_packed_bits, read_plan, symmetric
 from ._exact import IntegerGroups
 from ._plan import Plan, most_common
-from .gptqmodel import GPTQ_GROUP_SIZES
+from .gptqmodel import GPTQ_DIMS_MULTIPLE, GPTQ_GROUP_SIZES
 
 TARGET = "autoround"
 GRID = Grid("symmetric integer levels", "an fp16 scale and a packed zero point per group (auto_round format)")
 # AutoRound's own entry for a layer left in 16 bits (what its ignore_layers option writes).
 KEPT = {"bits": 16, "act_bits": 16, "data_type": "float", "act_data_type": "float"}
 # The auto_round format is GPTQ's packed layout without g_idx: the same exact configs.
-EXACT = IntegerGroups(TARGET, lambda m: gptq_packed_bits(m, g_idx=False), group_sizes=GPTQ_GROUP_SIZES)
+EXACT = IntegerGroups(
+    TARGET, lambda m: gptq_packed_bits(m, g_idx=False), group_sizes=GPTQ_GROUP_SIZES,
+    dims_multiple=GPTQ_DIMS_MULTIPLE,
+)  # fmt: skip
 
 
 def translate(plan: Plan) -> Translation:

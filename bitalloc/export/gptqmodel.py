@@ -25,9 +25,15 @@ TARGET = "gptqmodel"
 GRID = Grid("symmetric GPTQ integer levels", "an fp16 scale and a packed zero point per group (GPTQ layout)")
 # GPTQModel's kernels take groups of 16 to 128 (their SUPPORTS_GROUP_SIZE, besides -1: whole rows)
 GPTQ_GROUP_SIZES = (16, 32, 64, 128)
+# The GPTQ layout packs qweight along the input and qzeros along the output dimension into int32
+# words, 32 rows at a time at 3 bits: shapes that are multiples of 32 pack without padding.
+GPTQ_DIMS_MULTIPLE = 32
 # What the GPTQ format stores exactly: uint codes, fp16 scales, integer zero points (qzeros), whole
 # groups; counted as GPTQ writes it (int32 words, g_idx).
-EXACT = IntegerGroups(TARGET, lambda m: gptq_packed_bits(m, g_idx=True), group_sizes=GPTQ_GROUP_SIZES)
+EXACT = IntegerGroups(
+    TARGET, lambda m: gptq_packed_bits(m, g_idx=True), group_sizes=GPTQ_GROUP_SIZES,
+    dims_multiple=GPTQ_DIMS_MULTIPLE,
+)  # fmt: skip
 
 
 def translate(plan: Plan) -> Translation:
