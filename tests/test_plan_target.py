@@ -246,6 +246,8 @@ def test_planner_refusals():
             target=fmt,
             pin={"q_proj": "nf4-b64-sfp16"},
         )
+    with pytest.raises(BitallocError, match=r"infeasible: .* is 8\.\d+ to 8\.75 in torchao's storage"):
+        plan(make_table(target_format("torchao").grid((2, 4), (32, 64))), 4, target=target_format("torchao"))
     with pytest.raises(BitallocError, match="target must be a TargetFormat"):
         plan(table, 4, target="gptqmodel")
     # a profile whose only configs for the 96-column matrices need groups of 64

@@ -177,9 +177,10 @@ def _solve_plan(problem: Problem, budget: float, solver: str, source: str | None
     capacity = capacity_bits(budget, problem.numel)
     if sum(group.options[0][1] for group in problem.groups) > capacity:
         lo, hi = _feasible_range(problem)
+        storage = "" if problem.target is None else f" in {problem.target.name}'s storage"
         raise BitallocError(
             f"budget {float(budget)!r} is infeasible: achievable average bits/param for this "
-            f"profile and constraints is {math.ceil(lo * 1e4) / 1e4:g} to {round(hi, 4):g}"
+            f"profile and constraints is {math.ceil(lo * 1e4) / 1e4:g} to {round(hi, 4):g}{storage}"
         )
     options = [[(storage, error) for _, storage, error in group.options] for group in problem.groups]
     choice, gap = solve(options, capacity, solver)
