@@ -128,12 +128,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from .export import target_format
     from .planning.pipeline import PlanConstraints, budget_label, plan_files
     from .planning.report import config_counts, summarize
 
     constraints = PlanConstraints(
         solver=args.solver, count_lora=args.count_lora, tie=tuple(args.tie or ()), min_bits=args.min_bits,
         max_bits=args.max_bits, pin=_pins(args.pin), keep=tuple(args.keep or ()),
+        target=None if args.target is None else target_format(args.target),
     )  # fmt: skip
     options = _profile_options(args)
     run = plan_files(
@@ -141,7 +143,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         calibration=args.calibration, constraints=constraints, quiet=args.quiet, **options,
     )  # fmt: skip
     if args.sweep is None:
-        print(summarize(run.plans[0], run.table))
+        print(summarize(run.plans[0], run.table, constraints.target))
         print(f"solved in {run.seconds:.2f}s; wrote {run.paths[0]}")
         return
     print(f"{'budget':>7} {'achieved':>9} {'total error':>12}  configs used")
@@ -289,6 +291,12 @@ def _add_plan_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
     pl.add_argument("--max-bits", type=int, default=None)
     pl.add_argument("--pin", action="append", metavar="REGEX=CONFIG", help="force a config")
     pl.add_argument("--keep", action="append", metavar="REGEX", help="leave in 16 bits, outside the budget")
+    pl.add_argument(
+        "--target",
+        choices=choices["target"],
+        default=None,
+        help="plan in this export target's format: only configs it stores exactly, counted in its storage",
+    )
     _add_profile_options(pl, choices)
     pl.set_defaults(func=cmd_plan)
 

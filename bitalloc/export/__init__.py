@@ -8,7 +8,8 @@ torch and torchao when called. Plans for export should come from a no-correction
 """
 
 from ._common import Translation
-from .api import TARGETS, ExportResult, export, register_target, targets
+from ._plan import TargetFormat
+from .api import TARGETS, ExportResult, exact_targets, export, register_target, target_format, targets
 from .autoround import to_autoround
 from .compressed_tensors import to_compressed_tensors
 from .gptqmodel import to_gptqmodel
@@ -19,9 +20,12 @@ from .torchao import to_torchao, to_torchao_dict
 __all__ = [
     "TARGETS",
     "ExportResult",
+    "TargetFormat",
     "Translation",
+    "exact_targets",
     "export",
     "register_target",
+    "target_format",
     "targets",
     "to_autoround",
     "to_compressed_tensors",

@@ -14,10 +14,11 @@ import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ..errors import BitallocError
 from ..quant import QuantConfig, format_of
-from ._plan import Plan
+from ._plan import Plan, TargetFormat, achieved_bits
 
 PlanLike = Plan | dict | str | os.PathLike
 
@@ -119,20 +120,53 @@ def lora_note(plan: Plan, target: str) -> list[str]:
 def budget_check(
     plan: Plan, mats: list[Matrix], target: str, storage: Callable[[Matrix], int]
 ) -> tuple[str, float]:
-    """Re-check the budget in the target's storage: (note, bits/param the target stores)."""
+    """Re-check the budget in the target's storage: (note, bits/param the target stores).
+
+    A plan made in this target's format (``plan.target``) counted its bits in the target's storage:
+    the re-check compares with that total, and its figure is computed as the plan's achieved bits
+    were (`bitalloc.planning.budget.achieved_bits`), so the two are equal floats when the storage is."""
     numel = sum(m.numel for m in mats)
-    plan_bits = sum(m.storage_bits for m in mats) / numel
-    target_bits = sum(storage(m) for m in mats) / numel
     budget = plan.budget["target_bits"]
-    verdict = "over" if target_bits > budget else "within"
-    note = (
-        f"budget re-check in {target}'s storage: {target_bits:.4f} bits/param for the plan's "
-        f"{len(mats)} quantized matrices vs {plan_bits:.4f} in bitalloc's format "
-        f"({target_bits - plan_bits:+.4f}; {verdict} the plan's budget of {budget:g})"
-    )
+    in_target = bool(plan.target) and plan.target["name"] == target
+    plan_total = plan.target["storage_bits"] if in_target else sum(m.storage_bits for m in mats)
+    target_total = sum(storage(m) for m in mats)
+    ratio = Fraction(target_total, numel)
+    target_bits = achieved_bits(ratio, budget) if ratio <= Fraction(budget) else float(round(ratio, 6))
+    plan_bits = Fraction(plan_total, numel)
+    verdict = "over" if ratio > Fraction(budget) else "within"
+    if in_target and plan_total == target_total:
+        note = (
+            f"budget re-check in {target}'s storage: {target_bits!r} bits/param for the plan's {len(mats)} "
+            f"quantized matrices, equal to the plan's bits (planned in {target}'s storage; {verdict} the "
+            f"plan's budget of {budget:g})"
+        )
+    else:
+        where = f"{target}'s storage when planned" if in_target else "bitalloc's format"
+        note = (
+            f"budget re-check in {target}'s storage: {float(ratio):.4f} bits/param for the plan's "
+            f"{len(mats)} quantized matrices vs {float(plan_bits):.4f} in {where} "
+            f"({float(ratio - plan_bits):+.4f}; {verdict} the plan's budget of {budget:g})"
+        )
     if plan.budget["includes_lora"]:
         note += "; the plan's budget also counted LoRA factors, which the target does not store"
-    return note, round(target_bits, 6)
+    return note, target_bits
+
+
+def exact_note(plan: Plan, mats: list[Matrix], target: str, conditions: str | None = None) -> str:
+    """The note of a plan whose every config the target stores exactly (``conditions``: what must
+    hold where it runs)."""
+    note = (
+        f"exact: {target} stores the configs of all {len(mats)} matrices as planned (the same codes, groups, "
+        "scales and offsets: its dequantization of them equals bitalloc's)"
+    )
+    if conditions:
+        note += f"; {conditions}"
+    if not (plan.target and plan.target["name"] == target):
+        note += (
+            f"; the plan's budget counted bitalloc's storage, not {target}'s (plan --target {target} "
+            "counts the target's)"
+        )
+    return note
 
 
 @dataclass(frozen=True)
@@ -191,13 +225,25 @@ def grid_notes(
 
 
 def begin(
-    plan: Plan, target: str, grid: Grid | None = None, groups: dict[str, int] | None = None
+    plan: Plan,
+    target: str,
+    grid: Grid | None = None,
+    groups: dict[str, int] | None = None,
+    exact: TargetFormat | None = None,
 ) -> tuple[list[Matrix], list[str]]:
-    """The plan's matrices and the first notes: the LoRA warning, then for integer-grid targets
-    what the plan's levels, scales and blocks became (see `grid_notes`)."""
+    """The plan's matrices and the first notes: the LoRA warning, then "exact" when the target
+    stores every config exactly (``exact``: its declared grid), else for integer-grid targets what
+    the plan's levels, scales and blocks became (see `grid_notes`)."""
     mats = matrices(plan)
     notes = lora_note(plan, target)
-    if grid is not None:
+    configs = [m.config for m in mats]
+    if (
+        exact is not None
+        and all(exact.why_not(m.config, (m.rows, m.columns)) is None for m in mats)
+        and exact.plan_why_not(configs) is None
+    ):
+        notes.append(exact_note(plan, mats, target, exact.conditions(configs)))
+    elif grid is not None:
         notes += grid_notes(mats, target, grid, groups)
     return mats, notes
 

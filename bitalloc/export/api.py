@@ -12,23 +12,50 @@ from ..errors import BitallocError
 from ..fileio import write_text_atomic
 from . import autoround, compressed_tensors, gptqmodel, hqq, llamacpp, torchao
 from ._common import PlanLike, Translation, json_text, read_plan
+from ._plan import TargetFormat
 
 Translate = Callable[..., Translation]  # translate(plan, **options) -> Translation
 
 # target -> (translate, the keyword options it takes), in registration order
 _TRANSLATORS: dict[str, tuple[Translate, tuple[str, ...]]] = {}
+_EXACT: dict[str, TargetFormat | None] = {}  # target -> the configs it stores exactly (None: none declared)
 
 
-def register_target(name: str, translate: Translate) -> None:
+def register_target(name: str, translate: Translate, exact: TargetFormat | None = None) -> None:
     """Make ``name`` an export target: ``translate(plan, **options)`` gets a validated `Plan` and
     returns a `Translation`; its keyword parameters after the plan are the target's options.
+    ``exact`` declares the configs the target stores exactly and its storage accounting (a
+    `TargetFormat` named ``name``), which ``plan --target NAME`` plans in; None: none yet.
     BitallocError if the name is taken."""
     if not isinstance(name, str) or not name or name in _TRANSLATORS:
         raise BitallocError(f"cannot register export target {name!r}: a new, non-empty name is needed")
     if not callable(translate):
         raise BitallocError(f"export target {name!r}: translate must be callable")
+    if exact is not None and (not isinstance(exact, TargetFormat) or exact.name != name):
+        raise BitallocError(f"export target {name!r}: exact must be a TargetFormat named {name!r}")
     parameters = list(inspect.signature(translate).parameters.values())[1:]
     _TRANSLATORS[name] = (translate, tuple(p.name for p in parameters))
+    _EXACT[name] = exact
+
+
+def target_format(name: str) -> TargetFormat:
+    """The exact grid and storage accounting of export target ``name``, for ``plan --target``;
+    BitallocError (one line) for an unknown target or one that declares none."""
+    if name not in _TRANSLATORS:
+        raise BitallocError(f"unknown target {name!r}: expected one of {', '.join(_TRANSLATORS)}")
+    exact = _EXACT[name]
+    if exact is None:
+        exact_ones = ", ".join(key for key, value in _EXACT.items() if value is not None)
+        raise BitallocError(
+            f"plans for {name} are not yet exact: it declares no configs it stores exactly (plan without "
+            f"--target and export --to {name}, which approximates and says so; exact: {exact_ones})"
+        )
+    return exact
+
+
+def exact_targets() -> tuple[str, ...]:
+    """The export targets that declare an exact grid (``plan --target`` takes them)."""
+    return tuple(name for name, exact in _EXACT.items() if exact is not None)
 
 
 def targets() -> tuple[str, ...]:
@@ -37,7 +64,7 @@ def targets() -> tuple[str, ...]:
 
 
 for _module in (gptqmodel, autoround, llamacpp, compressed_tensors, torchao, hqq):
-    register_target(_module.TARGET, _module.translate)
+    register_target(_module.TARGET, _module.translate, getattr(_module, "EXACT", None))
 TARGETS = targets()  # the package's own targets; `targets()` also lists ones registered later
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ._common import Grid, Matrix, PlanLike, Translation, begin, finish, packed_words, read_plan, symmetric
+from ._exact import IntegerGroups
 from ._plan import Plan
 
 TARGET = "compressed-tensors"
@@ -27,6 +28,10 @@ def storage_bits(m: Matrix) -> int:
     return m.rows * packed_words(m.columns, m.config.bits) + m.rows * groups * 16 + 2 * 64 + zeros
 
 
+# pack-quantized int groups: scales in the model's dtype, integer zero points (weight_zero_point)
+EXACT = IntegerGroups(TARGET, storage_bits, scale_dtypes=("fp16", "bf16"), scale_follows_model=True)
+
+
 def _group_order(item: tuple) -> tuple:
     """Config groups in (bits, group size) order, symmetric first (the order before uint existed)."""
     (bits, group, sym), _ = item
@@ -35,7 +40,7 @@ def _group_order(item: tuple) -> tuple:
 
 def translate(plan: Plan) -> Translation:
     """The ``quantization_config`` for ``plan``, with notes and pack-quantized bits/param."""
-    mats, notes = begin(plan, TARGET, GRID)
+    mats, notes = begin(plan, TARGET, GRID, exact=EXACT)
     targets: dict[tuple[int, int, bool], list[str]] = {}
     for m in mats:
         targets.setdefault((m.config.bits, m.config.block_size, symmetric(m)), []).append(m.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import BitallocError
 from ._common import Grid, Matrix, PlanLike, Translation, begin, divisor_group, finish, matrices, read_plan
+from ._exact import IntegerGroups
 from ._plan import Plan
 
 TARGET = "hqq"
@@ -31,6 +32,13 @@ def storage_bits(m: Matrix, group: int) -> int:
     return codes + groups * 2 * 16
 
 
+# HQQ (axis=1): a scale and a float zero in the compute dtype (the model's) per group, groups multiples of 8
+EXACT = IntegerGroups(
+    TARGET, lambda m: storage_bits(m, m.config.block_size), scale_dtypes=("fp16", "bf16"), float_zero=True,
+    group_multiple=GROUP_MULTIPLE, scale_follows_model=True,
+)  # fmt: skip
+
+
 def _group(m: Matrix) -> int:
     group = divisor_group(m.config.block_size, m.columns, GROUP_MULTIPLE)
     if group is None:
@@ -44,7 +52,7 @@ def _group(m: Matrix) -> int:
 def translate(plan: Plan, per_module: bool = False) -> Translation:
     """``HqqConfig`` arguments per tag (or, with ``per_module``, one ``HQQLinear`` config per module)."""
     groups = {m.name: _group(m) for m in matrices(plan)}
-    mats, notes = begin(plan, TARGET, GRID, groups)
+    mats, notes = begin(plan, TARGET, GRID, groups, exact=EXACT)
     module_configs: dict[str, dict | None] = dict.fromkeys(plan.kept)
     for m in mats:
         module_configs[m.name] = {"nbits": m.config.bits, "group_size": groups[m.name], "axis": AXIS}

@@ -21,6 +21,7 @@ from ._common import (
     matrices,
     read_plan,
 )
+from ._exact import IntegerGroups
 from ._plan import Plan
 
 if TYPE_CHECKING:
@@ -52,6 +53,16 @@ def storage_bits(m: Matrix, group: int) -> int:
     return m.numel * 8 + m.rows * (m.columns // group) * (SCALE_BITS + 8)
 
 
+# IntxWeightOnlyConfig(ASYMMETRIC, UNPACKED_TO_INT8): a scale in the weight's dtype (bf16 models
+# first) and an int8 zero point per group, groups dividing the row
+EXACT = IntegerGroups(
+    TARGET,
+    lambda m: storage_bits(m, m.config.block_size),
+    scale_dtypes=("bf16", "fp16"),
+    scale_follows_model=True,
+)
+
+
 def _config_dict(bits: int, group: int, mapping: str = "SYMMETRIC") -> dict:
     """One ``IntxWeightOnlyConfig`` in torchao's ``config_to_dict`` form (defaults left out)."""
     return {
@@ -74,7 +85,7 @@ def translate(plan: Plan) -> Translation:
     """The JSON twin of ``to_torchao(plan)``, with notes and torchao's bits/param."""
     config = assignments(plan)
     groups = {name: value[1] for name, value in config.items() if value is not None}
-    mats, notes = begin(plan, TARGET, GRID, groups)
+    mats, notes = begin(plan, TARGET, GRID, groups, exact=EXACT)
     if any(not format_of(m.config).uniform for m in mats):
         notes.append(
             "torchao's NF4 (NF4WeightOnlyConfig: block 64, int8 scalers per 256 blocks, mean-subtracted) "

@@ -7,6 +7,7 @@ the storage and the error of another) are dropped. `Problem` is what the solvers
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
@@ -18,9 +19,11 @@ import numpy as np
 from ..errors import BitallocError
 from ..names import compile_patterns
 from ..profiling.table import ProfileMetadata
+from ..quant import QuantConfig
 from .budget import finite
 from .plan_file import _shown
 from .profile_reader import Matrix, apply_coefficients, canonical_config, read_table
+from .targets import TargetFormat, check_target, refuse
 
 MAX_TOTAL_BITS = 2**62  # the exact solvers sum storage in int64
 
@@ -48,6 +51,7 @@ class Problem:
     objective: str
     count_lora: bool
     meta: ProfileMetadata  # layer_weights cleared when the plan ignores them
+    target: TargetFormat | None = None  # storage counted in this target's format (only its exact configs)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Constraints:
     pin: dict[str, str] | None = None
     keep: Iterable[str] = ()
     layer_weights: bool = True
+    target: TargetFormat | None = None
 
 
 def prepare_problem(profile_table, **constraints) -> Problem:
@@ -84,7 +89,23 @@ def prepare_problem(profile_table, **constraints) -> Problem:
     if not quantized:
         raise BitallocError("keep leaves no matrix to quantize")
     candidates = _within_bits(matrices, quantized, given.min_bits, given.max_bits)
+    target = check_target(given.target)
+    if target is not None:
+        if count_lora:
+            raise BitallocError(
+                f"a plan in {target.name}'s storage cannot count LoRA factors: "
+                f"{target.name} does not store them"
+            )
+        _in_target(target, matrices, quantized, candidates, given.pin)
     pinned = _pin(given.pin, matrices, kept, candidates)
+    if target is not None:
+        every = sorted(set().union(*(candidates[name] for name in quantized)))
+        why = target.plan_why_not([QuantConfig.parse(config) for config in every])
+        if why is not None:
+            raise BitallocError(
+                f"the candidate configs for {target.name} are not stored exactly together ({why}): "
+                "pin them (--pin) or profile --configs of one kind"
+            )
     for name in quantized:
         if not candidates[name]:
             why = f"pinned to {pinned[name]!r}" if name in pinned else "profiled configs"
@@ -95,7 +116,37 @@ def prepare_problem(profile_table, **constraints) -> Problem:
     numel = sum(matrices[name].numel for name in quantized)
     if sum(group.options[-1][1] for group in groups) >= MAX_TOTAL_BITS:
         raise BitallocError("the profiled matrices are too large to plan: over 2**62 bits in all")
-    return Problem(matrices, groups, [n for n in names if n in kept], numel, read.objective, count_lora, meta)
+    kept_names = [n for n in names if n in kept]
+    return Problem(matrices, groups, kept_names, numel, read.objective, count_lora, meta, target)
+
+
+def _in_target(
+    target: TargetFormat, matrices: dict[str, Matrix], quantized: list[str], candidates: dict, pin
+) -> None:
+    """Narrow each matrix's candidates to the configs ``target`` stores exactly on its shape and count
+    them in the target's storage; BitallocError for a pinned config it does not store, or a matrix
+    left with none."""
+    for pattern, config in (pin or {}).items() if isinstance(pin, dict) else ():
+        if isinstance(config, str):
+            why = target.why_not(QuantConfig.parse(canonical_config(config, f"pin {pattern!r}")))
+            if why is not None:
+                raise refuse(target, config, why)
+    for name in quantized:
+        matrix = matrices[name]
+        reasons = {}
+        for config in sorted(candidates[name]):
+            reasons[config] = target.why_not(QuantConfig.parse(config), matrix.shape)
+            if reasons[config] is None:
+                storage = target.storage_bits(QuantConfig.parse(config), matrix.shape)
+                matrix.rows[config] = dataclasses.replace(matrix.rows[config], storage_bits=storage)
+        candidates[name] = {config for config, why in reasons.items() if why is None}
+        if not candidates[name] and reasons:
+            config, why = next(iter(reasons.items()))
+            raise BitallocError(
+                f"no profiled config of {name!r} (shape {matrix.shape[0]}x{matrix.shape[1]}) is stored "
+                f"exactly by {target.name}: {config} ({why}) and {len(reasons) - 1} more; profile it with "
+                f"--target {target.name}, which takes {target.description}"
+            )
 
 
 def _within_bits(matrices: dict[str, Matrix], quantized: list[str], min_bits, max_bits) -> dict[str, set]:

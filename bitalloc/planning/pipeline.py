@@ -26,6 +26,7 @@ from ..profiling.settings import CalibrationSettings, ProfileSettings, build_set
 from ..profiling.table import profile_metadata, read_profile
 from .plan_file import Plan
 from .planner import parse_sweep, plan, sweep
+from .targets import TargetFormat, check_target, target_settings
 
 DEFAULT_PLAN_FILE = "plan.json"
 DEFAULT_OBJECTIVE = "auto"  # `plan MODEL` is data-aware whenever the model can be run
@@ -42,11 +43,13 @@ class PlanConstraints:
     max_bits: int | None = None
     pin: dict[str, str] | None = field(default=None, hash=False)
     keep: tuple[str, ...] = ()
+    target: TargetFormat | None = None  # plan in this tool's format (`bitalloc.export.target_format`)
 
     def as_kwargs(self) -> dict:
         return dict(
             solver=self.solver, count_lora=self.count_lora, tie=tuple(self.tie or ()),
             min_bits=self.min_bits, max_bits=self.max_bits, pin=self.pin, keep=tuple(self.keep or ()),
+            target=self.target,
         )  # fmt: skip
 
 
@@ -183,9 +186,17 @@ def plan_files(
     "START:STOP:STEP"; files ``OUTPUT-<budget>.json``), and save the plans (self-contained:
     a data-aware plan records its calibration data, no side file). Profile
     ``settings``/``calibration``/keyword ``options`` apply to a model, and are refused
-    with a profile file (it was measured with its own settings)."""
+    with a profile file (it was measured with its own settings). With ``constraints.target``
+    (`bitalloc.planning.targets.TargetFormat`) a model is profiled on the target's grid (or the
+    given ``configs``, each one it stores exactly) with LoRA rank 0 unless a rank is given, and
+    the plan is made in the target's format and storage (`bitalloc.plan`)."""
     sweep_budgets = _sweep_budgets(budget, budgets)
     constraints = constraints or PlanConstraints()
+    target = check_target(constraints.target)
+    if target is not None and constraints.count_lora:  # before any profiling
+        raise BitallocError(
+            f"a plan in {target.name}'s storage cannot count LoRA factors: {target.name} does not store them"
+        )
     paths = [Path(output)] if sweep_budgets is None else [sweep_path(output, b) for b in sweep_budgets]
     text = calibration.text if isinstance(calibration, CalibrationSettings) else calibration
     inputs = [profile_path, *model_input_files(model), text]
@@ -202,9 +213,13 @@ def plan_files(
             )
         table = read_profile(profile_path)
     else:
+        if target is not None and settings is None and "rank" not in options:
+            options = {**options, "rank": 0}  # the target stores no LoRA correction: plan without one
         settings, calibration = build_settings(
             settings, calibration, options, default_objective=DEFAULT_OBJECTIVE
         )
+        if target is not None:
+            settings = target_settings(target, settings)
         cache = profile_cache_path(output, model, settings, calibration)
         table = profile(model, cache, settings, calibration, quiet=quiet)
     start = time.perf_counter()

@@ -277,6 +277,19 @@ class Plan:
         {"type": "array", "uniqueItems": True, "items": {"type": "string", "minLength": 1}},
         default_factory=list,
     )
+    # plans made in a target tool's format (bitalloc.plan(..., target=...))
+    target: dict | None = _schema(
+        {
+            **_closed(["name", "storage_bits"], {
+                "name": {"type": "string", "minLength": 1},
+                "storage_bits": {"type": "integer", "minimum": 1},
+            }),
+            "description": "Plans made in an export target's format (plan --target): only configs the target "
+            "stores exactly, each counted in the target's own storage; storage_bits is the total the target "
+            "writes for the quantized matrices, which budget.achieved_bits is computed from.",
+        },
+        default=None,
+    )  # fmt: skip
     modules: dict[str, ModuleEntry] = _schema({
         "type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
         "additionalProperties": {"$ref": "#/$defs/module"},
@@ -325,6 +338,7 @@ class Plan:
             "solver": {key: self.solver[key] for key in ("name", "status", "objective", "gap")},
             "defaults": {key: self.defaults[key] for key in ("rank", "iters")},
             "kept": list(self.kept),
+            **({"target": dict(self.target)} if self.target else {}),
             "modules": modules,
         }
 

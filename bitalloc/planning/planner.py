@@ -28,6 +28,7 @@ from .entry import ModuleEntry
 from .mckp import SOLVERS, solve
 from .objectives import OBJECTIVE_COLUMNS
 from .plan_file import Plan, _shown, most_common
+from .targets import TargetFormat
 
 __all__ = ["LORA_BITS", "OBJECTIVE_COLUMNS", "Plan", "feasible_range", "parse_sweep", "plan", "sweep"]
 
@@ -49,6 +50,7 @@ def plan(
     keep: Iterable[str] = (),
     source: str | None = None,
     layer_weights: bool = True,
+    target: TargetFormat | None = None,
 ) -> Plan:
     """Choose one config per matrix minimizing the total error within ``budget`` bits/param.
 
@@ -84,6 +86,7 @@ def plan(
         max_bits=max_bits,
         pin=pin,
         keep=keep,
+        target=target,
     )
     return _solve_plan(problem, budget, solver, source)
 
@@ -174,9 +177,10 @@ def _solve_plan(problem: Problem, budget: float, solver: str, source: str | None
     capacity = capacity_bits(budget, problem.numel)
     if sum(group.options[0][1] for group in problem.groups) > capacity:
         lo, hi = _feasible_range(problem)
+        storage = "" if problem.target is None else f" in {problem.target.name}'s storage"
         raise BitallocError(
             f"budget {float(budget)!r} is infeasible: achievable average bits/param for this "
-            f"profile and constraints is {math.ceil(lo * 1e4) / 1e4:g} to {round(hi, 4):g}"
+            f"profile and constraints is {math.ceil(lo * 1e4) / 1e4:g} to {round(hi, 4):g}{storage}"
         )
     options = [[(storage, error) for _, storage, error in group.options] for group in problem.groups]
     choice, gap = solve(options, capacity, solver)
@@ -248,6 +252,7 @@ def _build_plan(problem: Problem, assignment: dict[str, str], solved: _Solved) -
         defaults={"rank": most_common(ranks), "iters": most_common(iters)},
         kept=list(problem.kept),
         modules=modules,
+        target=None if problem.target is None else {"name": problem.target.name, "storage_bits": storage},
     )
 
 

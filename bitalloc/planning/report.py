@@ -18,10 +18,12 @@ import pandas as pd
 
 from ..errors import BitallocError
 from ..names import natural_key
+from ..quant import QuantConfig
 from .budget import capacity_bits
 from .constraints import Problem, prepare_problem
 from .plan_file import Plan
 from .profile_reader import canonical_config
+from .targets import TargetFormat
 
 __all__ = ["Baseline", "first_k_layers_baseline", "summarize", "uniform_baselines"]
 
@@ -45,12 +47,17 @@ def uniform_baselines(
     *,
     count_lora: bool = False,
     keep: Iterable[str] = (),
+    target: TargetFormat | None = None,
 ) -> list[Baseline]:
-    """Every config that, applied to all quantized matrices, fits the budget; best first."""
-    problem = prepare_problem(profile_table, count_lora=count_lora, keep=keep)
+    """Every config that, applied to all quantized matrices, fits the budget; best first. With a
+    ``target``, only configs it stores exactly on every matrix, counted in its storage."""
+    problem = prepare_problem(profile_table, count_lora=count_lora, keep=keep, target=target)
     capacity = capacity_bits(budget, problem.numel)
     names = _quantized(problem)
     common = set.intersection(*(set(problem.matrices[name].rows) for name in names))
+    if target is not None:
+        shapes = {problem.matrices[name].shape for name in names}
+        common = {c for c in common if all(target.why_not(QuantConfig.parse(c), s) is None for s in shapes)}
     baselines = [_baseline(problem, config, dict.fromkeys(names, config)) for config in common]
     baselines = [b for b in baselines if b.storage_bits <= capacity]
     return sorted(baselines, key=lambda b: (b.error, b.name))
@@ -87,10 +94,13 @@ def first_k_layers_baseline(
     return None
 
 
-def summarize(plan: Plan, profile_table: pd.DataFrame) -> str:
-    """A human summary: bits, error vs the best uniform config, config counts, per-layer map."""
+def summarize(plan: Plan, profile_table: pd.DataFrame, target: TargetFormat | None = None) -> str:
+    """A human summary: bits, error vs the best uniform config, config counts, per-layer map.
+    A plan made in a target's format is compared in that ``target``'s storage (give it)."""
     budget = plan.budget
     lora = "LoRA counted" if budget["includes_lora"] else "LoRA not counted"
+    if plan.target:
+        lora += f", in {plan.target['name']}'s storage"
     lines = [
         f"target {budget['target_bits']:g} bits/param, achieved {budget['achieved_bits']:g} "
         f"({lora}); objective {plan.objective}; {plan.solver['name']} {plan.solver['status']}",
@@ -98,7 +108,7 @@ def summarize(plan: Plan, profile_table: pd.DataFrame) -> str:
     ]
     keep = [f"^{re.escape(name)}$" for name in plan.kept]
     uniform = uniform_baselines(
-        profile_table, budget["target_bits"], count_lora=budget["includes_lora"], keep=keep
+        profile_table, budget["target_bits"], count_lora=budget["includes_lora"], keep=keep, target=target
     )
     line = f"total error {plan.total_error:.6g}"
     if uniform:
