@@ -249,3 +249,68 @@ def test_cli_choices_are_the_formats():
     commands = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
     action = next(a for a in commands.choices["apply"]._actions if "--format" in a.option_strings)
     assert tuple(action.choices) == APPLY_FORMATS and action.default == "bitalloc"
+
+
+def test_interrupted_run_resumes_without_recomputing(case, tmp_path, monkeypatch):
+    """A run stopped after its matrices (here: at the check of what it wrote) leaves only
+    OUT.partial; the rerun reuses every matrix and writes the same tensors, here in shards."""
+    import bitalloc.artifacts.compressed as compressed
+    import bitalloc.artifacts.writer as writer
+
+    root, plan, ct, _ = case
+    out = tmp_path / "out"
+
+    def stopped(folder, plan):
+        raise BitallocError("stopped after writing")
+
+    checked = compressed.check_folder
+    monkeypatch.setattr(compressed, "check_folder", stopped)
+    with pytest.raises(BitallocError, match="stopped after writing"):
+        apply(root / "model", plan, out, format="compressed-tensors", quiet=True)
+    done = list((tmp_path / "out.partial" / "matrices").iterdir())
+    assert not out.exists() and len(done) == len(plan.modules)
+    monkeypatch.setattr(compressed, "check_folder", checked)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a finished matrix was decomposed again")
+
+    monkeypatch.setattr(writer, "decompose", recomputed)
+    apply(root / "model", plan, out, format="compressed-tensors", quiet=True, max_shard_bytes=100_000)
+    assert not (tmp_path / "out.partial").exists()
+    shards = sorted((out / "quantized").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "quantized" / "model.safetensors.index.json").is_file()
+    resumed = {name: t for shard in shards for name, t in load_file(str(shard)).items()}
+    first = load_file(str(ct / "quantized" / "model.safetensors"))
+    assert resumed.keys() == first.keys()
+    assert all(torch.equal(resumed[name], first[name]) for name in first)
+
+
+def test_check_folder_finds_a_damaged_checkpoint(case, tmp_path):
+    """What `apply` checks before renaming its output into place, from the headers."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from bitalloc.artifacts.compressed import check_folder
+
+    _, plan, ct, _ = case
+    folder = tmp_path / "quantized"
+    shutil.copytree(ct / "quantized", folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    module = next(iter(plan.modules))
+    zero = f"{module}.weight_zero_point"
+    rows, groups = tensors[f"{module}.weight_scale"].shape
+    damages = [
+        ({zero: None}, f"{zero} is missing"),
+        ({zero: torch.zeros(rows, groups, dtype=torch.int8)}, f"{zero} is missing or not torch.int32"),
+        ({"model.layers.0.extra": torch.zeros(2)}, "model.layers.0.extra has no place"),
+        ({"model.norm.weight": None}, "lacks model.norm.weight"),
+        ({"model.norm.weight": torch.zeros(7)}, "do not fit the model"),
+    ]
+    for change, message in damages:
+        damaged = {**tensors, **change}
+        save_file({k: v for k, v in damaged.items() if v is not None}, str(folder / "model.safetensors"))
+        with pytest.raises(BitallocError, match=message):
+            check_folder(folder, plan)
+    save_file(tensors, str(folder / "model.safetensors"))
+    check_folder(folder, plan)  # the undamaged one passes

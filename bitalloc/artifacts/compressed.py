@@ -15,9 +15,10 @@ zero points, so nothing is quantized again. Per planned module the checkpoint ho
 ``weight_shape``       int64 (out, in)
 
 Everything else is refused before any work: NF codebooks, bitalloc's symmetric ``int``
-(levels ``linspace(-1, 1, 2^k)`` sit at half-integers around an integer grid: no integer
-zero point), float zero points, quantized scales, and rows that are not whole groups
-(compressed-tensors' ``_process_group`` raises on a partial last group).
+(levels ``linspace(-1, 1, 2^k)``: an integer grid around a half-integer zero point), float
+zero points, quantized scales, rows that are not whole groups (compressed-tensors'
+``_process_group`` raises on a partial last group), and plans mixing bit widths or group
+sizes (`SCHEME_NOTE`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from .writer import PLAN_FILE, Item, _items, _write_checkpoint
 
 FORMAT = "compressed-tensors"
 WEIGHTS = "model.safetensors"  # transformers' own name: the folder is a plain HF checkpoint
-PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
 def check_expressible(plan: Plan) -> None:
@@ -59,8 +59,9 @@ def check_expressible(plan: Plan) -> None:
             reason = f"its bit width or group size differs from {first[1]} (module {first[0]}); {SCHEME_NOTE}"
         if reason is not None:
             raise BitallocError(
-                f"format {FORMAT} cannot store {config} (module {name}) exactly: {reason}; "
-                "plan with configs such as uint4-b128-sfp16-z4, or apply without --format"
+                f"format {FORMAT} cannot take {config} (module {name}): {reason}; plan with "
+                "uint{k}-b{B}-s{fp16|bf16|fp32}-z{k} configs of one k and one B that divides the rows "
+                "(e.g. uint4-b64-sfp16-z4), or apply in bitalloc's format"
             )
         first = first or (name, config)
 
@@ -85,7 +86,7 @@ def unexpressible(config: QuantConfig, columns: int) -> str | None:
     if not format_of(config).uniform:
         return "its levels are a codebook, not integer codes"
     if not config.asymmetric:
-        return "symmetric levels linspace(-1, 1, 2^k) have no integer zero point"
+        return "its levels are symmetric: int's linspace(-1, 1, 2^k) has a half-integer zero point"
     if config.zero != "int":
         return "its zero point is a float; compressed-tensors stores an integer zero point"
     if config.scale_bits is not None or config.scale_dtype not in SCALE_DTYPES:
