@@ -270,6 +270,8 @@ def test_interrupted_run_resumes_without_recomputing(case, tmp_path, monkeypatch
     done = list((tmp_path / "out.partial" / "matrices").iterdir())
     assert not out.exists() and len(done) == len(plan.modules)
     monkeypatch.setattr(compressed, "check_folder", checked)
+    with pytest.raises(BitallocError, match="output format"):  # the work is not reused for another format
+        apply(root / "model", plan, out, quiet=True)
 
     def recomputed(*args, **kwargs):
         raise AssertionError("a finished matrix was decomposed again")

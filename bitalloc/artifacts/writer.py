@@ -350,7 +350,8 @@ class _WorkDir:
             if other != identity:
                 self.folder.close()
                 raise BitallocError(
-                    f"{path} holds work for another plan, model or LoRA settings: delete it to start over"
+                    f"{path} holds work for another plan, model, LoRA settings or output format: "
+                    "delete it to start over"
                 )
         else:
             self.folder.clear()
