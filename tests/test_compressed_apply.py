@@ -163,6 +163,8 @@ def test_folder_layout(case):
     assert targets == sorted(plan.modules)
     assert "quantization_config" not in json.loads((ct / "dequantized" / "config.json").read_text())
     assert (ct / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(BitallocError, match="quant_method 'compressed-tensors' .load it with transformers"):
+        load_quantized(ct / "quantized")  # bitalloc's reader says what the folder is
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
