@@ -177,6 +177,8 @@ def test_packing_is_compressed_tensors(bits, rows, columns):
     for packed_dim, ours in ((1, pack_int32(codes, bits)), (0, pack_int32(codes.T, bits).T)):
         theirs = pack_to_int32(signed, bits, packed_dim=packed_dim)
         assert ours.dtype == torch.int32 and torch.equal(ours, theirs)
+        chunked = pack_int32(codes, bits, chunk_rows=5) if packed_dim == 1 else pack_int32(codes.T, bits, 5).T
+        assert torch.equal(chunked, theirs)  # rows a few at a time: the same words
         assert torch.equal(unpack_from_int32(ours, bits, signed.shape, packed_dim=packed_dim), signed)
 
 

@@ -123,18 +123,21 @@ def _affine(text: str) -> bool:
     return bool(torch.equal(expected, packed.dequantize()))
 
 
-def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_int32(codes: torch.Tensor, bits: int, chunk_rows: int = 1024) -> torch.Tensor:
     """compressed-tensors' ``pack_to_int32`` of the signed codes ``codes - 2^(bits-1)``, from
     the unsigned codes (rows, n): int32 (rows, ceil(n·bits/32)), element i of a row at bit
     i·bits of that row's little-endian stream (which is how it stores them: offset back to
-    unsigned). Independent of the machine's byte order."""
+    unsigned). Independent of the machine's byte order; ``chunk_rows`` rows at a time."""
     rows, n = codes.shape
     padded = -(-n // 32) * 32  # whole 32-code groups: each row's stream is whole 4-byte words
-    codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, padded - n))
-    stream = pack_bits(codes, bits).reshape(rows, -1, 4).to(torch.int64)
-    words = stream[..., 0] | stream[..., 1] << 8 | stream[..., 2] << 16 | stream[..., 3] << 24
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words[:, : -(-n * bits // 32)].contiguous()
+    out = torch.empty(rows, -(-n * bits // 32), dtype=torch.int32)
+    for start in range(0, rows, chunk_rows):
+        chunk = torch.nn.functional.pad(codes[start : start + chunk_rows].to(torch.uint8), (0, padded - n))
+        stream = pack_bits(chunk, bits).reshape(chunk.shape[0], -1, 4).to(torch.int64)
+        words = stream[..., 0] | stream[..., 1] << 8 | stream[..., 2] << 16 | stream[..., 3] << 24
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        out[start : start + chunk_rows] = words[:, : out.shape[1]]
+    return out
 
 
 def module_tensors(packed: QuantizedTensor) -> dict[str, torch.Tensor]:
