@@ -34,7 +34,7 @@ def _profile_flags() -> dict[str, str]:
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """The enumerations the CLI offers, read from the library's registries (never copied)."""
-    from .artifacts.writer import DEQUANTIZED_DTYPES
+    from .artifacts.writer import APPLY_FORMATS, DEQUANTIZED_DTYPES
     from .export import TARGETS
     from .lora.lowrank import LOWRANK_METHODS
     from .planning.mckp import SOLVERS
@@ -46,6 +46,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "lowrank": tuple(LOWRANK_METHODS),
         "target": tuple(TARGETS),
         "dtype": tuple(DEQUANTIZED_DTYPES),
+        "format": APPLY_FORMATS,
     }
 
 
@@ -162,7 +163,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
         args.model, args.plan, args.output, LoraSettings(args.lora_alpha, args.use_rslora),
         dequantized=args.dequantized, dequantized_dtype=args.dequantized_dtype,
         device=args.device, quiet=args.quiet, calibration=args.calibration, verify=args.verify,
-        unplanned_dtype=args.unplanned_dtype,
+        unplanned_dtype=args.unplanned_dtype, format=args.format,
     )  # fmt: skip
     parts = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out} ({parts}) in {time.perf_counter() - start:.1f}s")
@@ -314,6 +315,11 @@ def _add_apply_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
         help="also write OUT/dequantized/, a plain checkpoint with Q as 16-bit weights",
     )  # fmt: skip
     ap.add_argument("--dequantized-dtype", choices=choices["dtype"], default="bf16")
+    ap.add_argument(
+        "--format", choices=choices["format"], default="bitalloc",
+        help="OUT/quantized/ as bitalloc's packed format (default) or a compressed-tensors "
+        "pack-quantized checkpoint (uint...-z{k} configs only; loads without bitalloc)",
+    )  # fmt: skip
     ap.add_argument(
         "--unplanned-dtype", choices=choices["dtype"], default=None,
         help="dtype of the tensors outside the plan (default: as stored; a GGUF's quantized ones bf16)",

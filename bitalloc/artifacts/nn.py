@@ -244,12 +244,13 @@ def read_quant_info(path: str | os.PathLike) -> dict:
     config = _read_json(path / "config.json", missing_ok=True) or {}
     info = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(info, dict) or info.get("quant_method") != "bitalloc":
+        other = info.get("quant_method") if isinstance(info, dict) else None
         info = _read_json(path / QUANT_FILE, missing_ok=True)
         if info is None:
-            raise BitallocError(
-                f"{path} is not a bitalloc quantized model: no quantization_config in config.json "
-                f"and no {QUANT_FILE}"
-            )
+            found = "no quantization_config in config.json"
+            if isinstance(other, str):  # e.g. apply --format compressed-tensors
+                found = f"its quantization_config is quant_method {other[:60]!r} (load it with transformers)"
+            raise BitallocError(f"{path} is not a bitalloc quantized model: {found} and no {QUANT_FILE}")
     found = info.get("format") if isinstance(info, dict) else None
     if found != QUANT_FORMAT or not isinstance(info.get("modules"), dict):
         raise BitallocError(

@@ -45,6 +45,8 @@ PLAN_FILE = "bitalloc_plan.json"
 WORK_FORMAT = "bitalloc.apply-work/v1"
 MAX_SHARD_BYTES = 2 * 1024**3
 DEQUANTIZED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# OUT/quantized/: bitalloc's packed format, or a compressed-tensors checkpoint (`compressed`)
+APPLY_FORMATS = ("bitalloc", "compressed-tensors")
 
 
 # shape: the public function's documented options (the apply CLI's twin)
@@ -64,6 +66,7 @@ def apply(
     calibration_ids: torch.Tensor | None = None,
     column_weights: dict | None = None,
     unplanned_dtype: str | None = None,
+    format: str = "bitalloc",
     **options,
 ) -> Path:
     """Run LoftQ for every matrix of ``plan`` on ``source`` and write ``out_dir`` (see above).
@@ -93,6 +96,11 @@ def apply(
     Tensors outside the plan (embeddings, norms, kept matrices) keep the dtype they are stored
     in (a bf16 checkpoint stays 16-bit); a GGUF's quantized ones (Q8_0...) are written as
     bf16. ``unplanned_dtype`` (bf16, fp16, fp32) casts every one of them instead.
+
+    ``format`` "compressed-tensors" writes ``OUT/quantized/`` as a compressed-tensors
+    ``pack-quantized`` checkpoint that transformers loads without bitalloc (see
+    `bitalloc.artifacts.compressed`); a plan with a config it cannot store exactly is
+    refused before any work.
     """
     lora = dataclasses.replace(lora or LoraSettings(), **options)
     lora_alpha, use_rslora = lora.lora_alpha, lora.use_rslora
@@ -101,6 +109,12 @@ def apply(
         check_path(plan, "plan (a Plan or a plan file)")
     check_path(out_dir, "out_dir")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if format not in APPLY_FORMATS:
+        raise BitallocError(f"unknown apply format {format!r}: {' or '.join(APPLY_FORMATS)}")
+    if format != "bitalloc":
+        from .compressed import check_expressible  # it builds on this module
+
+        check_expressible(plan)
     out = check_name(out_dir)
     WorkFolder.sweep(f"{out}.partial")  # a clean-up cut short: finish deleting what is ours
     if (out.exists() or out.is_symlink()) and not _finished_path(out).is_file():
@@ -126,6 +140,7 @@ def apply(
         "lora_alpha": lora_alpha,
         "use_rslora": use_rslora,
         "calibration": (plan.calibration or {}).get("digest"),
+        **({"output_format": format} if format != "bitalloc" else {}),
     }
     if out.exists() or out.is_symlink():
         if _finish(out, identity):
@@ -139,7 +154,7 @@ def apply(
         if verify:
             _verify(plan, matrices, work)
         job = _Job(plan, matrices, ranks, work, lora, torch_device, quiet, source, statistics)
-        _build(job, out, dequantized, dequantized_dtype, max_shard_bytes, unplanned_dtype)
+        _build(job, out, dequantized, dequantized_dtype, max_shard_bytes, unplanned_dtype, format)
     finally:
         work.folder.close()
     return out
@@ -212,15 +227,23 @@ class _Job:
 
 
 def _build(job: _Job, out: Path, dequantized: bool, dequantized_dtype: str, max_shard_bytes: int,
-           unplanned_dtype: str | None) -> None:  # fmt: skip
-    """Decompose (resumable), write every part into ``OUT.partial/build``, check that it
-    loads, and rename it to ``out``."""
+           unplanned_dtype: str | None, format: str = "bitalloc") -> None:  # fmt: skip
+    """Decompose (resumable), write every part into ``OUT.partial/build`` (the backbone in
+    ``format``), check that it loads, and rename it to ``out``."""
     plan, matrices, ranks, work = job.plan, job.matrices, job.ranks, job.work
     lora_alpha, use_rslora = job.lora.lora_alpha, job.lora.use_rslora
     _decompose(job)
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
-    _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes, unplanned_dtype)
+    if format == "bitalloc":
+        _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes, unplanned_dtype)
+        check_quantized(build / "quantized")  # what we wrote loads: names, shapes, dtypes
+        unmark = unmark_config
+    else:  # written and checked there
+        from . import compressed
+
+        compressed.write(build / "quantized", matrices, plan, work, max_shard_bytes, unplanned_dtype)
+        unmark = compressed.unmark
     base = "../quantized"  # what the adapter was made for: Q, not W (relative: the folder can move)
     _write_adapter(build / "adapter", base, matrices, plan, ranks, work, lora_alpha, use_rslora)
     if dequantized:
@@ -230,10 +253,9 @@ def _build(job: _Job, out: Path, dequantized: bool, dequantized_dtype: str, max_
         _write_checkpoint(build / "dequantized", items, max_shard_bytes)
         for file in (build / "quantized").iterdir():  # config and tokenizer, built once
             if file.name == "config.json":  # a plain checkpoint: no quantization_config
-                unmark_config(file, build / "dequantized" / file.name)
+                unmark(file, build / "dequantized" / file.name)
             elif CONFIG_FILES.match(file.name):
                 shutil.copyfile(file, build / "dequantized" / file.name)
-    check_quantized(build / "quantized")  # what we wrote loads: names, shapes, dtypes
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() or out.is_symlink():
         raise BitallocError(f"output {out} appeared while apply ran: its work is kept in {work.path}")
@@ -328,7 +350,8 @@ class _WorkDir:
             if other != identity:
                 self.folder.close()
                 raise BitallocError(
-                    f"{path} holds work for another plan, model or LoRA settings: delete it to start over"
+                    f"{path} holds work for another plan, model, LoRA settings or output format: "
+                    "delete it to start over"
                 )
         else:
             self.folder.clear()
