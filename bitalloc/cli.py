@@ -336,7 +336,7 @@ def _add_apply_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
 def _add_merge_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
     """The ``merge`` command's arguments."""
     mg = commands.add_parser("merge", help="merge the LoRA adapter into the model: a plain 16-bit checkpoint")
-    mg.add_argument("out", metavar="OUT", help="folder written by `bitalloc apply` (holding quantized/, adapter/)")
+    mg.add_argument("out", metavar="OUT", help="folder written by `bitalloc apply` (quantized/, adapter/)")
     mg.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     mg.add_argument("--adapter", default=None, metavar="DIR", help="adapter to merge (default: OUT/adapter)")
     mg.add_argument("--dtype", choices=choices["dtype"], default="bf16", help="dtype of the merged model")

@@ -26,9 +26,9 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -129,12 +129,16 @@ def _open_quantized(out: Path) -> tuple[Path, dict, list[Path]]:
         )
     info = read_quant_info(quantized)
     if "weights" not in info:
-        raise BitallocError(f"{quantized} was written by an earlier bitalloc (no quantization_config): apply again")
+        raise BitallocError(
+            f"{quantized} was written by an earlier bitalloc (no quantization_config): apply again"
+        )
     check_folder(quantized, info["modules"], info["weights"])
     return quantized, info["modules"], packed_files(quantized)
 
 
-def read_adapter(folder: Path, quantized: Path, modules: dict, files: list[Path], own: bool) -> dict[str, Lora]:
+def read_adapter(
+    folder: Path, quantized: Path, modules: dict, files: list[Path], own: bool
+) -> dict[str, Lora]:
     """Every LoRA module of the adapter in ``folder`` with its factors and scaling, checked
     against the checkpoint; ``own``: it is the adapter `apply` wrote beside ``quantized``, so
     its targets and ranks must be the ones ``bitalloc_quant.json`` records."""
@@ -156,18 +160,30 @@ def read_adapter(folder: Path, quantized: Path, modules: dict, files: list[Path]
     for module, pair in factors.items():
         if set(pair) != {"lora_A", "lora_B"} or module not in shapes:
             what = "lacks lora_A or lora_B" if module in shapes else f"is not a Linear weight of {quantized}"
-            raise BitallocError(f"the adapter in {folder} targets {module}, which {what}: an adapter for another model")
+            raise BitallocError(
+                f"the adapter in {folder} targets {module}, which {what}: an adapter for another model"
+            )
         A, B = pair["lora_A"], pair["lora_B"]
         rows, cols = shapes[module]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != cols or B.shape[0] != rows or A.shape[0] != B.shape[1]:
+        if (
+            A.dim() != 2
+            or B.dim() != 2
+            or A.shape[1] != cols
+            or B.shape[0] != rows
+            or A.shape[0] != B.shape[1]
+        ):
             raise BitallocError(
-                f"the adapter in {folder} has {module} factors {list(B.shape)} x {list(A.shape)}, which do not fit "
-                f"its {rows}x{cols} weight: an adapter for another model"
+                f"the adapter in {folder} has {module} factors {list(B.shape)} x {list(A.shape)}, which "
+                f"do not fit its {rows}x{cols} weight: an adapter for another model"
             )
         r = config["rank_pattern"].get(get_pattern_key(config["rank_pattern"].keys(), module), config["r"])
-        alpha = config["alpha_pattern"].get(get_pattern_key(config["alpha_pattern"].keys(), module), config["lora_alpha"])
+        alpha = config["alpha_pattern"].get(
+            get_pattern_key(config["alpha_pattern"].keys(), module), config["lora_alpha"]
+        )
         if r != A.shape[0]:
-            raise BitallocError(f"the adapter in {folder}: {module} has rank {A.shape[0]}, its config says {r}")
+            raise BitallocError(
+                f"the adapter in {folder}: {module} has rank {A.shape[0]}, its config says {r}"
+            )
         scaling = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
         loras[module] = Lora(A.float(), B.float(), scaling)
     if own:
@@ -188,9 +204,11 @@ def _adapter_config(folder: Path) -> dict:
         raise BitallocError(f"{file} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
     for option in UNSUPPORTED:
         if config.get(option):
-            raise BitallocError(f"{file} uses {option}, which bitalloc merge does not support: merge with PEFT")
-    return {"r": config.get("r", 8), "lora_alpha": config.get("lora_alpha", 8),
-            "rank_pattern": config.get("rank_pattern") or {}, "alpha_pattern": config.get("alpha_pattern") or {},
+            raise BitallocError(
+                f"{file} uses {option}, which bitalloc merge does not support: merge with PEFT"
+            )
+    patterns = {key: config.get(key) or {} for key in ("rank_pattern", "alpha_pattern")}
+    return {"r": config.get("r", 8), "lora_alpha": config.get("lora_alpha", 8), **patterns,
             "use_rslora": bool(config.get("use_rslora", False))}  # fmt: skip
 
 
@@ -233,7 +251,6 @@ def _check_own(folder: Path, quantized: Path, loras: dict[str, Lora]) -> None:
 def _entries(modules: dict, files: list[Path], loras: dict[str, Lora], dtype: torch.dtype) -> list[Entry]:
     """Every output tensor in checkpoint order: a packed module's parts become its merged
     ``.weight``, a dense weight with LoRA is merged, other float tensors are cast to ``dtype``."""
-    from safetensors import safe_open
 
     headers = {file: read_header(file) for file in files}
     where = {name: file for file, header in headers.items() for name in header}
@@ -246,19 +263,28 @@ def _entries(modules: dict, files: list[Path], loras: dict[str, Lora], dtype: to
                 if module not in seen:
                     seen.add(module)
                     shape = tuple(modules[module]["shape"])
-                    compute = _packed(module, modules[module]["config"], shape, where, loras.get(module), dtype)
+                    compute = _packed(
+                        module, modules[module]["config"], shape, where, loras.get(module), dtype
+                    )
                     entries.append(Entry(f"{module}.weight", dtype, shape, compute))
                 continue
             stored_dtype = TORCH_DTYPES[stored.dtype]
             out_dtype = dtype if stored_dtype.is_floating_point else stored_dtype
 
-            def compute(file=file, name=name, out_dtype=out_dtype, lora=loras.get(name.removesuffix(".weight"))):
-                with safe_open(str(file), framework="pt") as handle:
-                    tensor = handle.get_tensor(name).to(out_dtype)
-                return _add_lora(tensor, lora) if name.endswith(".weight") else tensor
-
-            entries.append(Entry(name, out_dtype, tuple(stored.shape), compute))
+            lora = loras.get(module) if name.endswith(".weight") else None
+            entries.append(Entry(name, out_dtype, tuple(stored.shape), _dense(file, name, out_dtype, lora)))
     return entries
+
+
+def _dense(file: Path, name: str, dtype: torch.dtype, lora: Lora | None) -> Callable[[], torch.Tensor]:
+    """Loader of a stored tensor in ``dtype`` (plus the LoRA product for a weight with one)."""
+    from safetensors import safe_open
+
+    def compute() -> torch.Tensor:
+        with safe_open(str(file), framework="pt") as handle:
+            return _add_lora(handle.get_tensor(name).to(dtype), lora)
+
+    return compute
 
 
 def _packed(module: str, config: str, shape: tuple[int, int], where: dict[str, Path], lora: Lora | None,
@@ -321,16 +347,20 @@ def _write(build: Path, entries: list[Entry], quantized: Path, max_shard_bytes: 
     finally:
         bar.close()
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
-                 "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}}  # fmt: skip
-        (build / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        weight_map = {e.name: name for name, shard in zip(names, shards) for e in shard}
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+        (build / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
     for file in quantized.iterdir():
         if file.name == "config.json":
             unmark_config(file, build / file.name)
             config = json.loads((build / file.name).read_text(encoding="utf-8"))
             config["dtype"] = str(dtype).removeprefix("torch.")
             config.pop("torch_dtype", None)
-            (build / file.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (build / file.name).write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
         elif CONFIG_FILES.match(file.name) and file.is_file():
             shutil.copyfile(file, build / file.name)
 
