@@ -98,7 +98,9 @@ def merge(
         raise BitallocError(f"output {merged} already exists: remove it or choose another -o")
     quantized, modules, files = _open_quantized(Path(out_dir))
     own = adapter is None
-    adapter_dir = Path(out_dir) / "adapter" if own else Path(check_path(adapter, "adapter"))
+    if not own:
+        check_path(adapter, "adapter (a LoRA adapter folder)")
+    adapter_dir = Path(out_dir) / "adapter" if own else Path(adapter)
     loras = read_adapter(adapter_dir, quantized, modules, files, own)
     entries = _entries(modules, files, loras, DEQUANTIZED_DTYPES[dtype])
     check_free_space(merged, sum(e.nbytes for e in entries), f"the output {merged}")
