@@ -201,6 +201,10 @@ def test_an_adapter_for_another_plan_and_an_existing_output(case, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     result = run_in_process(tmp_path, "merge", "out", "-o", "merged", "--adapter", "out/adapter", "--quiet")
     assert result.returncode == 0 and "wrote merged" in result.stdout, result.stderr
+    api = merge(folder, tmp_path / "api", adapter=folder / "adapter", quiet=True)  # the CLI's twin
+    assert {p.name: p.read_bytes() for p in api.iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()
+    }
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "merged").iterdir()}
     assert "already exists" in cli(tmp_path, "out", "-o", "merged", "--adapter", "out/adapter").stderr
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "merged").iterdir()} == before
