@@ -49,11 +49,23 @@ UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "tr
 
 @dataclass(frozen=True)
 class Lora:
-    """One module's LoRA factors (as stored) and PEFT's scaling for it."""
+    """Where one module's LoRA factors are stored (read only when its weight is merged), its
+    rank, and PEFT's scaling for it."""
 
-    A: torch.Tensor
-    B: torch.Tensor
+    file: Path
+    key: str  # "base_model.model.<module>": the factors are <key>.lora_A.weight, <key>.lora_B.weight
+    rank: int
     scaling: float
+
+    def delta(self) -> torch.Tensor:
+        """PEFT's ``get_delta_weight``: (B @ A) * scaling, with A and B in float32 as PEFT
+        holds them after ``PeftModel.from_pretrained`` (its default ``autocast_adapter_dtype``)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), framework="pt") as handle:
+            A = handle.get_tensor(f"{self.key}.lora_A.weight").float()
+            B = handle.get_tensor(f"{self.key}.lora_B.weight").float()
+        return (B @ A) * self.scaling
 
 
 @dataclass(frozen=True)
@@ -145,19 +157,20 @@ def read_adapter(
     against the checkpoint; ``own``: it is the adapter `apply` wrote beside ``quantized``, so
     its targets and ranks must be the ones ``bitalloc_quant.json`` records."""
     from peft.utils.other import get_pattern_key
-    from safetensors import safe_open
+
+    from ..checkpoints.safetensors import FLOAT_DTYPES
 
     config = _adapter_config(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise BitallocError(f"{folder} has no {ADAPTER_WEIGHTS} (only safetensors adapters can be merged)")
-    read_header(weights)  # a corrupt file is one error, before anything is read
     shapes = _stored_shapes(modules, files)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights), framework="pt") as handle:
-        for key in handle.keys():
-            module, part = _lora_key(key, folder)
-            factors.setdefault(module, {})[part] = handle.get_tensor(key)
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, entry in read_header(weights).items():  # a corrupt file is one error here
+        module, part = _lora_key(key, folder)
+        if entry.dtype not in FLOAT_DTYPES:
+            raise BitallocError(f"the adapter in {folder} stores {key} as {entry.dtype}, not floats")
+        factors.setdefault(module, {})[part] = tuple(entry.shape)
     loras = {}
     for module, pair in factors.items():
         if set(pair) != {"lora_A", "lora_B"} or module not in shapes:
@@ -167,27 +180,19 @@ def read_adapter(
             )
         A, B = pair["lora_A"], pair["lora_B"]
         rows, cols = shapes[module]
-        if (
-            A.dim() != 2
-            or B.dim() != 2
-            or A.shape[1] != cols
-            or B.shape[0] != rows
-            or A.shape[0] != B.shape[1]
-        ):
+        if len(A) != 2 or len(B) != 2 or A[1] != cols or B[0] != rows or A[0] != B[1]:
             raise BitallocError(
-                f"the adapter in {folder} has {module} factors {list(B.shape)} x {list(A.shape)}, which "
+                f"the adapter in {folder} has {module} factors {list(B)} x {list(A)}, which "
                 f"do not fit its {rows}x{cols} weight: an adapter for another model"
             )
         r = config["rank_pattern"].get(get_pattern_key(config["rank_pattern"].keys(), module), config["r"])
         alpha = config["alpha_pattern"].get(
             get_pattern_key(config["alpha_pattern"].keys(), module), config["lora_alpha"]
         )
-        if r != A.shape[0]:
-            raise BitallocError(
-                f"the adapter in {folder}: {module} has rank {A.shape[0]}, its config says {r}"
-            )
+        if r != A[0]:
+            raise BitallocError(f"the adapter in {folder}: {module} has rank {A[0]}, its config says {r}")
         scaling = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
-        loras[module] = Lora(A.float(), B.float(), scaling)
+        loras[module] = Lora(weights, PEFT_PREFIX + module, r, scaling)
     if own:
         _check_own(folder, quantized, loras)
     return loras
@@ -241,7 +246,7 @@ def _check_own(folder: Path, quantized: Path, loras: dict[str, Lora]) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return  # a save_pretrained copy: no record to compare with
     want = {name: int(entry.get("rank", 0)) for name, entry in recorded.items() if entry.get("rank", 0)}
-    have = {name: lora.A.shape[0] for name, lora in loras.items()}
+    have = {name: lora.rank for name, lora in loras.items()}
     if want != have:
         first = sorted(set(want.items()) ^ set(have.items()))[0][0]
         raise BitallocError(
@@ -312,7 +317,7 @@ def _packed(module: str, config: str, shape: tuple[int, int], where: dict[str, P
 def _add_lora(weight: torch.Tensor, lora: Lora | None) -> torch.Tensor:
     """PEFT's unsafe merge: ``weight += (B @ A) * scaling``, B and A in float32, in place."""
     if lora is not None:
-        weight += (lora.B @ lora.A) * lora.scaling
+        weight += lora.delta()
     return weight
 
 
