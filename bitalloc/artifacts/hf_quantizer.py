@@ -5,8 +5,12 @@ weights file and every packed module's config and shape). With this module regis
 ``AutoModelForCausalLM.from_pretrained(path, device_map=..., dtype=...)`` builds a
 `QuantLinear` for every packed module and loads the packed tensors through transformers' own
 loader, so ``device_map`` ("auto", "cpu", per-module maps), ``dtype`` and
-``low_cpu_mem_usage`` behave as for any transformers model (offloading to CPU or disk is
-transformers' and accelerate's, untested here: no GPU in the tests).
+``low_cpu_mem_usage`` behave as for any transformers model. Offloading to CPU or disk is
+transformers' and accelerate's: the packed tensors are buffers (offloaded to disk with
+``offload_buffers=True``), each created in the shape it is stored in, because accelerate's
+hooks put stored tensors back into buffers and refuse a shape change. PEFT cannot attach an
+adapter over disk-offloaded packed layers (it rewrites the offloaded files by
+``<module>.<parameter>`` names): `_patch_peft_offload` makes that one clear error.
 
 Without bitalloc, transformers cannot load the folder: config.json names its weights as
 ``import-bitalloc-to-load-this-model.safetensors`` (transformers' ``transformers_weights``
