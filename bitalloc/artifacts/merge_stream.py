@@ -202,7 +202,10 @@ def _adapter_config(folder: Path) -> dict:
     """adapter_config.json with PEFT's defaults; BitallocError for a missing or unsupported one."""
     file = folder / "adapter_config.json"
     if not file.is_file():
-        raise BitallocError(f"no LoRA adapter at {folder} (no adapter_config.json): give one with --adapter")
+        raise BitallocError(
+            f"no LoRA adapter at {folder} (no adapter_config.json): give one with --adapter "
+            "(Q alone, with no adapter, is what `apply --dequantized` writes)"
+        )
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
