@@ -2,7 +2,8 @@
 
 Public names (docs/architecture.md): ``QuantConfig``, ``storage_bits``, ``loftq``, ``LoftQResult``,
 ``profile``, ``ProfileSettings``, ``CalibrationSettings``, ``plan``, ``sweep``, ``Plan``,
-``PlanConstraints``, ``plan_files``, ``apply``, ``LoraSettings``, ``load_quantized``, ``load_adapter``,
+``PlanConstraints``, ``plan_files``, ``apply``, ``merge``, ``LoraSettings``, ``load_quantized``,
+``load_adapter``,
 ``open_source``, ``read_profile``, ``evaluate``, ``report`` (and the `bitalloc.export`
 package). Heavy modules (pandas, PuLP, transformers) load on first use, not on import.
 """
@@ -36,6 +37,7 @@ _LAZY = {
     "plan_files": "planning.pipeline",
     "summarize": "planning.report",
     "apply": "artifacts.writer",
+    "merge": "artifacts.merge_stream",
     "LoraSettings": "lora",
     "Factorization": "lora",
     "load_quantized": "artifacts.nn",

@@ -169,6 +169,14 @@ def cmd_apply(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({parts}) in {time.perf_counter() - start:.1f}s")
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .artifacts.merge_stream import merge
+
+    start = time.perf_counter()
+    merged = merge(args.out, args.output, adapter=args.adapter, dtype=args.dtype, quiet=args.quiet)
+    print(f"wrote {merged} ({args.dtype}, adapter merged) in {time.perf_counter() - start:.1f}s")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export
 
@@ -235,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_command(commands, choices)
     _add_plan_command(commands, choices)
     _add_apply_command(commands, choices)
+    _add_merge_command(commands, choices)
     _add_eval_command(commands)
     _add_report_command(commands)
     _add_export_command(commands, choices)
@@ -336,6 +345,17 @@ def _add_apply_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.set_defaults(func=cmd_apply)
+
+
+def _add_merge_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
+    """The ``merge`` command's arguments."""
+    mg = commands.add_parser("merge", help="merge the LoRA adapter into the model: a plain 16-bit checkpoint")
+    mg.add_argument("out", metavar="OUT", help="folder written by `bitalloc apply` (quantized/, adapter/)")
+    mg.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    mg.add_argument("--adapter", default=None, metavar="DIR", help="adapter to merge (default: OUT/adapter)")
+    mg.add_argument("--dtype", choices=choices["dtype"], default="bf16", help="dtype of the merged model")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.set_defaults(func=cmd_merge)
 
 
 def _add_eval_command(commands) -> None:

@@ -5,8 +5,12 @@ weights file and every packed module's config and shape). With this module regis
 ``AutoModelForCausalLM.from_pretrained(path, device_map=..., dtype=...)`` builds a
 `QuantLinear` for every packed module and loads the packed tensors through transformers' own
 loader, so ``device_map`` ("auto", "cpu", per-module maps), ``dtype`` and
-``low_cpu_mem_usage`` behave as for any transformers model (offloading to CPU or disk is
-transformers' and accelerate's, untested here: no GPU in the tests).
+``low_cpu_mem_usage`` behave as for any transformers model. Offloading to CPU or disk is
+transformers' and accelerate's: the packed tensors are buffers (offloaded to disk with
+``offload_buffers=True``), each created in the shape it is stored in, because accelerate's
+hooks put stored tensors back into buffers and refuse a shape change. PEFT cannot attach an
+adapter over disk-offloaded packed layers (it rewrites the offloaded files by
+``<module>.<parameter>`` names): `_patch_peft_offload` makes that one clear error.
 
 Without bitalloc, transformers cannot load the folder: config.json names its weights as
 ``import-bitalloc-to-load-this-model.safetensors`` (transformers' ``transformers_weights``
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import importlib.abc
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -40,6 +45,12 @@ PLACEHOLDER_WEIGHTS = "import-bitalloc-to-load-this-model.safetensors"
 _REGISTRY_MODULE = "transformers.quantizers.auto"
 _PEFT_CONFIG_MODULE = "peft.config"
 _PEFT_LORA_MODULE = "peft.tuners.lora.model"
+_PEFT_MODEL_MODULE = "peft.peft_model"
+DISK_OFFLOAD_ERROR = (
+    "PEFT cannot attach an adapter to a bitalloc model with layers offloaded to disk: it rewrites the "
+    "offloaded safetensors files assuming '<module>.<parameter>' names, and packed matrices are stored as "
+    "'<module>.weight.codes'; keep the layers in memory (CPU offload), or merge first with `bitalloc merge`"
+)
 
 
 def quantization_config_dict(modules: dict[str, dict], weights: str) -> dict:
@@ -99,7 +110,7 @@ def register_when_imported() -> None:
     PEFT resolve an adapter's relative base path against the adapter folder and merge LoRA
     into QuantLinears (`merge`)."""
     hooks = ((_REGISTRY_MODULE, register), (_PEFT_CONFIG_MODULE, _patch_peft_config),
-             (_PEFT_LORA_MODULE, _patch_peft_lora))  # fmt: skip
+             (_PEFT_LORA_MODULE, _patch_peft_lora), (_PEFT_MODEL_MODULE, _patch_peft_offload))  # fmt: skip
     for module, action in hooks:
         if module in sys.modules:
             action(sys.modules[module])
@@ -167,6 +178,28 @@ def _patch_peft_lora(module: types.ModuleType) -> None:
     from .merge import patch_peft_dispatch
 
     patch_peft_dispatch(module)
+
+
+def _patch_peft_offload(module: types.ModuleType) -> None:
+    """PEFT's handling of disk-offloaded layers (``PeftModel._update_offload``) looks each
+    stored tensor's module up by cutting the name at its last dot, which fails with a
+    KeyError for packed tensors: a one-line BitallocError instead, before PEFT touches the
+    offloaded files."""
+    peft_model = module.PeftModel
+    original = peft_model._update_offload
+    if getattr(original, "_bitalloc", False):
+        return
+
+    def _update_offload(self, offload_index, adapters_weights):
+        from ..errors import BitallocError
+        from .nn import QuantLinear
+
+        if offload_index and any(isinstance(m, QuantLinear) for m in self.get_base_model().modules()):
+            raise BitallocError(DISK_OFFLOAD_ERROR)
+        return original(self, offload_index, adapters_weights)
+
+    _update_offload._bitalloc = True
+    peft_model._update_offload = _update_offload
 
 
 # ---- the classes (built on first registration: they subclass transformers' bases) ----------
@@ -237,7 +270,7 @@ def _quantizer_class() -> type:
         def __init__(self, quantization_config, **kwargs) -> None:
             super().__init__(quantization_config, **kwargs)
             self.compute_dtype = None
-            self.stored: set[str] | None = None  # the tensor names in the files, when read
+            self.stored: dict | None = None  # the tensors in the files (name -> header entry), when read
 
         def update_attn_implementation(self, config):
             # The only hook that sees the model config before the weights files are looked up:
@@ -285,11 +318,7 @@ def _quantizer_class() -> type:
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             for name, module in model.named_modules():
-                if isinstance(module, QuantLinear):
-                    for part in PACKED_NAMES:
-                        buffer = module._buffers.get(part)
-                        if buffer is not None and buffer.dim() != 1:
-                            module._buffers[part] = buffer.reshape(-1)
+                if isinstance(module, QuantLinear):  # buffers keep their stored shape (`QuantLinear.packed`)
                     try:
                         module.quantized()
                     except ValueError as exc:
@@ -317,9 +346,12 @@ def _quantizer_class() -> type:
     return BitallocQuantizer
 
 
-def _replace_linears(model, modules: dict, stored: set[str] | None, dtype) -> None:
+def _replace_linears(model, modules: dict, stored: dict | None, dtype) -> None:
     """Put an empty (meta) QuantLinear in place of every packed module's Linear, checked
-    against the model: transformers' loader then fills their packed buffers."""
+    against the model: transformers' loader then fills their packed buffers. Each buffer
+    takes the shape its tensor is stored in (``stored``: the header entries), so that
+    accelerate's offload hooks, which put stored tensors into buffers and refuse a shape
+    change, find the shape they expect."""
     import torch
 
     from ..errors import BitallocError
@@ -340,6 +372,10 @@ def _replace_linears(model, modules: dict, stored: set[str] | None, dtype) -> No
                             dtype=dtype, name=name)  # fmt: skip
         if old.bias is not None and stored is not None and f"{name}.bias" not in stored:
             raise BitallocError(f"the checkpoint lacks {name}.bias")
+        for part, buffer in list(layer._buffers.items()):
+            entry = (stored or {}).get(f"{name}.weight.{part}")
+            if entry is not None and math.prod(entry.shape) == buffer.numel():
+                layer._buffers[part] = buffer.reshape(tuple(entry.shape))
         layer._is_hf_initialized = True  # loaded, never initialized at random
         replace_linear(model, name, layer)
 
@@ -359,10 +395,10 @@ def _save_pretrained(self, save_directory, *args, **kwargs):
 _save_pretrained._bitalloc = True
 
 
-def check_folder(folder: Path, modules: dict[str, dict], weights: str | None) -> set[str]:
+def check_folder(folder: Path, modules: dict[str, dict], weights: str | None) -> dict:
     """The weights file (or index and every shard) exists and every packed module's tensors
     are in it with the sizes and dtypes its config gives, read from the headers alone;
-    returns the names of the stored tensors."""
+    returns the stored tensors' header entries by name."""
     from ..checkpoints.safetensors import index_shards
     from ..errors import BitallocError
 
@@ -375,7 +411,7 @@ def check_folder(folder: Path, modules: dict[str, dict], weights: str | None) ->
     return check_files(folder, files, modules)
 
 
-def check_files(folder, files: list[Path], modules: dict[str, dict]) -> set[str]:
+def check_files(folder, files: list[Path], modules: dict[str, dict]) -> dict:
     """`check_folder` for a given list of safetensors files."""
     from ..checkpoints.safetensors import TORCH_DTYPES, read_header
     from ..errors import BitallocError
@@ -410,7 +446,7 @@ def check_files(folder, files: list[Path], modules: dict[str, dict]) -> set[str]
     extra = sorted(packed - set(modules))
     if extra:
         raise BitallocError(f"{folder}: {extra[0]} is stored packed but quantization_config does not list it")
-    return set(entries)
+    return entries
 
 
 def needs_layout(model, stored) -> bool:

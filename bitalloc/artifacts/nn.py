@@ -181,11 +181,14 @@ class QuantLinear(nn.Linear):
         raise RuntimeError(MERGE_ERROR.format(self.module_name))
 
     def packed(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, part) for part in PACKED_NAMES if getattr(self, part, None) is not None)
+        """The packed tensors, flat. transformers' loader may leave a buffer in its stored shape
+        (float scales are stored (rows, blocks)); it stays so, because accelerate's offload
+        hooks put the stored tensor back into the buffer and refuse a shape change."""
+        return tuple(getattr(self, p).reshape(-1) for p in PACKED_NAMES if getattr(self, p, None) is not None)
 
     def quantized(self) -> QuantizedTensor:
         """The packed weight as a `QuantizedTensor` (ValueError if a tensor has a wrong size)."""
-        parts = {part: getattr(self, part) for part in PACKED_NAMES if getattr(self, part, None) is not None}
+        parts = {p: getattr(self, p).reshape(-1) for p in PACKED_NAMES if getattr(self, p, None) is not None}
         return QuantizedTensor.from_tensors(parts, self.config, self.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
