@@ -163,7 +163,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
         args.model, args.plan, args.output, LoraSettings(args.lora_alpha, args.use_rslora),
         dequantized=args.dequantized, dequantized_dtype=args.dequantized_dtype,
         device=args.device, quiet=args.quiet, calibration=args.calibration, verify=args.verify,
-        unplanned_dtype=args.unplanned_dtype, format=args.format,
+        unplanned_dtype=args.unplanned_dtype, format=args.format, embedding_config=args.embedding,
     )  # fmt: skip
     parts = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out} ({parts}) in {time.perf_counter() - start:.1f}s")
@@ -332,6 +332,10 @@ def _add_apply_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
     ap.add_argument(
         "--unplanned-dtype", choices=choices["dtype"], default=None,
         help="dtype of the tensors outside the plan (default: as stored; a GGUF's quantized ones bf16)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--embedding", default=None, metavar="CONFIG",
+        help="store the input embedding quantized in this config (e.g. int8-b32-sfp16); it loads dense",
     )  # fmt: skip
     ap.add_argument(
         "--calibration", default=None, metavar="FILE",

@@ -53,28 +53,37 @@ DISK_OFFLOAD_ERROR = (
 )
 
 
-def quantization_config_dict(modules: dict[str, dict], weights: str) -> dict:
+def quantization_config_dict(modules: dict[str, dict], weights: str, embeddings: dict | None = None) -> dict:
     """The ``quantization_config`` entry of config.json: format, weights file, per-module
-    ``{"config", "shape"}``."""
+    ``{"config", "shape"}``, and the same for input embeddings stored packed (``embeddings``,
+    only when there are any; they load dense, see `artifacts.embedding`)."""
     from .nn import QUANT_FORMAT
 
-    return {
+    def entries(table: dict[str, dict]) -> dict[str, dict]:
+        return {
+            name: {"config": str(entry["config"]), "shape": [int(n) for n in entry["shape"]]}
+            for name, entry in table.items()
+        }
+
+    out = {
         "quant_method": QUANT_METHOD,
         "format": QUANT_FORMAT,
         "weights": weights,
-        "modules": {
-            name: {"config": str(entry["config"]), "shape": [int(n) for n in entry["shape"]]}
-            for name, entry in modules.items()
-        },
+        "modules": entries(modules),
     }
+    if embeddings:
+        out["embeddings"] = entries(embeddings)
+    return out
 
 
-def mark_config(config_file: Path, modules: dict[str, dict], weights: str) -> None:
+def mark_config(
+    config_file: Path, modules: dict[str, dict], weights: str, embeddings: dict | None = None
+) -> None:
     """Add the ``quantization_config`` and the placeholder weights name to a config.json."""
     from ..fileio import atomic_path
 
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["quantization_config"] = quantization_config_dict(modules, weights)
+    config["quantization_config"] = quantization_config_dict(modules, weights, embeddings)
     config["transformers_weights"] = PLACEHOLDER_WEIGHTS
     with atomic_path(config_file) as temp:
         temp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -231,7 +240,8 @@ def _config_class() -> type:
         """``quantization_config`` of a bitalloc folder: format, weights file, packed modules."""
 
         def __init__(self, format: str | None = None, modules: dict | None = None,
-                     weights: str | None = None, **kwargs) -> None:  # fmt: skip
+                     weights: str | None = None, embeddings: dict | None = None,
+                     **kwargs) -> None:  # fmt: skip
             self.quant_method = QUANT_METHOD
             if format != QUANT_FORMAT:
                 raise BitallocError(
@@ -240,16 +250,23 @@ def _config_class() -> type:
                 )
             if not isinstance(modules, dict) or not modules:
                 raise BitallocError("quantization_config of a bitalloc model lists no packed modules")
-            for name, entry in modules.items():
+            if embeddings is not None and not isinstance(embeddings, dict):
+                raise BitallocError("quantization_config: embeddings must map module names to entries")
+            for name, entry in {**modules, **(embeddings or {})}.items():
                 try:
                     QuantConfig.parse(entry["config"])
                     rows, cols = (int(n) for n in entry["shape"])
                 except Exception as exc:
                     raise BitallocError(f"quantization_config: bad entry for {name}: {exc}") from None
             self.format, self.modules, self.weights = format, modules, weights
+            self.embeddings = dict(embeddings or {})
+
+        def packed_tensors(self) -> dict[str, dict]:
+            """Every entry stored packed: the modules and the embeddings."""
+            return {**self.modules, **self.embeddings}
 
         def to_dict(self) -> dict:
-            return quantization_config_dict(self.modules, self.weights)
+            return quantization_config_dict(self.modules, self.weights, self.embeddings)
 
     return BitallocConfig
 
@@ -278,7 +295,7 @@ def _quantizer_class() -> type:
             folder = getattr(config, "_name_or_path", None)
             weights = self.quantization_config.weights
             if folder and Path(folder).is_dir():
-                self.stored = check_folder(Path(folder), self.quantization_config.modules, weights)
+                self.stored = check_folder(Path(folder), self.quantization_config.packed_tensors(), weights)
             config.transformers_weights = weights
             return config
 
@@ -291,7 +308,7 @@ def _quantizer_class() -> type:
             files = kwargs.get("checkpoint_files")
             if self.stored is None and files:  # the folder was not known before: check the files now
                 self.stored = check_files(Path(files[0]).parent, [Path(f) for f in files],
-                                          self.quantization_config.modules)  # fmt: skip
+                                          self.quantization_config.packed_tensors())  # fmt: skip
             if self.stored is not None and needs_layout(model, self.stored):
                 # transformers would load these (renamed modules, fused experts) through its own
                 # weight conversions, which know nothing of packed tensors
@@ -314,7 +331,11 @@ def _quantizer_class() -> type:
 
             # On disk "<module>.weight.codes"; the module's buffer is "<module>.codes".
             renames = [WeightRenaming(f"weight.{part}", part) for part in PACKED_NAMES]
-            return super().update_weight_conversions(weight_conversions, model) + renames
+            dense = [
+                _embedding_converter(self, name, entry)
+                for name, entry in self.quantization_config.embeddings.items()
+            ]
+            return dense + super().update_weight_conversions(weight_conversions, model) + renames
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             for name, module in model.named_modules():
@@ -323,6 +344,16 @@ def _quantizer_class() -> type:
                         module.quantized()
                     except ValueError as exc:
                         raise BitallocError(f"{name}: {exc}") from None
+            # packed embeddings were loaded dense: the model in memory (and what it saves) holds them so,
+            # and saving must not try to reverse their dequantization
+            self.quantization_config.embeddings = {}
+            conversions = getattr(model, "_weight_conversions", None)
+            if conversions:
+                model._weight_conversions = [
+                    c
+                    for c in conversions
+                    if not any(getattr(op, "dense_on_load", False) for op in getattr(c, "operations", ()))
+                ]
             if not getattr(model.save_pretrained, "_bitalloc", False):
                 model.save_pretrained = types.MethodType(_save_pretrained, model)
             return model
@@ -344,6 +375,31 @@ def _quantizer_class() -> type:
             return False
 
     return BitallocQuantizer
+
+
+def _embedding_converter(quantizer, name: str, entry: dict):
+    """A transformers weight conversion that loads embedding ``name``'s packed parts (renamed
+    ``<name>.<part>`` by then) into ``<name>.weight``, dequantized in that parameter's dtype."""
+    from transformers.core_model_loading import ConversionOps, WeightConverter
+
+    from ..quant import QuantConfig
+    from .nn import dequantize_parts
+
+    config, shape = QuantConfig.parse(entry["config"]), tuple(int(n) for n in entry["shape"])
+
+    class DenseOnLoad(ConversionOps):
+        # transformers casts no input of an op that has its quantizer: the stored scales keep their dtype
+        hf_quantizer = quantizer
+        dense_on_load = True
+
+        def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, **kwargs):
+            parts = {key.rpartition(".")[2]: value[0] if isinstance(value, list) else value
+                     for key, value in input_dict.items()}  # fmt: skip
+            dtype = kwargs["model"].get_parameter(full_layer_name).dtype
+            return {full_layer_name: dequantize_parts(parts, config, shape, dtype)}
+
+    sources = [f"{name}.{part}" for part in config.storage_bits_parts(shape)]
+    return WeightConverter(sources, f"{name}.weight", [DenseOnLoad()])
 
 
 def _replace_linears(model, modules: dict, stored: dict | None, dtype) -> None:

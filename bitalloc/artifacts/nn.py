@@ -105,6 +105,20 @@ def packed_dtype(config: QuantConfig, part: str) -> torch.dtype:
     return format_of(config).part_dtype(config, part)
 
 
+def dequantize_parts(
+    parts: dict[str, torch.Tensor], config: QuantConfig, shape, dtype: torch.dtype
+) -> torch.Tensor:
+    """The dense matrix that packed ``parts`` (by name, any shape, float parts in any float
+    dtype: they are cast back losslessly to the config's) stand for; ValueError on a bad size."""
+    stored = {part: tensor.reshape(-1).to(packed_dtype(config, part)) for part, tensor in parts.items()}
+    return QuantizedTensor.from_tensors(stored, config, tuple(shape)).dequantize(dtype)
+
+
+def packed_entries(info: dict) -> dict[str, dict]:
+    """Every entry a quantized folder's info stores packed: its modules and its embeddings."""
+    return {**info["modules"], **(info.get("embeddings") or {})}
+
+
 def _dequantize(config: QuantConfig, shape, packed, dtype: torch.dtype) -> torch.Tensor:
     parts = dict(zip([p for p in PACKED_NAMES if p in config.storage_bits_parts(shape)], packed, strict=True))
     return QuantizedTensor(
@@ -297,7 +311,7 @@ def load_quantized(
         raise BitallocError(
             f"{path} was written by an earlier bitalloc (no quantization_config in config.json): apply again"
         )
-    check_folder(path, info["modules"], info["weights"])
+    check_folder(path, packed_entries(info), info["weights"])
     dtype = from_pretrained_kwargs.pop("torch_dtype", dtype)
     from transformers import AutoConfig
 
@@ -345,7 +359,7 @@ def check_quantized(path: str | os.PathLike) -> None:
 
     info = read_quant_info(path)
     if "weights" in info:
-        check_folder(Path(path), info["modules"], info["weights"])
+        check_folder(Path(path), packed_entries(info), info["weights"])
     _assemble(Path(path), torch.float32, meta_tensors, device="meta")
 
 
@@ -377,9 +391,14 @@ def _assemble(path: Path, dtype: torch.dtype, read, device: str | None = None) -
     }
     expected = {name for name, _ in model.named_parameters(remove_duplicate=False)} | persistent
     loaded: set[str] = set()
+    embeddings = info.get("embeddings") or {}
+    pending: dict[str, torch.Tensor] = {}  # the embeddings' packed parts, loaded dense after the files
     for file in files:
+        tensors = read(file)
+        for key in [k for k in tensors if k.rsplit(".weight.", 1)[0] in embeddings and ".weight." in k]:
+            pending[key] = tensors.pop(key)
         try:
-            result = model.load_state_dict(read(file), strict=False, assign=True)
+            result = model.load_state_dict(tensors, strict=False, assign=True)
         except RuntimeError as exc:  # size mismatches
             detail = " ".join(str(exc).split("\n", 1)[-1].split())
             raise BitallocError(f"{file}: tensors do not fit the model: {detail}") from None
@@ -387,11 +406,30 @@ def _assemble(path: Path, dtype: torch.dtype, read, device: str | None = None) -
             if key not in buffers and not any(p.search(key) for p in ignored):
                 raise BitallocError(f"{path}: tensor {key} has no place in the model")
         loaded |= expected - set(result.missing_keys)
+    for name, entry in embeddings.items():
+        loaded |= _load_dense(model, name, entry, pending, dtype, device)
     model.tie_weights()
     for key in [name for name, _ in model.named_parameters()] + sorted(persistent):
         if key not in loaded:
             raise BitallocError(f"{path}: the checkpoint lacks {key}")
     return model
+
+
+def _load_dense(model: nn.Module, name: str, entry: dict, pending: dict, dtype, device) -> set[str]:
+    """Load embedding ``name`` from its packed parts in ``pending`` as a dense weight (on the
+    meta device: its shape only); the names it loaded."""
+    config, shape = QuantConfig.parse(entry["config"]), tuple(int(n) for n in entry["shape"])
+    parts = {part: pending.pop(f"{name}.weight.{part}", None) for part in config.storage_bits_parts(shape)}
+    if any(tensor is None for tensor in parts.values()):
+        return set()  # missing parts: reported as a missing weight
+    if device == "meta":
+        weight = torch.empty(shape, dtype=dtype, device="meta")
+    else:
+        weight = dequantize_parts(parts, config, shape, dtype)
+    result = model.load_state_dict({f"{name}.weight": weight}, strict=False, assign=True)
+    if f"{name}.weight" in result.unexpected_keys:
+        raise BitallocError(f"{name} is listed as a packed embedding, but the model has no {name}.weight")
+    return {f"{name}.weight"}
 
 
 def packed_files(path: str | os.PathLike) -> list[Path]:

@@ -38,6 +38,7 @@ from ..profiling.calibrator import Calibrator
 from ..profiling.objectives import get_objective
 from ..profiling.settings import MAX_ITERS
 from ..quant import QuantConfig, QuantizedTensor
+from .embedding import embedding_items, input_embedding, parse_embedding_config
 from .hf_quantizer import mark_config, unmark_config
 from .nn import PACKED_NAMES, PACKED_STEM, QUANT_FILE, QUANT_FORMAT, check_quantized
 
@@ -67,6 +68,7 @@ def apply(
     column_weights: dict | None = None,
     unplanned_dtype: str | None = None,
     format: str = "bitalloc",
+    embedding_config: str | None = None,
     **options,
 ) -> Path:
     """Run LoftQ for every matrix of ``plan`` on ``source`` and write ``out_dir`` (see above).
@@ -96,6 +98,8 @@ def apply(
     Tensors outside the plan (embeddings, norms, kept matrices) keep the dtype they are stored
     in (a bf16 checkpoint stays 16-bit); a GGUF's quantized ones (Q8_0...) are written as
     bf16. ``unplanned_dtype`` (bf16, fp16, fp32) casts every one of them instead.
+    ``embedding_config`` (a config string, e.g. ``int8-b32-sfp16``) stores the input embedding
+    quantized in that config instead (`artifacts.embedding`; dense once loaded; bitalloc's format only).
 
     ``format`` "compressed-tensors" writes ``OUT/quantized/`` as a compressed-tensors
     ``pack-quantized`` checkpoint that transformers loads without bitalloc (see
@@ -123,8 +127,16 @@ def apply(
         raise BitallocError(f"unknown dequantized dtype {dequantized_dtype!r}: bf16, fp16 or fp32")
     if unplanned_dtype is not None and unplanned_dtype not in DEQUANTIZED_DTYPES:
         raise BitallocError(f"unknown unplanned dtype {unplanned_dtype!r}: bf16, fp16 or fp32")
+    embedding = parse_embedding_config(embedding_config)
+    if embedding is not None and format != "bitalloc":
+        raise BitallocError(
+            f"an embedding stored quantized (embedding_config) is bitalloc's format only, not {format}"
+        )
     torch_device = resolve_device(device)
     matrices = _open_matrices(source, plan)
+    unplanned = Unplanned(unplanned_dtype)
+    if embedding is not None:  # before any work: the model has an embedding to store so
+        unplanned = Unplanned(unplanned_dtype, *input_embedding(matrices, set(plan.modules)), embedding)
     statistics = plan.statistics(source if source is not None else matrices, calibration=calibration,
                                  calibration_ids=calibration_ids, column_weights=column_weights)  # fmt: skip
     ranks = {name: entry.rank for name, entry in plan.modules.items()}
@@ -141,6 +153,7 @@ def apply(
         "use_rslora": use_rslora,
         "calibration": (plan.calibration or {}).get("digest"),
         **({"output_format": format} if format != "bitalloc" else {}),
+        **({"embedding": str(embedding)} if embedding is not None else {}),
     }
     if out.exists() or out.is_symlink():
         if _finish(out, identity):
@@ -154,7 +167,7 @@ def apply(
         if verify:
             _verify(plan, matrices, work)
         job = _Job(plan, matrices, ranks, work, lora, torch_device, quiet, source, statistics)
-        _build(job, out, dequantized, dequantized_dtype, max_shard_bytes, unplanned_dtype, format)
+        _build(job, out, dequantized, dequantized_dtype, max_shard_bytes, unplanned, format)
     finally:
         work.folder.close()
     return out
@@ -226,8 +239,25 @@ class _Job:
     statistics: object = None
 
 
+@dataclass(frozen=True)
+class Unplanned:
+    """How the tensors outside the plan are written: ``dtype`` (None: as stored), and the input
+    embedding ``embedding`` (shape ``shape``) stored packed in ``config`` when one is given."""
+
+    dtype: str | None = None
+    embedding: str | None = None
+    shape: tuple[int, int] | None = None
+    config: QuantConfig | None = None
+
+    def packed(self) -> dict[str, dict]:
+        """``quantization_config``'s ``embeddings`` entry: {module: {"config", "shape"}}."""
+        if self.embedding is None:
+            return {}
+        return {self.embedding: {"config": str(self.config), "shape": list(self.shape)}}
+
+
 def _build(job: _Job, out: Path, dequantized: bool, dequantized_dtype: str, max_shard_bytes: int,
-           unplanned_dtype: str | None, format: str = "bitalloc") -> None:  # fmt: skip
+           unplanned: Unplanned, format: str = "bitalloc") -> None:  # fmt: skip
     """Decompose (resumable), write every part into ``OUT.partial/build`` (the backbone in
     ``format``), check that it loads, and rename it to ``out``."""
     plan, matrices, ranks, work = job.plan, job.matrices, job.ranks, job.work
@@ -236,20 +266,20 @@ def _build(job: _Job, out: Path, dequantized: bool, dequantized_dtype: str, max_
     build = work.path / "build"
     shutil.rmtree(build, ignore_errors=True)
     if format == "bitalloc":
-        _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes, unplanned_dtype)
+        _write_quantized(build / "quantized", matrices, plan, ranks, work, max_shard_bytes, unplanned)
         check_quantized(build / "quantized")  # what we wrote loads: names, shapes, dtypes
         unmark = unmark_config
     else:  # written and checked there
         from . import compressed
 
-        compressed.write(build / "quantized", matrices, plan, work, max_shard_bytes, unplanned_dtype)
+        compressed.write(build / "quantized", matrices, plan, work, max_shard_bytes, unplanned.dtype)
         unmark = compressed.unmark
     base = "../quantized"  # what the adapter was made for: Q, not W (relative: the folder can move)
     _write_adapter(build / "adapter", base, matrices, plan, ranks, work, lora_alpha, use_rslora)
     if dequantized:
         dtype = DEQUANTIZED_DTYPES[dequantized_dtype]
         items = _items(matrices, plan, lambda module: _dequantized_item(work, plan, module, dtype),
-                       unplanned_dtype)  # fmt: skip
+                       Unplanned(unplanned.dtype))  # fmt: skip
         _write_checkpoint(build / "dequantized", items, max_shard_bytes)
         for file in (build / "quantized").iterdir():  # config and tokenizer, built once
             if file.name == "config.json":  # a plain checkpoint: no quantization_config
@@ -450,9 +480,10 @@ Item = tuple[str, int, Callable[[], torch.Tensor]]  # (tensor name, bytes, loade
 
 
 def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]],
-           unplanned_dtype: str | None = None) -> list[Item]:  # fmt: skip
+           unplanned: Unplanned | None = None) -> list[Item]:  # fmt: skip
     """Every backbone tensor in order, each planned weight replaced by ``planned(module)``,
-    the others in `unplanned_torch_dtype`."""
+    the others in `unplanned_torch_dtype`, or packed (the embedding of ``unplanned``)."""
+    unplanned = unplanned or Unplanned()
     items: list[Item] = []
     for name in source.tensor_names():
         if name in source.dropped_tensors:
@@ -461,7 +492,10 @@ def _items(source: Source, plan: Plan, planned: Callable[[str], list[Item]],
         if name.endswith(".weight") and module in plan.modules:
             items += planned(module)
             continue
-        dtype = unplanned_torch_dtype(source, name, unplanned_dtype)
+        if name.endswith(".weight") and module == unplanned.embedding:
+            items += embedding_items(source, module, unplanned.shape, unplanned.config)
+            continue
+        dtype = unplanned_torch_dtype(source, name, unplanned.dtype)
         if dtype is None:
             items.append((name, source.tensor_nbytes(name), lambda name=name: source.load_tensor(name)))
         else:
@@ -525,8 +559,8 @@ def _write_checkpoint(folder: Path, items: list[Item], max_shard_bytes: int, ste
         (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes, unplanned_dtype=None) -> None:
-    items = _items(source, plan, lambda module: _packed_items(work, plan, module), unplanned_dtype)
+def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes, unplanned: Unplanned) -> None:
+    items = _items(source, plan, lambda module: _packed_items(work, plan, module), unplanned)
     _write_checkpoint(folder, items, max_shard_bytes, stem=PACKED_STEM)
     source.write_config(folder)
     info = {
@@ -541,10 +575,12 @@ def _write_quantized(folder, source, plan, ranks, work, max_shard_bytes, unplann
             for name, entry in plan.modules.items()
         },
     }
+    if unplanned.packed():
+        info["embeddings"] = unplanned.packed()
     (folder / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     index = folder / f"{PACKED_STEM}.safetensors.index.json"
     weights = index.name if index.exists() else f"{PACKED_STEM}.safetensors"
-    mark_config(folder / "config.json", plan.modules, weights)  # transformers' quantization_config
+    mark_config(folder / "config.json", plan.modules, weights, unplanned.packed())  # quantization_config
     (folder / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
 
 

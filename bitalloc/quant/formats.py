@@ -341,4 +341,3 @@ def short(value: object, limit: int = 60) -> str:
     if len(text) > limit:
         text = f"{text[: limit - 20]}...({len(text)} characters)"
     return text
-
