@@ -151,3 +151,11 @@ def test_missing_part_is_one_error_not_random_weights(tied, tmp_path):
         AutoModelForCausalLM.from_pretrained(copy)
     with pytest.raises(BitallocError, match="lacks model.embed_tokens.weight.scales"):
         bitalloc.load_quantized(copy)
+
+
+def test_streamed_merge_writes_it_dense(tied, tmp_path):
+    model, _, packed = tied
+    merged = bitalloc.merge(packed, tmp_path / "merged", dtype="fp32", quiet=True)
+    loaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert torch.equal(loaded.get_input_embeddings().weight, expected_embedding(model))
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight

@@ -37,7 +37,7 @@ from ..checkpoints.safetensors import TORCH_DTYPES, read_header
 from ..errors import BitallocError, check_path
 from ..fileio import WorkFolder, check_free_space, check_name
 from .hf_quantizer import check_folder, unmark_config
-from .nn import PACKED_NAMES, QUANT_FILE, _dequantize, packed_files, read_quant_info
+from .nn import PACKED_NAMES, QUANT_FILE, _dequantize, packed_entries, packed_files, read_quant_info
 from .writer import DEQUANTIZED_DTYPES, MAX_SHARD_BYTES
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -146,8 +146,9 @@ def _open_quantized(out: Path) -> tuple[Path, dict, list[Path]]:
         raise BitallocError(
             f"{quantized} was written by an earlier bitalloc (no quantization_config): apply again"
         )
-    check_folder(quantized, info["modules"], info["weights"])
-    return quantized, info["modules"], packed_files(quantized)
+    packed = packed_entries(info)  # the modules, and an input embedding stored packed (dense here)
+    check_folder(quantized, packed, info["weights"])
+    return quantized, packed, packed_files(quantized)
 
 
 def read_adapter(
