@@ -178,12 +178,21 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .export import export
+    from .export import export, export_weights
 
-    result = export(args.plan, args.to, args.output, imatrix=args.imatrix, per_module=args.per_module)
+    if args.weights is not None or args.model is not None:
+        if args.weights is None or args.model is None:
+            raise BitallocError("export --weights OUT_DIR needs --model MODEL (and --model needs --weights)")
+        result = export_weights(args.plan, args.to, args.weights, args.model, device=args.device,
+                                calibration=args.calibration, config_output=args.output)  # fmt: skip
+    else:
+        result = export(args.plan, args.to, args.output, imatrix=args.imatrix, per_module=args.per_module)
     for note in result.notes:
         print(f"bitalloc: note: {note}", file=sys.stderr)
-    if args.output is None:
+    if args.weights is not None:
+        bits = f"{result.target_bits:.4g} bits/param in its accounting"
+        print(f"wrote {args.weights} ({args.to} weights, {bits})")
+    elif args.output is None:
         sys.stdout.write(result.text)
     else:
         print(f"wrote {result.path} ({args.to}, {result.target_bits:.4g} bits/param in its accounting)")
@@ -407,6 +416,12 @@ def _add_export_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
         action="store_true",
         help="hqq: a per-module dict for HQQLinear (plans not uniform per tag)",
     )
+    ex.add_argument("--weights", default=None, metavar="OUT_DIR",
+                    help="also write the quantized weights in the target's format (compressed-tensors, hqq)")
+    ex.add_argument("--model", default=None, help="with --weights: the model the plan was made for")
+    ex.add_argument("--calibration", default=None, metavar="FILE",
+                    help="with --weights: a data-aware plan's calibration text (if moved)")
+    ex.add_argument("--device", default="auto", help="with --weights: auto, cpu, cuda or cuda:N")
     ex.set_defaults(func=cmd_export)
 
 

@@ -16,14 +16,17 @@ from .gptqmodel import to_gptqmodel
 from .hqq import to_hqq
 from .llamacpp import to_llamacpp
 from .torchao import to_torchao, to_torchao_dict
+from .weights import WEIGHTS_TARGETS, export_weights
 
 __all__ = [
     "TARGETS",
     "ExportResult",
+    "WEIGHTS_TARGETS",
     "TargetFormat",
     "Translation",
     "exact_targets",
     "export",
+    "export_weights",
     "register_target",
     "target_format",
     "targets",
