@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from _models import make_tiny_llama
+from _models import make_tiny_llama, tiny_llama
 from safetensors.torch import load_file
 
 from bitalloc import BitallocError
@@ -36,6 +36,7 @@ HQQ_CONFIGS = [
     "uint8-b64-sfp16-zfp16",
 ]
 HQQ_PICK = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3, "gate_proj": 1, "up_proj": 2, "down_proj": 0}
+GPTQ_CONFIGS = ["uint4-b64-sfp16-z4", "uint3-b32-sfp16-z3", "uint2-b128-sfp16-z2-mse", "uint8-b32-sfp16-z8"]
 CT_CONFIGS = ["uint4-b64-sfp16-z4", "uint4-b64-sbf16-z4-mse"]
 TOKENS = [[1, 17, 42, 99, 7, 250, 3, 64]]
 
@@ -192,7 +193,7 @@ def test_refused_before_any_work(tmp_path):
     first = next(name for name, entry in plan.modules.items() if entry.config.endswith("-z4"))
     with pytest.raises(BitallocError, match=f"module {first}.*zero point"):
         export_weights(plan, "hqq", tmp_path / "out", tmp_path / "model")
-    with pytest.raises(BitallocError, match="writes compressed-tensors, hqq weights, not 'torchao'"):
+    with pytest.raises(BitallocError, match="of compressed-tensors, hqq, gptqmodel only, not 'torchao'"):
         export_weights(plan, "torchao", tmp_path / "out", tmp_path / "model")
     (tmp_path / "taken").mkdir()
     hqq_only = make_plan(profile(tmp_path / "model", configs=["uint4-b64-sfp16-zfp16"], rank=0, iters=1,
@@ -202,19 +203,89 @@ def test_refused_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "taken"]
 
 
-def test_rank_warning_and_cli(tmp_path, capsys):
-    """A rank > 0 plan warns that its LoRA factors are not in the weights; the CLI writes the folder."""
-    make_tiny_llama(tmp_path / "model", dtype=torch.float16, shard_size=None)
+def test_rank_warning_tied_embeddings_and_cli(tmp_path, capsys):
+    """The CLI writes the folder (and the config with -o); a rank > 0 plan warns that its LoRA
+    factors are not in the weights; a tied lm_head (absent from the checkpoint) gets its own entry,
+    so that HQQ's loader, which fills only the modules qmodel.pt names, builds a whole model."""
+    make_tiny_llama(tmp_path / "model", dtype=torch.float16, shard_size=None, tie_word_embeddings=True)
     table = profile(
         tmp_path / "model", configs=["uint4-b64-sfp16-zfp16"], rank=2, iters=1, device="cpu", quiet=True
     )
-    make_plan(table, 16.0).save(tmp_path / "plan.json")
-    arguments = ["export", str(tmp_path / "plan.json"), "--to", "hqq", "--weights", str(tmp_path / "w"),
-                 "--model", str(tmp_path / "model"), "--device", "cpu"]  # fmt: skip
-    assert main(arguments) in (0, None)
-    assert (tmp_path / "w" / "qmodel.pt").is_file()
+    plan = make_plan(table, 16.0)
+    plan.save(tmp_path / "plan.json")
+    model = ["--model", str(tmp_path / "model"), "--device", "cpu"]
+    arguments = ["export", str(tmp_path / "plan.json"), "--to", "hqq", "--weights", str(tmp_path / "w")]
+    assert main([*arguments, *model, "-o", str(tmp_path / "hqq.json")]) in (0, None)
     printed = capsys.readouterr()
     assert "wrote" in printed.out
     assert "LoRA factors (rank 2) are not part of the hqq weights" in " ".join(printed.err.split())
-    assert main([*arguments[:-4], "--model", str(tmp_path / "model")]) == 2  # output exists now
-    assert main(arguments[:6]) == 2  # --weights without --model
+    assert set(json.loads((tmp_path / "hqq.json").read_text())) == set(plan.modules) | set(plan.kept)
+    weights = torch.load(tmp_path / "w" / "qmodel.pt", weights_only=True)
+    assert torch.equal(weights["lm_head"]["weight"], weights["model.embed_tokens"]["weight"])
+    loaded = tmp_path / "loaded.safetensors"
+    modules = json.dumps(list(plan.modules))
+    _run_without_bitalloc(HQQ_LOADER, str(tmp_path / "w"), modules, str(loaded), json.dumps(TOKENS))
+    assert torch.isfinite(load_file(str(loaded))["logits"]).all()
+    assert main([*arguments, *model]) == 2  # the output exists now
+    assert main(arguments) == 2  # --weights without --model
+    assert "needs --model" in capsys.readouterr().err
+
+
+def unpack_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """GPTQ's packing read back along dim 0 of int32 ``words``: value k at bit k·bits of the
+    column's little-endian stream of 32-bit words (a value may straddle two words at 3 bits),
+    written from GPTQ's documented layout, independently of bitalloc's packer."""
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    offsets = torch.arange(count) * bits
+    word, shift = offsets // 32, (offsets % 32).unsqueeze(1)
+    low = u[word] >> shift
+    spill = (shift + bits > 32).squeeze(1)
+    high = torch.zeros_like(low)
+    nxt = torch.clamp(word + 1, max=u.shape[0] - 1)
+    high[spill] = u[nxt[spill]] << (32 - shift[spill])
+    return (low | high) & (2**bits - 1)
+
+
+def gptq_reference(tensors: dict, module: str, bits: int, shape) -> torch.Tensor:
+    """GPTQModel's dequantization (``dequantize_weight``) of a gptq_v2 module: the integer
+    difference q - z times the fp16 scale of the input's group, as (out, in)."""
+    rows, columns = shape
+    qweight, qzeros = tensors[f"{module}.qweight"], tensors[f"{module}.qzeros"]
+    scales, g_idx = tensors[f"{module}.scales"], tensors[f"{module}.g_idx"]
+    assert qweight.dtype == qzeros.dtype == g_idx.dtype == torch.int32 and scales.dtype == torch.float16
+    assert torch.equal(g_idx, torch.arange(columns, dtype=torch.int32) // (columns // scales.shape[0]))
+    g_idx = g_idx.long()
+    weight = unpack_words(qweight, bits, columns)  # (in, out)
+    zeros = unpack_words(qzeros.T, bits, rows).T  # (groups, out)
+    return (scales[g_idx] * (weight - zeros[g_idx]).to(torch.int16)).T
+
+
+def test_gptq_weights_match_reference_dequantization(tmp_path):
+    """gptq_v2 weights (GPTQModel is not installed: its build needs CUDA) dequantized by a reference
+    written from GPTQModel's documented layout equal bitalloc's Q in fp16, at 2, 3, 4 and 8 bits,
+    zero points of 0 included (which the v1 format cannot hold)."""
+    model = tiny_llama(0, torch.float16)
+    with torch.no_grad():  # rows of positive weights: groups whose zero point is 0
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight[:8] = layer.self_attn.q_proj.weight[:8].abs() + 0.01
+    model.save_pretrained(tmp_path / "model")
+    plan = _plan(tmp_path / "model", GPTQ_CONFIGS, HQQ_PICK.get)
+    assert {entry.config for entry in plan.modules.values()} == set(GPTQ_CONFIGS)
+    result = export_weights(
+        plan, "gptqmodel", tmp_path / "gptq", tmp_path / "model", device="cpu", quiet=True
+    )
+    config = json.loads((result.path / "quantize_config.json").read_text())
+    assert (config["format"], config["sym"], config["desc_act"]) == ("gptq_v2", False, False)
+    assert json.loads((result.path / "config.json").read_text())["quantization_config"] == config
+    tensors = load_file(str(result.path / "model.safetensors"))
+    ours = apply(tmp_path / "model", plan, tmp_path / "ours", quiet=True, device="cpu")
+    model = load_quantized(ours / "quantized", dtype=torch.float32)
+    zero_points = 0
+    for module in plan.modules:
+        packed = model.get_submodule(module).quantized()
+        zero_points += int((packed.zero_values() == 0).sum())
+        theirs = gptq_reference(tensors, module, packed.config.bits, packed.shape)
+        assert theirs.dtype == torch.float16
+        assert torch.equal(theirs, packed.dequantize(torch.float32).half()), module
+        assert f"{module}.weight" not in tensors
+    assert zero_points > 0

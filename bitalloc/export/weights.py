@@ -37,10 +37,11 @@ from ..fileio import check_name, write_text_atomic
 from ..planning.plan_file import Plan
 from ..quant import QuantConfig, QuantizedTensor
 from ..quant.formats import TORCH_DTYPES
-from . import hqq
+from . import gptqmodel, hqq
 from ._common import PlanLike, read_plan
 from .api import ExportResult, export
 
+GPTQ_FORMAT = "gptq_v2"  # GPTQModel's checkpoint format that stores zero points as z (v1: z - 1)
 HQQ_WEIGHTS = "qmodel.pt"  # HQQ's BaseHQQModel.get_weight_file
 # HQQ's packings (hqq.core.quantize.Quantizer.bit_to_packing): name, codes per word, word dtype
 HQQ_PACKING = {
@@ -83,19 +84,29 @@ def hqq_why_not(config: QuantConfig, shape: tuple[int, int]) -> str | None:
     return why
 
 
-def _check_hqq(plan: Plan) -> None:
+def _check_exact(plan: Plan, target: str, why_not: Callable, exact) -> None:
+    """BitallocError naming the first module whose config ``target`` cannot hold exactly
+    (``why_not(config, shape)``), or why the plan as a whole cannot (``exact.plan_why_not``)."""
     configs = []
     for name, entry in plan.modules.items():
         config = QuantConfig.parse(entry.config)
-        why = hqq_why_not(config, (int(entry.shape[0]), int(entry.shape[1])))
+        why = why_not(config, (int(entry.shape[0]), int(entry.shape[1])))
         if why is not None:
             raise BitallocError(
-                f"hqq weights cannot hold {config} (module {name}): {why}; plan with --target hqq"
+                f"{target} weights cannot hold {config} (module {name}): {why}; plan with --target {target}"
             )
         configs.append(config)
-    why = hqq.EXACT.plan_why_not(configs)
+    why = exact.plan_why_not(configs)
     if why is not None:
-        raise BitallocError(f"hqq weights cannot hold this plan: {why}; plan with --target hqq")
+        raise BitallocError(f"{target} weights cannot hold this plan: {why}; plan with --target {target}")
+
+
+def _check_hqq(plan: Plan) -> None:
+    _check_exact(plan, hqq.TARGET, hqq_why_not, hqq.EXACT)
+
+
+def _check_gptq(plan: Plan) -> None:
+    _check_exact(plan, gptqmodel.TARGET, gptqmodel.EXACT.why_not, gptqmodel.EXACT)
 
 
 def pack_hqq(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -145,15 +156,14 @@ def hqq_state(packed: QuantizedTensor) -> dict:
     }
 
 
-def _write_hqq(quantized: Path, folder: Path, plan: Plan) -> None:
-    """HQQ's saved-model folder from apply's ``OUT/quantized``: ``qmodel.pt`` maps each module
-    name to its state dict (an ``HQQLinear``'s for planned modules, else its own tensors)."""
-    from ..artifacts.hf_quantizer import unmark_config
+def read_quantized(quantized: Path) -> tuple[dict[str, QuantizedTensor], dict[str, dict[str, torch.Tensor]]]:
+    """Apply's ``OUT/quantized`` in memory: each planned module's `QuantizedTensor`, and every other
+    tensor grouped by module (``{module: {leaf: tensor}}``, e.g. a planned module's bias)."""
     from ..artifacts.nn import packed_files, read_quant_info
 
     info = read_quant_info(quantized)
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in info["modules"]}
-    weights: dict[str, dict] = {}
+    dense: dict[str, dict[str, torch.Tensor]] = {}
     for file in packed_files(quantized):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -162,23 +172,122 @@ def _write_hqq(quantized: Path, folder: Path, plan: Plan) -> None:
                 if owner in parts and module.endswith(".weight"):
                     parts[owner][leaf] = handle.get_tensor(key)
                 else:
-                    weights.setdefault(module, {})[leaf] = handle.get_tensor(key)
-    for name, stored in parts.items():
-        entry = info["modules"][name]
-        packed = QuantizedTensor.from_tensors(stored, entry["config"], tuple(entry["shape"]))
-        weights.setdefault(name, {}).update(hqq_state(packed))
-    folder.mkdir()
-    torch.save(weights, folder / HQQ_WEIGHTS)
+                    dense.setdefault(module, {})[leaf] = handle.get_tensor(key)
+    packed = {
+        name: QuantizedTensor.from_tensors(
+            stored, info["modules"][name]["config"], info["modules"][name]["shape"]
+        )
+        for name, stored in parts.items()
+    }
+    return packed, dense
+
+
+def _copy_configs(quantized: Path, folder: Path, quantization_config: dict | None = None) -> None:
+    """config.json without bitalloc's marks (with ``quantization_config`` when given), the
+    tokenizer and generation files, and the plan."""
+    import json
+
+    from ..artifacts.hf_quantizer import unmark_config
+
     for file in quantized.iterdir():
         if file.name == "config.json":
             unmark_config(file, folder / file.name)
+            if quantization_config is not None:
+                config = json.loads((folder / file.name).read_text(encoding="utf-8"))
+                config["quantization_config"] = quantization_config
+                (folder / file.name).write_text(
+                    json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+                )
         elif CONFIG_FILES.match(file.name) or file.name == "bitalloc_plan.json":
             shutil.copyfile(file, folder / file.name)
+
+
+def _write_hqq(quantized: Path, folder: Path, plan: Plan) -> None:
+    """HQQ's saved-model folder from apply's ``OUT/quantized``: ``qmodel.pt`` maps each module
+    name to its state dict (an ``HQQLinear``'s for planned modules, else its own tensors)."""
+    packed, weights = read_quantized(quantized)
+    for name, tensor in packed.items():
+        weights.setdefault(name, {}).update(hqq_state(tensor))
+    folder.mkdir()
+    _copy_configs(quantized, folder)
+    _add_tied(weights, folder)
+    torch.save(weights, folder / HQQ_WEIGHTS)
+
+
+def _add_tied(weights: dict[str, dict], folder: Path) -> None:
+    """Give each tied parameter the checkpoint leaves out (a tied ``lm_head.weight``) its own
+    entry: HQQ's loader builds the model empty and fills only the modules ``qmodel.pt`` names."""
+    from ..checkpoints.skeleton import build_skeleton
+
+    model = build_skeleton(folder, str(folder))
+    model.tie_weights()
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    for group in names.values():
+        split = [name.rpartition(".")[::2] for name in group]
+        stored = [weights[m][leaf] for m, leaf in split if leaf in weights.get(m, {})]
+        for module, leaf in split:
+            if stored and leaf not in weights.get(module, {}):
+                weights.setdefault(module, {})[leaf] = stored[0]
+
+
+def gptq_tensors(packed: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """One planned module in GPTQ's packed layout, ``gptq_v2`` (zero points stored as z): int32
+    ``qweight`` (in·b/32, out), each output's codes along the inputs as one little-endian bit
+    stream of 32-bit words (input i at bit i·b: at 2, 4, 8 bits 32/b whole codes per word; at 3
+    bits 32 codes in 3 words, two codes split across words); int32 ``qzeros`` (groups, out·b/32)
+    packed the same way along the outputs; fp16 ``scales`` (groups, out); int32 ``g_idx`` (in,),
+    input i's group i // group size. Dequantized: scales[g_idx]·(q - z[g_idx])."""
+    from ..artifacts.compressed import pack_int32
+
+    rows, columns = packed.shape
+    bits, group = packed.config.bits, packed.config.block_size
+    return {
+        "qweight": pack_int32(packed.unpacked_codes()[:, :columns], bits).T.contiguous(),
+        "qzeros": pack_int32(packed.zero_values().T.contiguous(), bits),
+        "scales": packed.scale_values().to(torch.float16).reshape(rows, -1).T.contiguous(),
+        "g_idx": torch.arange(columns, dtype=torch.int32) // group,
+    }
+
+
+def gptq_config(plan: Plan) -> dict:
+    """``quantize_config.json`` (and config.json's ``quantization_config``): `to_gptqmodel`'s
+    bits, group size and per-module ``dynamic`` overrides, asymmetric, no act-order, in the
+    ``gptq_v2`` checkpoint format."""
+    with warnings.catch_warnings():  # the LoRA warning: export_weights gives its own
+        warnings.simplefilter("ignore")
+        config = dict(gptqmodel.translate(plan).payload)
+    config.update(quant_method="gptq", desc_act=False, pack_dtype="int32", format=GPTQ_FORMAT,
+                  checkpoint_format=GPTQ_FORMAT)  # fmt: skip
+    return config
+
+
+def _write_gptq(quantized: Path, folder: Path, plan: Plan) -> None:
+    """A GPTQModel checkpoint from apply's ``OUT/quantized``: one ``model.safetensors`` with each
+    planned module's `gptq_tensors` (and its bias), every other tensor as stored, config.json
+    with the ``quantization_config`` and the same in ``quantize_config.json``."""
+    import json
+
+    from ..fileio import save_safetensors
+
+    packed, dense = read_quantized(quantized)
+    tensors = {
+        f"{module}.{leaf}": tensor for module, leaves in dense.items() for leaf, tensor in leaves.items()
+    }
+    for name, tensor in packed.items():
+        tensors.update({f"{name}.{part}": value for part, value in gptq_tensors(tensor).items()})
+    folder.mkdir()
+    save_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = gptq_config(plan)
+    _copy_configs(quantized, folder, config)
+    (folder / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 WEIGHTS_TARGETS: dict[str, WeightsTarget] = {
     "compressed-tensors": WeightsTarget(_check_compressed, format="compressed-tensors"),
     "hqq": WeightsTarget(_check_hqq, write=_write_hqq, options=(("per_module", True),)),
+    "gptqmodel": WeightsTarget(_check_gptq, write=_write_gptq),
 }
 
 
@@ -202,7 +311,9 @@ def export_weights(
     store exactly (naming the first module), or an existing ``output``; nothing is left behind
     on failure."""
     if target not in WEIGHTS_TARGETS:
-        raise BitallocError(f"export --weights writes {', '.join(WEIGHTS_TARGETS)} weights, not {target!r}")
+        raise BitallocError(
+            f"export --weights writes the weights of {', '.join(WEIGHTS_TARGETS)} only, not {target!r}"
+        )
     check_path(output, "output")
     check_path(model, "model")
     spec = WEIGHTS_TARGETS[target]
