@@ -22,9 +22,10 @@ from bitalloc import BitallocError
 from bitalloc.artifacts.nn import load_quantized
 from bitalloc.artifacts.writer import apply
 from bitalloc.cli import main
-from bitalloc.export.weights import HQQ_PACKING, export_weights, pack_hqq
+from bitalloc.export.weights import HQQ_PACKING, export_weights, hqq_state, pack_hqq
 from bitalloc.planning.planner import plan as make_plan
 from bitalloc.profiling.profiler import profile
+from bitalloc.quant import QuantizedTensor
 
 pytest.importorskip("hqq")
 
@@ -116,6 +117,25 @@ def test_pack_hqq_is_hqq_bitpack():
         theirs = Quantizer.pack[name](codes)
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), bits
         assert torch.equal(Quantizer.unpack[name](ours)[:rows], codes)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_hqq_linear_from_state_equals_q(dtype):
+    """An HQQLinear loaded from `hqq_state` dequantizes (in the scale's dtype, the compute dtype)
+    to bitalloc's Q bit for bit, at every bit width, bf16 and fp16, with offset rows."""
+    from hqq.core.quantize import HQQLinear
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    weight = torch.randn(64, 192, generator=torch.Generator().manual_seed(1))
+    weight[:4] += 3.0  # positive groups: zero points at the range's end
+    for bits in HQQ_PACKING:
+        config = f"uint{bits}-b64-s{dtype}-z{dtype}-mse"
+        packed = QuantizedTensor.from_weight(weight, config)
+        layer = HQQLinear(None, quant_config=None, compute_dtype=torch_dtype, device="cpu")
+        layer.load_state_dict(hqq_state(packed))
+        theirs = layer.dequantize()
+        assert theirs.dtype == torch_dtype and theirs.shape == (64, 192)
+        assert torch.equal(theirs, packed.dequantize(torch_dtype)), config
 
 
 def test_hqq_dequantizes_to_bitalloc_q(hqq_case, tmp_path):
