@@ -87,10 +87,10 @@ def _run_without_bitalloc(script: str, *arguments: str) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def _plan(model, configs, pick, rank=0):
+def _plan(model, configs, pick, rank=0, keep=()):
     table = profile(model, configs=configs, rank=rank, iters=1, device="cpu", quiet=True)
     wanted = [row.config == configs[pick(row.module.rsplit(".", 1)[1])] for row in table.itertuples()]
-    return make_plan(table[wanted], 16.0)
+    return make_plan(table[wanted], 16.0, keep=keep)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,9 @@ def hqq_case(tmp_path_factory):
     """A rank-0 plan of HQQ-exact configs, exported as HQQ weights and applied in bitalloc's format."""
     root = tmp_path_factory.mktemp("hqq")
     make_tiny_llama(root / "model", dtype=torch.float16, shard_size=None)
-    plan = _plan(root / "model", HQQ_CONFIGS, HQQ_PICK.get)
+    plan = _plan(root / "model", HQQ_CONFIGS, HQQ_PICK.get, keep=[r"layers\.1\.mlp\.down_proj"])
     assert {entry.config for entry in plan.modules.values()} == set(HQQ_CONFIGS)
+    assert plan.kept == ["model.layers.1.mlp.down_proj"]  # a Linear left in 16 bits, stored as is
     result = export_weights(plan, "hqq", root / "hqq", root / "model", device="cpu", quiet=True)
     ours = apply(root / "model", plan, root / "ours", quiet=True, device="cpu")
     return root, plan, result, ours
