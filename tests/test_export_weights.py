@@ -221,7 +221,11 @@ def test_refused_before_any_work(tmp_path):
                                  device="cpu", quiet=True), 16.0)  # fmt: skip
     with pytest.raises(BitallocError, match="already exists"):
         export_weights(hqq_only, "hqq", tmp_path / "taken", tmp_path / "model")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "taken"]
+    # a failure during the work (the model is not the plan's): the work folder goes too
+    make_tiny_llama(tmp_path / "other", dtype=torch.float16, shard_size=None, intermediate_size=192)
+    with pytest.raises(BitallocError):
+        export_weights(hqq_only, "hqq", tmp_path / "out", tmp_path / "other", device="cpu", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "other", "taken"]
 
 
 def test_rank_warning_tied_embeddings_and_cli(tmp_path, capsys):
