@@ -186,6 +186,12 @@ class QuantConfig:
         rows, cols = _matrix_dims(shape)
         return rows * -(-cols // self.block_size)  # exact integer ceiling, any size
 
+    def fits(self, shape: tuple[int, ...] | list[int]) -> bool:
+        """Whether this config is a candidate for a matrix of ``shape`` (its family says:
+        `Format.fits`; the standard families pad rows and fit every shape, ggml types need rows
+        that are whole blocks)."""
+        return format_of(self).fits(self, _matrix_dims(shape)[1])
+
     def storage_bits(self, shape: tuple[int, ...] | list[int]) -> int:
         """Exact bits written for a matrix of ``shape``: codes (with row padding) + scales."""
         return sum(self.storage_bits_parts(shape).values())
