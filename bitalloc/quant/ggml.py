@@ -107,7 +107,7 @@ class GgmlFamily(Format):
                 f"({', '.join(t.name for t in TYPES.values())})"
             )
         if config.scale_bits is not None or config.scale_block_size is not None or config.search:
-            raise BitallocError(f"{ggml.config} ({ggml.name}) is ggml's own block: no quantized scales or -mse")
+            raise BitallocError(f"{ggml.config} ({ggml.name}) is ggml's own block: no scale codes or -mse")
         if config.zero != ("fp16" if ggml.has_min else None):
             want = "an fp16 min per block (zero='fp16')" if ggml.has_min else "no zero point"
             raise BitallocError(f"{ggml.config} ({ggml.name}) stores {want}, got zero={short(config.zero)}")
