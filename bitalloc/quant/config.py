@@ -17,6 +17,12 @@ the fields and says what is stored. The built-in families take:
 
 Any of them may end in ``-mse``: each block's scale (and zero) is searched for the least
 (weighted) squared error instead of taken from the block's range; the storage is the same.
+
+llama.cpp's types (`bitalloc.quant.ggml`), each ggml's block and bytes exactly:
+
+    ggml{bits}-b{block}-s{variant}                 the ggml type q{bits}_{variant}: ggml4-b32-s0
+                                                   (q4_0), ggml4-b32-s1 (q4_1), ggml5-b32-s0,
+                                                   ggml5-b32-s1, ggml8-b32-s0 (q8_0)
 """
 
 from __future__ import annotations
