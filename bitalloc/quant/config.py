@@ -81,6 +81,15 @@ def grammar() -> str:
     return "; ".join([GRAMMAR, *(piece for piece in pieces if piece)])
 
 
+def _expected(head: re.Match | None) -> str:
+    """The grammar a bad config string is told: its family's piece when the head names a family
+    that has one, else the built-in families' and the other families' names (one short line)."""
+    if head and head["method"] in format_names() and get_format(head["method"]).grammar:
+        return get_format(head["method"]).grammar
+    others = [name for name in format_names() if get_format(name).grammar]
+    return GRAMMAR + (f"; also {', '.join(others)}" if others else "")
+
+
 @dataclass(frozen=True, order=True)
 class QuantConfig:
     """One way to quantize a matrix: format family, bits, block size and how scales are stored.
@@ -139,7 +148,7 @@ class QuantConfig:
         if head and head["method"] in format_names():
             rest = scale_regex(head["method"]).fullmatch(head["rest"])
         if rest is None:
-            raise BitallocError(f"unknown config string {short(text)}: expected {grammar()}")
+            raise BitallocError(f"unknown config string {short(text)}: expected {_expected(head)}")
         try:
             bits = parse_digits(head["bits"], "bits")
             block_size = parse_digits(head["block"], "block size B0")
