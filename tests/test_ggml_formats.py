@@ -32,6 +32,11 @@ from bitalloc.quant.ggml import TYPES, from_ggml_bytes, ggml_type, to_ggml_bytes
 gguf = pytest.importorskip("gguf")
 
 LEGACY = ["ggml4-b32-s0", "ggml4-b32-s1", "ggml5-b32-s0", "ggml5-b32-s1", "ggml8-b32-s0"]
+KQUANTS = ["ggml4-b256-sk", "ggml5-b256-sk", "ggml6-b256-sk"]  # q4_K, q5_K, q6_K
+ALL = LEGACY + KQUANTS
+# ggml's C reference quantizer's bytes (quantize_row_q{4,5,6}_K_ref, built without FMA contraction)
+# for the matrix "x" of the same file: the gguf package only dequantizes k-quants
+K_REFERENCE = Path(__file__).parent / "data" / "ggml_k_reference.npz"
 
 
 def qtype(config: str):
@@ -62,17 +67,18 @@ def hard_matrix(rows: int = 48, cols: int = 256, seed: int = 0) -> torch.Tensor:
 
 
 # ---- grammar and storage -------------------------------------------------------------------------
-@pytest.mark.parametrize("text", LEGACY)
+@pytest.mark.parametrize("text", ALL)
 def test_configs_name_a_type_and_store_its_block_bytes(text):
     config = QuantConfig.parse(text)
     assert str(config) == text and QuantConfig.parse(str(config)) == config
     block, type_size = gguf.GGML_QUANT_SIZES[qtype(text)]
-    assert config.block_size == block == 32
-    assert config.bits_per_param == type_size * 8 / block  # q4_0 4.5, q4_1 5.0, ..., q8_0 8.5
-    for shape in [(3, 32), (576, 576), (7, 1536)]:
+    assert config.block_size == block
+    assert config.bits_per_param == type_size * 8 / block  # q4_0 4.5, q4_1 5.0, ..., q6_K 6.5625
+    for shape in [(3, block), (576, 1536), (7, 3 * block)]:
         assert config.storage_bits(shape) == shape[0] * shape[1] // block * type_size * 8
     assert config.to_dict()["scale"] == {"ggml_type": ggml_type(text).name}
-    assert config.asymmetric == text.endswith("-s1")  # q4_1/q5_1 store a min per block
+    # a min per block (q4_1, q5_1) or per sub-block (q4_K, q5_K): w = q·d + m
+    assert config.asymmetric == (ggml_type(text).name in ("q4_1", "q5_1", "q4_K", "q5_K"))
 
 
 def test_bits_per_weight_are_ggml_s():
@@ -83,6 +89,11 @@ def test_bits_per_weight_are_ggml_s():
         "q5_1": 6.0,
         "q8_0": 8.5,
     }
+    assert {ggml_type(t).name: QuantConfig.parse(t).bits_per_param for t in KQUANTS} == {
+        "q4_K": 4.5,
+        "q5_K": 5.5,
+        "q6_K": 6.5625,
+    }
 
 
 @pytest.mark.parametrize(
@@ -91,6 +102,8 @@ def test_bits_per_weight_are_ggml_s():
         ("ggml4-b64-s0", "no ggml type is ggml4-b64-s0"),
         ("ggml4-b32-s2", "the ggml configs are ggml4-b32-s0"),
         ("ggml3-b32-s0", "unsupported bits 3"),
+        ("ggml6-b32-s0", "no ggml type is ggml6-b32-s0"),
+        ("ggml4-b256-s0", "no ggml type is ggml4-b256-s0"),
         ("ggml4-b32-s0-mse", "unknown config string"),
         ("ggml4-b32-sfp16", "ggml4-b32-s0 (q4_0), ggml4-b32-s1 (q4_1)"),  # the grammar lists the types
     ],
@@ -105,7 +118,9 @@ def test_a_config_fits_only_rows_of_whole_blocks():
     assert QuantConfig.parse("ggml4-b32-s0").fits((10, 576))
     assert not QuantConfig.parse("ggml4-b32-s0").fits((10, 100))
     assert QuantConfig.parse("nf4-b64-s8b256").fits((10, 100))  # the standard families pad
-    assert exact_configs(576, 576) == LEGACY
+    assert exact_configs(576, 576) == LEGACY  # SmolLM2's rows of 576: no k-quant
+    assert exact_configs(576, 1536) == ALL
+    assert not QuantConfig.parse("ggml4-b256-sk").fits((10, 576))
     assert exact_configs(64, 100) == []
     with pytest.raises(BitallocError, match="2-D matrix shape"):
         exact_configs(0, 576)
@@ -144,9 +159,40 @@ def test_ties_keep_the_first_largest_magnitude(text):
         assert scales.tolist() == [-1.0 / ggml.offset, 1.0 / ggml.offset]
 
 
+@pytest.mark.parametrize("text", KQUANTS)
+def test_k_quants_equal_ggml_s_reference_quantizer(text):
+    """The same bytes as llama.cpp's C reference quantizer (a build without FMA contraction; with
+    -march=native the C compiler fuses multiply-adds and itself differs on some super-blocks)."""
+    reference = np.load(K_REFERENCE)
+    x, expected = torch.from_numpy(reference["x"]), reference[ggml_type(text).name]
+    packed = QuantizedTensor.from_weight(x, text)
+    mine = to_ggml_bytes(packed).numpy()
+    assert np.array_equal(mine, expected), f"{int((mine != expected).sum())} bytes differ"
+    values = gguf.quants.dequantize(expected, qtype(text))
+    assert np.array_equal(packed.dequantize().numpy(), values)
+    assert np.array_equal(fake_quantize(x, text).numpy(), values)
+    back = from_ggml_bytes(expected, text, tuple(x.shape))
+    for name, tensor in packed.tensors().items():
+        assert torch.equal(back.tensors()[name], tensor), name
+
+
+@pytest.mark.parametrize("text", KQUANTS)
+def test_k_quant_blocks_are_what_gguf_dequantizes(text):
+    w = hard_matrix(48, 512, seed=6)
+    packed = QuantizedTensor.from_weight(w, text)
+    blocks = to_ggml_bytes(packed).numpy()
+    assert blocks.shape == (48, 2 * gguf.GGML_QUANT_SIZES[qtype(text)][1])
+    values = gguf.quants.dequantize(blocks, qtype(text))
+    assert np.array_equal(packed.dequantize().numpy(), values)
+    assert np.array_equal(fake_quantize(w, text).numpy(), values)
+    assert np.array_equal(to_ggml_bytes(from_ggml_bytes(blocks, text, (48, 512))).numpy(), blocks)
+    error = float(((torch.from_numpy(values) - w) ** 2).sum() / (w**2).sum())
+    assert error < {"ggml4-b256-sk": 0.02, "ggml5-b256-sk": 0.005, "ggml6-b256-sk": 0.0015}[text], error
+
+
 def test_batches_quantize_each_matrix_alone():
     w = torch.stack([hard_matrix(seed=2), hard_matrix(seed=3)])
-    for text in LEGACY:
+    for text in ALL:
         batched = fake_quantize(w, text)
         assert torch.equal(batched[1], fake_quantize(w[1], text))
 
@@ -161,12 +207,13 @@ def test_loftq_quantizes_w_minus_ba_with_ggml_s_quantizer():
 
 
 def test_quant_linear_dequantizes_as_gguf():
-    w = hard_matrix(40, 96, seed=5)
-    for text in LEGACY:
-        layer = QuantLinear.from_quantized(QuantizedTensor.from_weight(w, text))
-        expected = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype(text)), qtype(text))
+    w = hard_matrix(40, 256, seed=5)
+    for text in ALL:
+        packed = QuantizedTensor.from_weight(w, text)
+        layer = QuantLinear.from_quantized(packed)
+        expected = gguf.quants.dequantize(to_ggml_bytes(packed).numpy(), qtype(text))
         assert np.array_equal(layer.dequantize(torch.float32).numpy(), expected)
-        x = torch.randn(3, 96)
+        x = torch.randn(3, 256)
         torch.testing.assert_close(layer(x), x @ torch.from_numpy(expected).T, rtol=1e-5, atol=1e-5)
 
 
@@ -188,10 +235,13 @@ def test_profile_measures_a_config_only_where_its_block_divides_the_row():
 
 @pytest.fixture(scope="module")
 def ggml_case(tmp_path_factory):
-    """A tiny llama on disk, a ggml-only plan (rank 0) and its applied OUT."""
+    """A tiny llama on disk (rows of 128, and 256 for down_proj), a ggml-only plan (rank 0) and its
+    applied OUT."""
     root = tmp_path_factory.mktemp("ggml")
     model = make_tiny_llama(root / "model", shard_size=None)
-    table = profile(root / "model", configs=LEGACY, rank=0, iters=1, device="cpu", quiet=True)
+    table = profile(root / "model", configs=ALL, rank=0, iters=1, device="cpu", quiet=True)
+    for module, found in table.groupby("module")["config"].apply(set).items():
+        assert found == set(ALL if module.endswith("down_proj") else LEGACY), module
     plan = make_plan(table, 5.0)
     plan_path = root / "plan.json"
     plan.save(plan_path)
@@ -206,14 +256,14 @@ def test_apply_packs_what_gguf_dequantizes(ggml_case):
     for name, entry in plan.modules.items():
         layer = quantized.get_submodule(name)
         assert isinstance(layer, QuantLinear) and str(layer.config) == entry["config"]
-        weight = model.get_submodule(name).weight.detach().float().numpy()
-        expected = gguf.quants.dequantize(
-            gguf.quants.quantize(weight, qtype(entry["config"])), qtype(entry["config"])
-        )
+        weight, config = model.get_submodule(name).weight.detach().float(), entry["config"]
+        blocks = to_ggml_bytes(layer.quantized()).numpy()
+        if config in LEGACY:  # the gguf package quantizes these itself
+            assert np.array_equal(blocks, gguf.quants.quantize(weight.numpy(), qtype(config))), name
+        else:
+            assert np.array_equal(blocks, to_ggml_bytes(QuantizedTensor.from_weight(weight, config)).numpy())
+        expected = gguf.quants.dequantize(blocks, qtype(config))
         assert np.array_equal(layer.dequantize(torch.float32).numpy(), expected), name
-        assert np.array_equal(
-            to_ggml_bytes(layer.quantized()).numpy(), gguf.quants.quantize(weight, qtype(entry["config"]))
-        )
 
 
 def test_export_maps_each_matrix_to_its_own_type_exactly(ggml_case):

@@ -26,6 +26,7 @@ from ..errors import BitallocError
 from . import standard  # noqa: F401  (the built-in families register first)
 from .config import QuantConfig
 from .formats import BlockCodes, Format, register_format, short
+from .packing import pack_bits, unpack_bits
 
 FP16_BITS = 16
 
@@ -42,6 +43,8 @@ class GgmlType:
     variant: str
     block_bytes: int
     offset: int | None
+    sub: int = 0  # k-quants: weights per sub-block (each with its own scale code); 0: one scale per block
+    scale_bits: int = 0  # k-quants: bits of a sub-block's scale (and min) code
 
     @property
     def config(self) -> str:
@@ -50,6 +53,15 @@ class GgmlType:
     @property
     def has_min(self) -> bool:
         return self.offset is None
+
+    @property
+    def k_quant(self) -> bool:
+        return self.sub > 0
+
+    @property
+    def group(self) -> int:
+        """Weights per stored scale: the sub-block of a k-quant, else the block."""
+        return self.sub or self.block
 
 
 # ggml's legacy block-32 types (ggml/src/ggml-common.h block_q4_0 ... block_q8_0)
@@ -61,9 +73,14 @@ TYPES = {
         GgmlType("q5_0", 5, 32, "0", 22, 16),
         GgmlType("q5_1", 5, 32, "1", 24, None),
         GgmlType("q8_0", 8, 32, "0", 34, 128),
+        # k-quants (block_q4_K ... block_q6_K): super-blocks of 256, a scale code per sub-block
+        GgmlType("q4_K", 4, 256, "k", 144, None, sub=32, scale_bits=6),
+        GgmlType("q5_K", 5, 256, "k", 176, None, sub=32, scale_bits=6),
+        GgmlType("q6_K", 6, 256, "k", 210, 32, sub=16, scale_bits=8),
     )
 }
 BY_NAME = {t.name: t for t in TYPES.values()}
+_WITH_MIN = {(t.bits, t.variant) for t in TYPES.values() if t.has_min}  # (bits, variant) names one type
 
 
 def ggml_type(config: QuantConfig | str) -> GgmlType:
@@ -97,7 +114,7 @@ class GgmlFamily(Format):
     # ---- the config string ---------------------------------------------------------------
     def fields(self, groups, bits):
         variant = groups["variant"]
-        return {"scale_dtype": variant, "zero": "fp16" if variant == "1" else None}
+        return {"scale_dtype": variant, "zero": "fp16" if (bits, variant) in _WITH_MIN else None}
 
     def check(self, config):
         ggml = TYPES.get(_key(config))
@@ -109,7 +126,7 @@ class GgmlFamily(Format):
         if config.scale_bits is not None or config.scale_block_size is not None or config.search:
             raise BitallocError(f"{ggml.config} ({ggml.name}) is ggml's own block: no scale codes or -mse")
         if config.zero != ("fp16" if ggml.has_min else None):
-            want = "an fp16 min per block (zero='fp16')" if ggml.has_min else "no zero point"
+            want = "a min per block (zero='fp16')" if ggml.has_min else "no zero point"
             raise BitallocError(f"{ggml.config} ({ggml.name}) stores {want}, got zero={short(config.zero)}")
 
     def scale_format(self, config):
@@ -138,32 +155,83 @@ class GgmlFamily(Format):
         return ggml.block_bytes * 8 / ggml.block
 
     def storage_parts(self, config, n_blocks):
-        """Codes, one fp16 scale d per block and, for q4_1/q5_1, one fp16 min m: ggml's block size."""
-        parts = {"codes": n_blocks * config.block_size * config.bits, "scales": n_blocks * FP16_BITS}
-        if config.zero is not None:
-            parts["zeros"] = n_blocks * FP16_BITS
+        """ggml's block bytes, by part: codes; one fp16 scale d per block and, for q4_1/q5_1, one
+        fp16 min m; for a k-quant a scale code (and a min code) per sub-block as ``scales`` (and
+        ``zeros``) and the super-block's fp16 d (and dmin) as ``scales2``."""
+        ggml = ggml_type(config)
+        parts = {"codes": n_blocks * ggml.block * ggml.bits}
+        if not ggml.k_quant:
+            parts["scales"] = n_blocks * FP16_BITS
+            if ggml.has_min:
+                parts["zeros"] = n_blocks * FP16_BITS
+            return parts
+        codes = n_blocks * (ggml.block // ggml.sub) * ggml.scale_bits
+        parts["scales"] = codes
+        parts["scales2"] = n_blocks * FP16_BITS * (2 if ggml.has_min else 1)
+        if ggml.has_min:
+            parts["zeros"] = codes
         return parts
 
     def part_dtype(self, config, part):
-        return torch.uint8 if part == "codes" else torch.float16
+        if part == "codes" or ggml_type(config).k_quant and part != "scales2":
+            return torch.uint8  # bit-packed codes
+        return torch.float16
 
     # ---- tensors -------------------------------------------------------------------------
     def quantize(self, blocks, config, weights):
         """ggml's reference quantizer on float32 blocks (..., out, n_blocks, B0); ``weights`` unused."""
         ggml = ggml_type(config)
+        if ggml.k_quant:
+            return _k_quantize(blocks, ggml).block_codes()
         if ggml.name == "q8_0":
             return _quantize_q8_0(blocks)
         return _quantize_min(blocks, ggml) if ggml.has_min else _quantize_symmetric(blocks, ggml)
 
-    def dequantize(self, codes, scales, zeros, config):
-        """ggml's dequantization in float32: (q - offset)·d, or q·d + m."""
+    def fake_quantize(self, blocks, config, weights):
         ggml = ggml_type(config)
-        q = codes.reshape(*scales.shape, config.block_size).float()
-        if ggml.has_min:
-            values = (q * scales.unsqueeze(-1)) + zeros.float().unsqueeze(-1)
-        else:
+        if not ggml.k_quant:
+            return super().fake_quantize(blocks, config, weights)
+        k = _k_quantize(blocks, ggml)
+        codes = k.codes.reshape(*k.codes.shape[:-3], -1)
+        return self.dequantize(codes, k.scale_values(), k.min_values(), config)
+
+    def dequantize(self, codes, scales, zeros, config):
+        """ggml's dequantization in float32 per scale group: (q - offset)·d, q·d + m (q4_1, q5_1),
+        or q·d - m (k-quants, d and m the sub-block's scale and min)."""
+        ggml = ggml_type(config)
+        q = codes.reshape(*scales.shape, ggml.group).float()
+        if not ggml.has_min:
             values = (q - ggml.offset) * scales.unsqueeze(-1)
+        elif ggml.k_quant:
+            values = (scales.unsqueeze(-1) * q) - zeros.float().unsqueeze(-1)
+        else:
+            values = (q * scales.unsqueeze(-1)) + zeros.float().unsqueeze(-1)
         return values.reshape(*values.shape[:-2], -1)
+
+    def pack(self, parts, config, rows):
+        ggml = ggml_type(config)
+        if not ggml.k_quant:
+            return super().pack(parts, config, rows)
+        out = {"codes": pack_bits(parts.codes, ggml.bits)}
+        out["scales"] = pack_bits(parts.scale_codes, ggml.scale_bits)
+        out["scales2"] = parts.scales2.reshape(-1).clone()
+        if ggml.has_min:
+            out["zeros"] = pack_bits(parts.zeros, ggml.scale_bits)
+        return out
+
+    def scale_values(self, stored, config, shape):
+        """float32 (out, scale groups per row): d, or for a k-quant d·(its scale code)."""
+        ggml = ggml_type(config)
+        if not ggml.k_quant:
+            return super().scale_values(stored, config, shape)
+        return _k_stored(stored, ggml, shape).scale_values().reshape(shape[0], -1)
+
+    def zero_values(self, stored, config, shape):
+        """fp16 m (out, blocks) of q4_1/q5_1; float32 dmin·(min code) of a k-quant; None without a min."""
+        ggml = ggml_type(config)
+        if not ggml.k_quant or not ggml.has_min:
+            return super().zero_values(stored, config, shape)
+        return _k_stored(stored, ggml, shape).min_values().reshape(shape[0], -1)
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -210,6 +278,179 @@ def _quantize_q8_0(blocks: torch.Tensor) -> BlockCodes:
     return _block_codes(rounded + 128, d)
 
 
+# ---- k-quants: llama.cpp's reference quantizer (quantize_row_q{4,5,6}_K_ref), in torch ------------
+# Vectorized over every sub-block; each sum over a sub-block's weights runs in C's order (one
+# element at a time), each candidate scale in C's order, ties resolved as C's comparisons do.
+GROUP_MAX_EPS = 1e-15  # ggml's threshold for an all-zero group
+# make_qkx2_quants's search per type: (rmin, rdelta, nstep)
+_QKX2_SEARCH = {"q4_K": (-1.0, 0.1, 20), "q5_K": (-0.5, 0.1, 15)}
+
+
+@dataclass
+class _KBlocks:
+    """A k-quant's blocks: codes (..., super, sub-blocks, sub) or None, integer scale codes and
+    min codes (..., super, sub-blocks) as float32, the super-blocks' fp16 d and dmin (..., super)."""
+
+    codes: torch.Tensor | None
+    sc: torch.Tensor
+    mc: torch.Tensor | None
+    d: torch.Tensor
+    dmin: torch.Tensor | None
+
+    def scale_values(self) -> torch.Tensor:
+        values = self.d.float().unsqueeze(-1) * self.sc
+        return values.reshape(*values.shape[:-2], -1)
+
+    def min_values(self) -> torch.Tensor | None:
+        if self.mc is None:
+            return None
+        values = self.dmin.float().unsqueeze(-1) * self.mc
+        return values.reshape(*values.shape[:-2], -1)
+
+    def block_codes(self) -> BlockCodes:
+        codes = self.codes.to(torch.uint8).reshape(*self.codes.shape[:-3], -1)
+        sc = torch.remainder(self.sc, 256).to(torch.uint8)  # q6_K's int8 scales as their bytes
+        sc = sc.reshape(*sc.shape[:-2], -1)
+        halves = [self.d] if self.dmin is None else [self.d, self.dmin]
+        mc = None if self.mc is None else self.mc.to(torch.uint8).reshape(*self.mc.shape[:-2], -1)
+        return BlockCodes(codes, self.scale_values(), sc, torch.stack(halves, dim=-1), None, mc)
+
+
+def _k_stored(stored: dict, ggml: GgmlType, shape) -> _KBlocks:
+    """The scale and min codes and the super-blocks' d (dmin) of a packed k-quant matrix."""
+    rows, n_super = shape[0], -(-shape[1] // ggml.block)
+    per = ggml.block // ggml.sub
+    count = rows * n_super * per
+    sc = unpack_bits(stored["scales"], ggml.scale_bits, count)
+    sc = (sc.view(torch.int8) if ggml.scale_bits == 8 else sc).float().reshape(rows, n_super, per)
+    halves = stored["scales2"].reshape(rows, n_super, -1)
+    mc = None
+    if ggml.has_min:
+        mc = unpack_bits(stored["zeros"], ggml.scale_bits, count).float().reshape(rows, n_super, per)
+    return _KBlocks(None, sc, mc, halves[..., 0], halves[..., 1] if ggml.has_min else None)
+
+
+def _k_quantize(blocks: torch.Tensor, ggml: GgmlType) -> _KBlocks:
+    """A k-quant of float32 super-blocks (..., out, n_super, 256)."""
+    sub = blocks.reshape(*blocks.shape[:-1], ggml.block // ggml.sub, ggml.sub)
+    return _q6_k(sub) if ggml.name == "q6_K" else _q45_k(sub, ggml)
+
+
+def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension one element at a time, in order (C's loop, not a tree)."""
+    total = terms[..., 0]
+    for i in range(1, terms.shape[-1]):
+        total = total + terms[..., i]
+    return total
+
+
+def _signed_max(values: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude along the last dimension, the first one on ties."""
+    return values.gather(-1, values.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
+def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL): (codes L + nmax, scale) per group,
+    the scale of least x²-weighted error among 19 candidate grids."""
+    largest = _signed_max(x)
+    w = x * x
+
+    def attempt(iscale):
+        levels = torch.round(iscale.unsqueeze(-1) * x).clamp_(-nmax, nmax - 1)
+        return levels, _seq_sum(w * x * levels), _seq_sum(w * levels * levels)
+
+    levels, sumlx, suml2 = attempt(-nmax / largest)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    tenth = torch.tensor(0.1, dtype=torch.float32)
+    for step in [*range(-9, 0), *range(1, 10)]:
+        candidate, slx, sl2 = attempt(-(nmax + tenth * step) / largest)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        levels = torch.where(better.unsqueeze(-1), candidate, levels)
+        scale = torch.where(better, slx / sl2, scale)
+        best = torch.where(better, scale * slx, best)
+    zero = largest.abs() < GROUP_MAX_EPS
+    codes = torch.where(zero.unsqueeze(-1), torch.zeros_like(levels), levels + nmax)
+    return codes, torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _q6_k(x: torch.Tensor) -> _KBlocks:
+    """quantize_row_q6_K_ref on (..., super, 16, 16): int8 sub-block scales against -128/max."""
+    codes, scales = _make_qx_quants(x, 32)
+    largest = _signed_max(scales)
+    empty = largest.abs() < GROUP_MAX_EPS
+    iscale = -128.0 / torch.where(empty, torch.ones_like(largest), largest)
+    d = (1 / iscale).to(torch.float16)
+    sc = torch.round(iscale.unsqueeze(-1) * scales).clamp_(max=127)
+    step = d.float().unsqueeze(-1) * sc
+    requantized = torch.round(x / step.unsqueeze(-1)).clamp_(-32, 31) + 32
+    codes = torch.where((step != 0).unsqueeze(-1), requantized, codes)
+    zero = empty.unsqueeze(-1)
+    codes = torch.where(zero.unsqueeze(-1), torch.zeros_like(codes), codes)
+    sc = torch.where(zero, torch.zeros_like(sc), sc)
+    return _KBlocks(codes, sc, None, torch.where(empty, torch.zeros_like(d), d), None)
+
+
+# shape: make_qkx2_quants's state (codes, scale, min, error) updated per candidate, as in C
+def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, search: tuple[float, float, int]):
+    """make_qkx2_quants(n, nmax, x, weights, ..., use_mad=false): (codes, scale, -min) per group,
+    an affine grid q·scale + min (min <= 0) refitted by weighted least squares per candidate."""
+    rmin, rdelta, nstep = search
+    low = x.amin(-1).clamp(max=0)
+    high = x.amax(-1)
+    sum_w, sum_x = _seq_sum(w), _seq_sum(w * x)
+    span = high - low
+    flat = high == low
+    span = torch.where(flat, torch.ones_like(span), span)
+    iscale = nmax / span
+    codes = torch.round(iscale.unsqueeze(-1) * (x - low.unsqueeze(-1))).clamp_(0, nmax)
+    scale = 1 / iscale
+    diff = scale.unsqueeze(-1) * codes + low.unsqueeze(-1) - x
+    best = _seq_sum(w * (diff * diff))
+    delta = torch.tensor(rdelta, dtype=torch.float32)
+    for step in range(nstep + 1):
+        iscale = (rmin + delta * step + nmax) / (high - low)
+        levels = torch.round(iscale.unsqueeze(-1) * (x - low.unsqueeze(-1))).clamp_(0, nmax)
+        sum_l, sum_l2, sum_xl = _seq_sum(w * levels), _seq_sum(w * levels * levels), _seq_sum(w * levels * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = this_min > 0
+        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        diff = this_scale.unsqueeze(-1) * levels + this_min.unsqueeze(-1) - x
+        error = _seq_sum(w * (diff * diff))
+        better = (det > 0) & (error < best) & ~flat
+        codes = torch.where(better.unsqueeze(-1), levels, codes)
+        best = torch.where(better, error, best)
+        scale = torch.where(better, this_scale, scale)
+        low = torch.where(better, this_min, low)
+    codes = torch.where(flat.unsqueeze(-1), torch.zeros_like(codes), codes)
+    return codes, torch.where(flat, torch.zeros_like(scale), scale), -low
+
+
+def _q45_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
+    """quantize_row_q4_K_ref / q5_K_ref on (..., super, 8, 32): 6-bit scale and min codes."""
+    nmax = 2**ggml.bits - 1
+    # sqrtf is correctly rounded; torch's float32 sqrt can be one ulp off: through float64 it is exact
+    av_x = torch.sqrt((_seq_sum(x * x) / 32).double()).float()
+    codes, scales, mins = _make_qkx2_quants(x, av_x.unsqueeze(-1) + x.abs(), nmax, _QKX2_SEARCH[ggml.name])
+    # C starts its maxima at +0 (a -0 min, from -(+0), must not make dmin -0 in fp16)
+    max_scale, max_min = (torch.where(v > 0, v, 0.0) for v in (scales.amax(-1), mins.amax(-1)))
+
+    def code(values, top):  # uint8_t ls = nearest_int(63/top·v), then MIN(63, ls)
+        inverse = torch.where(top > 0, 63.0 / torch.where(top > 0, top, torch.ones_like(top)), 0.0)
+        return torch.remainder(torch.round(inverse.unsqueeze(-1) * values), 256).clamp_(max=63)
+
+    sc, mc = code(scales, max_scale), code(mins, max_min)
+    d, dmin = (max_scale / 63.0).to(torch.float16), (max_min / 63.0).to(torch.float16)
+    step = d.float().unsqueeze(-1) * sc
+    shift = dmin.float().unsqueeze(-1) * mc
+    requantized = torch.round((x + shift.unsqueeze(-1)) / step.unsqueeze(-1)).clamp_(0, nmax)
+    codes = torch.where((step != 0).unsqueeze(-1), requantized, codes)
+    return _KBlocks(codes, sc, mc, d, dmin)
+
+
 # ---- ggml's block layout ------------------------------------------------------------------------
 def to_ggml_bytes(quantized) -> torch.Tensor:
     """The matrix as ggml stores it: uint8 (rows, blocks per row · block bytes), each block laid
@@ -218,6 +459,8 @@ def to_ggml_bytes(quantized) -> torch.Tensor:
     ggml = ggml_type(quantized.config)
     rows = quantized.shape[0]
     codes = quantized.unpacked_codes().reshape(rows, -1, ggml.block)
+    if ggml.k_quant:
+        return _k_bytes(codes, _k_stored(quantized.tensors(), ggml, quantized.shape), ggml).reshape(rows, -1)
     fields = [quantized.scales.to(torch.float16).reshape(rows, -1, 1).view(torch.uint8)]
     if ggml.has_min:
         fields.append(quantized.zeros.to(torch.float16).reshape(rows, -1, 1).view(torch.uint8))
@@ -232,10 +475,39 @@ def to_ggml_bytes(quantized) -> torch.Tensor:
     return torch.cat(fields, dim=-1).reshape(rows, -1)
 
 
+def _k_bytes(codes: torch.Tensor, k: _KBlocks, ggml: GgmlType) -> torch.Tensor:
+    """block_q4_K / q5_K (d, dmin, 12 bytes of 6-bit scales and mins[, qh], qs) or block_q6_K
+    (ql, qh, int8 scales, d) for codes (rows, super, 256): uint8 (rows, super, block bytes)."""
+    as_bytes = [h.contiguous().reshape(*h.shape, 1).view(torch.uint8) for h in (k.d, k.dmin) if h is not None]
+    if ggml.name == "q6_K":
+        quarters = codes.reshape(*codes.shape[:-1], 2, 4, 32)  # two halves of 128: four runs of 32
+        low, high = quarters & 0x0F, quarters >> 4
+        ql = torch.cat([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], -1)
+        qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+        sc = torch.remainder(k.sc, 256).to(torch.uint8)
+        return torch.cat([ql.flatten(-2), qh.flatten(-2), sc, as_bytes[0]], dim=-1)
+    ls, lm = k.sc.to(torch.uint8), k.mc.to(torch.uint8)
+    scales = torch.cat(
+        [
+            ls[..., :4] | ((ls[..., 4:] >> 4) << 6),
+            lm[..., :4] | ((lm[..., 4:] >> 4) << 6),
+            (ls[..., 4:] & 0x0F) | ((lm[..., 4:] & 0x0F) << 4),
+        ],
+        dim=-1,
+    )
+    pairs = codes.reshape(*codes.shape[:-1], 4, 2, 32)  # four runs of 64: low and high 32
+    qs = ((pairs[..., 0, :] & 0x0F) | ((pairs[..., 1, :] & 0x0F) << 4)).flatten(-2)
+    fields = [*as_bytes, scales]
+    if ggml.bits == 5:
+        bits = (pairs >> 4).to(torch.uint8)  # (..., 4, 2, 32): bit 2·run + half of qh[j]
+        shifts = torch.arange(8, dtype=torch.uint8).reshape(4, 2, 1)
+        fields.append((bits << shifts).sum(dim=(-3, -2), dtype=torch.uint8))
+    return torch.cat([*fields, qs], dim=-1)
+
+
 def from_ggml_bytes(data, config: QuantConfig | str, shape: tuple[int, int]):
     """A `QuantizedTensor` from ggml's blocks (the inverse of `to_ggml_bytes`): uint8 (rows, row bytes)."""
     from .packed import QuantizedTensor
-    from .packing import pack_bits
 
     config = QuantConfig.parse(config)
     ggml = ggml_type(config)
@@ -243,6 +515,8 @@ def from_ggml_bytes(data, config: QuantConfig | str, shape: tuple[int, int]):
     if cols % ggml.block:
         raise BitallocError(f"rows of {cols} are not whole {ggml.name} blocks of {ggml.block}")
     blocks = torch.as_tensor(data, dtype=torch.uint8).reshape(rows, cols // ggml.block, ggml.block_bytes)
+    if ggml.k_quant:
+        return QuantizedTensor.from_tensors(_k_parts(blocks, ggml), config, (rows, cols))
     d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows, -1)
     start = 2
     m = None
@@ -263,6 +537,40 @@ def from_ggml_bytes(data, config: QuantConfig | str, shape: tuple[int, int]):
     if m is not None:
         parts["zeros"] = m.clone()
     return QuantizedTensor.from_tensors(parts, config, (rows, cols))
+
+
+def _k_parts(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
+    """The stored parts of a k-quant matrix from its blocks (rows, super, block bytes)."""
+
+    def half(start: int) -> torch.Tensor:
+        return blocks[..., start : start + 2].contiguous().view(torch.float16).squeeze(-1)
+
+    lead = blocks.shape[:-1]
+    if ggml.name == "q6_K":  # ql: per half of 128, runs 0|2 and 1|3 as low|high nibbles; qh: 2 bits each
+        ql = blocks[..., :128].reshape(*lead, 2, 2, 32)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(4, 1)
+        qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32) >> shifts
+        low = torch.stack(
+            [ql[..., 0, :] & 15, ql[..., 1, :] & 15, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], -2
+        )
+        codes = low | ((qh & 3) << 4)
+        parts = {"codes": pack_bits(codes, 6), "scales": pack_bits(blocks[..., 192:208], 8)}
+        return {**parts, "scales2": half(208).reshape(-1).clone()}
+    packed = blocks[..., 4:16]
+    ls = torch.cat([packed[..., :4] & 63, (packed[..., 8:] & 0x0F) | ((packed[..., :4] >> 6) << 4)], -1)
+    lm = torch.cat([packed[..., 4:8] & 63, (packed[..., 8:] >> 4) | ((packed[..., 4:8] >> 6) << 4)], -1)
+    qs = blocks[..., -128:].reshape(*lead, 4, 1, 32)
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-2)  # (..., 4 runs, low/high 32, 32)
+    if ggml.bits == 5:
+        shifts = torch.arange(8, dtype=torch.uint8).reshape(4, 2, 1)
+        codes = codes | (((blocks[..., 16:48].unsqueeze(-2).unsqueeze(-2) >> shifts) & 1) << 4)
+    halves = torch.stack([half(0), half(2)], dim=-1)
+    return {
+        "codes": pack_bits(codes, ggml.bits),
+        "scales": pack_bits(ls, 6),
+        "scales2": halves.reshape(-1).clone(),
+        "zeros": pack_bits(lm, 6),
+    }
 
 
 def _le_bytes(words: torch.Tensor, count: int) -> torch.Tensor:
