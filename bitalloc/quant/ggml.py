@@ -331,32 +331,37 @@ def _k_stored(stored: dict, ggml: GgmlType, shape) -> _KBlocks:
 
 
 def _k_quantize(blocks: torch.Tensor, ggml: GgmlType) -> _KBlocks:
-    """A k-quant of float32 super-blocks (..., out, n_super, 256)."""
+    """A k-quant of float32 super-blocks (..., out, n_super, 256). The sub-blocks' elements go
+    first, (sub, ..., n_super, sub-blocks): each of C's per-element steps is then one pass over
+    contiguous memory for every group at once."""
     sub = blocks.reshape(*blocks.shape[:-1], ggml.block // ggml.sub, ggml.sub)
-    return _q6_k(sub) if ggml.name == "q6_K" else _q45_k(sub, ggml)
+    x = sub.movedim(-1, 0).contiguous()
+    k = _q6_k(x) if ggml.name == "q6_K" else _q45_k(x, ggml)
+    k.codes = k.codes.movedim(0, -1)
+    return k
 
 
 def _seq_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension one element at a time, in order (C's loop, not a tree)."""
-    total = terms[..., 0]
-    for i in range(1, terms.shape[-1]):
-        total = total + terms[..., i]
+    """Sum over the first dimension one element at a time, in order (C's loop, not a tree)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
     return total
 
 
-def _signed_max(values: torch.Tensor) -> torch.Tensor:
-    """The value of largest magnitude along the last dimension, the first one on ties."""
-    return values.gather(-1, values.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+def _signed_max(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The value of largest magnitude along ``dim``, the first one on ties."""
+    return values.gather(dim, values.abs().argmax(dim=dim, keepdim=True)).squeeze(dim)
 
 
 def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL): (codes L + nmax, scale) per group,
-    the scale of least x²-weighted error among 19 candidate grids."""
-    largest = _signed_max(x)
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) on groups x (n, ...): (codes L + nmax,
+    scale), the scale of least x²-weighted error among 19 candidate grids."""
+    largest = _signed_max(x, 0)
     w = x * x
 
     def attempt(iscale):
-        levels = torch.round(iscale.unsqueeze(-1) * x).clamp_(-nmax, nmax - 1)
+        levels = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
         return levels, _seq_sum(w * x * levels), _seq_sum(w * levels * levels)
 
     levels, sumlx, suml2 = attempt(-nmax / largest)
@@ -366,75 +371,76 @@ def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Ten
     for step in [*range(-9, 0), *range(1, 10)]:
         candidate, slx, sl2 = attempt(-(nmax + tenth * step) / largest)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        levels = torch.where(better.unsqueeze(-1), candidate, levels)
+        levels = torch.where(better, candidate, levels)
         scale = torch.where(better, slx / sl2, scale)
         best = torch.where(better, scale * slx, best)
     zero = largest.abs() < GROUP_MAX_EPS
-    codes = torch.where(zero.unsqueeze(-1), torch.zeros_like(levels), levels + nmax)
+    codes = torch.where(zero, torch.zeros_like(levels), levels + nmax)
     return codes, torch.where(zero, torch.zeros_like(scale), scale)
 
 
 def _q6_k(x: torch.Tensor) -> _KBlocks:
-    """quantize_row_q6_K_ref on (..., super, 16, 16): int8 sub-block scales against -128/max."""
+    """quantize_row_q6_K_ref on (16, ..., super, 16): int8 sub-block scales against -128/max."""
     codes, scales = _make_qx_quants(x, 32)
-    largest = _signed_max(scales)
+    largest = _signed_max(scales, -1)
     empty = largest.abs() < GROUP_MAX_EPS
     iscale = -128.0 / torch.where(empty, torch.ones_like(largest), largest)
     d = (1 / iscale).to(torch.float16)
     sc = torch.round(iscale.unsqueeze(-1) * scales).clamp_(max=127)
     step = d.float().unsqueeze(-1) * sc
-    requantized = torch.round(x / step.unsqueeze(-1)).clamp_(-32, 31) + 32
-    codes = torch.where((step != 0).unsqueeze(-1), requantized, codes)
+    requantized = torch.round(x / step).clamp_(-32, 31) + 32
+    codes = torch.where(step != 0, requantized, codes)
     zero = empty.unsqueeze(-1)
-    codes = torch.where(zero.unsqueeze(-1), torch.zeros_like(codes), codes)
+    codes = torch.where(zero, torch.zeros_like(codes), codes)
     sc = torch.where(zero, torch.zeros_like(sc), sc)
     return _KBlocks(codes, sc, None, torch.where(empty, torch.zeros_like(d), d), None)
 
 
 # shape: make_qkx2_quants's state (codes, scale, min, error) updated per candidate, as in C
 def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, search: tuple[float, float, int]):
-    """make_qkx2_quants(n, nmax, x, weights, ..., use_mad=false): (codes, scale, -min) per group,
-    an affine grid q·scale + min (min <= 0) refitted by weighted least squares per candidate."""
+    """make_qkx2_quants(n, nmax, x, weights, ..., use_mad=false) on groups x (n, ...): (codes,
+    scale, -min), an affine grid q·scale + min (min <= 0) refitted by weighted least squares."""
     rmin, rdelta, nstep = search
-    low = x.amin(-1).clamp(max=0)
-    high = x.amax(-1)
+    low = x.amin(0).clamp(max=0)
+    high = x.amax(0)
     sum_w, sum_x = _seq_sum(w), _seq_sum(w * x)
     span = high - low
     flat = high == low
     span = torch.where(flat, torch.ones_like(span), span)
     iscale = nmax / span
-    codes = torch.round(iscale.unsqueeze(-1) * (x - low.unsqueeze(-1))).clamp_(0, nmax)
+    codes = torch.round(iscale * (x - low)).clamp_(0, nmax)
     scale = 1 / iscale
-    diff = scale.unsqueeze(-1) * codes + low.unsqueeze(-1) - x
+    diff = scale * codes + low - x
     best = _seq_sum(w * (diff * diff))
     delta = torch.tensor(rdelta, dtype=torch.float32)
     for step in range(nstep + 1):
         iscale = (rmin + delta * step + nmax) / (high - low)
-        levels = torch.round(iscale.unsqueeze(-1) * (x - low.unsqueeze(-1))).clamp_(0, nmax)
-        sum_l, sum_l2, sum_xl = _seq_sum(w * levels), _seq_sum(w * levels * levels), _seq_sum(w * levels * x)
+        levels = torch.round(iscale * (x - low)).clamp_(0, nmax)
+        weighted = w * levels
+        sum_l, sum_l2, sum_xl = _seq_sum(weighted), _seq_sum(weighted * levels), _seq_sum(weighted * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive = this_min > 0
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-        diff = this_scale.unsqueeze(-1) * levels + this_min.unsqueeze(-1) - x
+        diff = this_scale * levels + this_min - x
         error = _seq_sum(w * (diff * diff))
         better = (det > 0) & (error < best) & ~flat
-        codes = torch.where(better.unsqueeze(-1), levels, codes)
+        codes = torch.where(better, levels, codes)
         best = torch.where(better, error, best)
         scale = torch.where(better, this_scale, scale)
         low = torch.where(better, this_min, low)
-    codes = torch.where(flat.unsqueeze(-1), torch.zeros_like(codes), codes)
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
     return codes, torch.where(flat, torch.zeros_like(scale), scale), -low
 
 
 def _q45_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
-    """quantize_row_q4_K_ref / q5_K_ref on (..., super, 8, 32): 6-bit scale and min codes."""
+    """quantize_row_q4_K_ref / q5_K_ref on (32, ..., super, 8): 6-bit scale and min codes."""
     nmax = 2**ggml.bits - 1
     # sqrtf is correctly rounded; torch's float32 sqrt can be one ulp off: through float64 it is exact
     av_x = torch.sqrt((_seq_sum(x * x) / 32).double()).float()
-    codes, scales, mins = _make_qkx2_quants(x, av_x.unsqueeze(-1) + x.abs(), nmax, _QKX2_SEARCH[ggml.name])
+    codes, scales, mins = _make_qkx2_quants(x, av_x + x.abs(), nmax, _QKX2_SEARCH[ggml.name])
     # C starts its maxima at +0 (a -0 min, from -(+0), must not make dmin -0 in fp16)
     max_scale, max_min = (torch.where(v > 0, v, 0.0) for v in (scales.amax(-1), mins.amax(-1)))
 
@@ -446,8 +452,8 @@ def _q45_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     d, dmin = (max_scale / 63.0).to(torch.float16), (max_min / 63.0).to(torch.float16)
     step = d.float().unsqueeze(-1) * sc
     shift = dmin.float().unsqueeze(-1) * mc
-    requantized = torch.round((x + shift.unsqueeze(-1)) / step.unsqueeze(-1)).clamp_(0, nmax)
-    codes = torch.where((step != 0).unsqueeze(-1), requantized, codes)
+    requantized = torch.round((x + shift) / step).clamp_(0, nmax)
+    codes = torch.where(step != 0, requantized, codes)
     return _KBlocks(codes, sc, mc, d, dmin)
 
 
