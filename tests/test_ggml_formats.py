@@ -32,10 +32,12 @@ from bitalloc.quant.ggml import TYPES, from_ggml_bytes, ggml_type, to_ggml_bytes
 gguf = pytest.importorskip("gguf")
 
 LEGACY = ["ggml4-b32-s0", "ggml4-b32-s1", "ggml5-b32-s0", "ggml5-b32-s1", "ggml8-b32-s0"]
-KQUANTS = ["ggml4-b256-sk", "ggml5-b256-sk", "ggml6-b256-sk"]  # q4_K, q5_K, q6_K
+KQUANTS = ["ggml2-b256-sk", "ggml4-b256-sk", "ggml5-b256-sk", "ggml6-b256-sk"]  # q2_K, q4_K, q5_K, q6_K
 ALL = LEGACY + KQUANTS
-# ggml's C reference quantizer's bytes (quantize_row_q{4,5,6}_K_ref, built without FMA contraction)
-# for the matrix "x" of the same file: the gguf package only dequantizes k-quants
+# ggml's C reference quantizer's bytes (quantize_row_q{2,4,5,6}_K_ref, built without FMA
+# contraction) for the matrix "x" of the same file: the gguf package only dequantizes k-quants.
+# x: Gaussian, heavy-tailed, zero, constant, bf16, outlier and all-positive rows, and two rows of
+# bf16 super-blocks where a Python number over a tensor (two roundings in torch) changed a code
 K_REFERENCE = Path(__file__).parent / "data" / "ggml_k_reference.npz"
 
 
@@ -78,7 +80,7 @@ def test_configs_name_a_type_and_store_its_block_bytes(text):
         assert config.storage_bits(shape) == shape[0] * shape[1] // block * type_size * 8
     assert config.to_dict()["scale"] == {"ggml_type": ggml_type(text).name}
     # a min per block (q4_1, q5_1) or per sub-block (q4_K, q5_K): w = q·d + m
-    assert config.asymmetric == (ggml_type(text).name in ("q4_1", "q5_1", "q4_K", "q5_K"))
+    assert config.asymmetric == (ggml_type(text).name in ("q4_1", "q5_1", "q2_K", "q4_K", "q5_K"))
 
 
 def test_bits_per_weight_are_ggml_s():
@@ -90,6 +92,7 @@ def test_bits_per_weight_are_ggml_s():
         "q8_0": 8.5,
     }
     assert {ggml_type(t).name: QuantConfig.parse(t).bits_per_param for t in KQUANTS} == {
+        "q2_K": 2.625,
         "q4_K": 4.5,
         "q5_K": 5.5,
         "q6_K": 6.5625,
@@ -187,7 +190,8 @@ def test_k_quant_blocks_are_what_gguf_dequantizes(text):
     assert np.array_equal(fake_quantize(w, text).numpy(), values)
     assert np.array_equal(to_ggml_bytes(from_ggml_bytes(blocks, text, (48, 512))).numpy(), blocks)
     error = float(((torch.from_numpy(values) - w) ** 2).sum() / (w**2).sum())
-    assert error < {"ggml4-b256-sk": 0.02, "ggml5-b256-sk": 0.005, "ggml6-b256-sk": 0.0015}[text], error
+    bound = {"ggml2-b256-sk": 0.15, "ggml4-b256-sk": 0.02, "ggml5-b256-sk": 0.005, "ggml6-b256-sk": 0.0015}
+    assert error < bound[text], error
 
 
 def test_batches_quantize_each_matrix_alone():

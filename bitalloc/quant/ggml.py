@@ -3,11 +3,15 @@
 Config strings ``ggml{bits}-b{block}-s{variant}`` name one ggml type: the code width, ggml's block
 and the suffix of its name, so ``ggml4-b32-s0`` is q4_0 and ``ggml5-b32-s1`` is q5_1 (`TYPES`).
 Each block is quantized as ggml's reference quantizer does (``quantize_row_*_ref`` in
-ggml-quants.c, which ``llama-quantize`` runs when no importance matrix is given, and which the
-``gguf`` Python package reproduces): the same scale (and min), computed in float32 from the
-block's values, the same rounding of each code, and the scale (and min) stored as fp16. The
-stored parts hold exactly ggml's bits (codes, fp16 scales, fp16 mins: q4_0 is 18 bytes per 32
-weights, 4.5 bits per weight); `to_ggml_bytes` lays them out as ggml's blocks, byte for byte.
+ggml-quants.c, which ``llama-quantize`` runs when no importance matrix is given): for q4_0 ...
+q8_0 the same scale (and min), computed in float32 from the block's values, the same rounding of
+each code, stored as fp16 (the ``gguf`` Python package's quantizers, the same bytes); for the
+k-quants q2_K, q4_K, q5_K and q6_K (super-blocks of 256, ``-sk``) llama.cpp's search for each
+sub-block's scale (and min) and the quantization of those to 4-, 6- or 8-bit codes under an fp16
+super-block scale, in float32 with C's order of operations (sums element by element, divisions
+correctly rounded), so the bytes are those of a C build without FMA contraction. The stored
+parts hold exactly ggml's bits (q4_0 is 18 bytes per 32 weights, 4.5 bits per weight; q4_K 144
+bytes per 256); `to_ggml_bytes` lays them out as ggml's blocks and `from_ggml_bytes` reads them.
 
 ggml quantizes along rows and a block never spans two rows, so a type is a candidate only for
 matrices whose rows are a multiple of its block (`Format.fits`); on other rows bitalloc's own
@@ -74,6 +78,7 @@ TYPES = {
         GgmlType("q5_1", 5, 32, "1", 24, None),
         GgmlType("q8_0", 8, 32, "0", 34, 128),
         # k-quants (block_q4_K ... block_q6_K): super-blocks of 256, a scale code per sub-block
+        GgmlType("q2_K", 2, 256, "k", 84, None, sub=16, scale_bits=4),
         GgmlType("q4_K", 4, 256, "k", 144, None, sub=32, scale_bits=6),
         GgmlType("q5_K", 5, 256, "k", 176, None, sub=32, scale_bits=6),
         GgmlType("q6_K", 6, 256, "k", 210, 32, sub=16, scale_bits=8),
@@ -234,9 +239,15 @@ class GgmlFamily(Format):
         return _k_stored(stored, ggml, shape).min_values().reshape(shape[0], -1)
 
 
+def _over(numerator: float, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, correctly rounded as C's float division (torch computes a Python
+    number over a tensor as its reciprocal times the number: two roundings)."""
+    return torch.tensor(numerator, dtype=denominator.dtype, device=denominator.device) / denominator
+
+
 def _inverse(d: torch.Tensor) -> torch.Tensor:
     """1/d, and 0 where d is 0 (ggml: ``id = d ? 1.0f/d : 0.0f``)."""
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+    return torch.where(d == 0, torch.zeros_like(d), _over(1.0, torch.where(d == 0, torch.ones_like(d), d)))
 
 
 def _block_codes(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> BlockCodes:
@@ -283,7 +294,7 @@ def _quantize_q8_0(blocks: torch.Tensor) -> BlockCodes:
 # element at a time), each candidate scale in C's order, ties resolved as C's comparisons do.
 GROUP_MAX_EPS = 1e-15  # ggml's threshold for an all-zero group
 # make_qkx2_quants's search per type: (rmin, rdelta, nstep)
-_QKX2_SEARCH = {"q4_K": (-1.0, 0.1, 20), "q5_K": (-0.5, 0.1, 15)}
+_QKX2_SEARCH = {"q2_K": (-0.5, 0.1, 15), "q4_K": (-1.0, 0.1, 20), "q5_K": (-0.5, 0.1, 15)}
 
 
 @dataclass
@@ -336,7 +347,7 @@ def _k_quantize(blocks: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     contiguous memory for every group at once."""
     sub = blocks.reshape(*blocks.shape[:-1], ggml.block // ggml.sub, ggml.sub)
     x = sub.movedim(-1, 0).contiguous()
-    k = _q6_k(x) if ggml.name == "q6_K" else _q45_k(x, ggml)
+    k = {"q2_K": _q2_k, "q6_K": _q6_k}.get(ggml.name, _q45_k)(x, ggml)
     k.codes = k.codes.movedim(0, -1)
     return k
 
@@ -364,7 +375,7 @@ def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Ten
         levels = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
         return levels, _seq_sum(w * x * levels), _seq_sum(w * levels * levels)
 
-    levels, sumlx, suml2 = attempt(-nmax / largest)
+    levels, sumlx, suml2 = attempt(_over(-nmax, largest))
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
     tenth = torch.tensor(0.1, dtype=torch.float32)
@@ -379,13 +390,13 @@ def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Ten
     return codes, torch.where(zero, torch.zeros_like(scale), scale)
 
 
-def _q6_k(x: torch.Tensor) -> _KBlocks:
+def _q6_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     """quantize_row_q6_K_ref on (16, ..., super, 16): int8 sub-block scales against -128/max."""
     codes, scales = _make_qx_quants(x, 32)
     largest = _signed_max(scales, -1)
     empty = largest.abs() < GROUP_MAX_EPS
-    iscale = -128.0 / torch.where(empty, torch.ones_like(largest), largest)
-    d = (1 / iscale).to(torch.float16)
+    iscale = _over(-128.0, torch.where(empty, torch.ones_like(largest), largest))
+    d = _over(1.0, iscale).to(torch.float16)
     sc = torch.round(iscale.unsqueeze(-1) * scales).clamp_(max=127)
     step = d.float().unsqueeze(-1) * sc
     requantized = torch.round(x / step).clamp_(-32, 31) + 32
@@ -397,21 +408,25 @@ def _q6_k(x: torch.Tensor) -> _KBlocks:
 
 
 # shape: make_qkx2_quants's state (codes, scale, min, error) updated per candidate, as in C
-def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, search: tuple[float, float, int]):
-    """make_qkx2_quants(n, nmax, x, weights, ..., use_mad=false) on groups x (n, ...): (codes,
-    scale, -min), an affine grid q·scale + min (min <= 0) refitted by weighted least squares."""
+def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, search: tuple, mad: bool = False):
+    """make_qkx2_quants(n, nmax, x, weights, ..., use_mad) on groups x (n, ...): (codes, scale,
+    -min), an affine grid q·scale + min (min <= 0) refitted by weighted least squares; the grid
+    of least weighted squared (``mad``: absolute) error wins."""
     rmin, rdelta, nstep = search
+
+    def loss(diff):
+        return diff.abs() if mad else diff * diff
+
     low = x.amin(0).clamp(max=0)
     high = x.amax(0)
     sum_w, sum_x = _seq_sum(w), _seq_sum(w * x)
     span = high - low
     flat = high == low
     span = torch.where(flat, torch.ones_like(span), span)
-    iscale = nmax / span
+    iscale = _over(nmax, span)
     codes = torch.round(iscale * (x - low)).clamp_(0, nmax)
-    scale = 1 / iscale
-    diff = scale * codes + low - x
-    best = _seq_sum(w * (diff * diff))
+    scale = _over(1.0, iscale)
+    best = _seq_sum(w * loss(scale * codes + low - x))
     delta = torch.tensor(rdelta, dtype=torch.float32)
     for step in range(nstep + 1):
         iscale = (rmin + delta * step + nmax) / (high - low)
@@ -424,8 +439,7 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, search: tuple
         positive = this_min > 0
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-        diff = this_scale * levels + this_min - x
-        error = _seq_sum(w * (diff * diff))
+        error = _seq_sum(w * loss(this_scale * levels + this_min - x))
         better = (det > 0) & (error < best) & ~flat
         codes = torch.where(better, levels, codes)
         best = torch.where(better, error, best)
@@ -445,7 +459,7 @@ def _q45_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     max_scale, max_min = (torch.where(v > 0, v, 0.0) for v in (scales.amax(-1), mins.amax(-1)))
 
     def code(values, top):  # uint8_t ls = nearest_int(63/top·v), then MIN(63, ls)
-        inverse = torch.where(top > 0, 63.0 / torch.where(top > 0, top, torch.ones_like(top)), 0.0)
+        inverse = torch.where(top > 0, _over(63.0, torch.where(top > 0, top, torch.ones_like(top))), 0.0)
         return torch.remainder(torch.round(inverse.unsqueeze(-1) * values), 256).clamp_(max=63)
 
     sc, mc = code(scales, max_scale), code(mins, max_min)
@@ -453,6 +467,26 @@ def _q45_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     step = d.float().unsqueeze(-1) * sc
     shift = dmin.float().unsqueeze(-1) * mc
     requantized = torch.round((x + shift) / step).clamp_(0, nmax)
+    codes = torch.where(step != 0, requantized, codes)
+    return _KBlocks(codes, sc, mc, d, dmin)
+
+
+def _q2_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
+    """quantize_row_q2_K_ref on (16, ..., super, 16): 4-bit scale and min codes, one byte each
+    sub-block (scale | min << 4), against the super-block's largest scale and min over 15."""
+    codes, scales, mins = _make_qkx2_quants(x, x.abs(), 3, _QKX2_SEARCH["q2_K"], mad=True)
+    max_scale, max_min = (torch.where(v > 0, v, 0.0) for v in (scales.amax(-1), mins.amax(-1)))
+
+    def code(values, top):  # nearest_int(15/top·v) as C stores it: a byte, the min shifted by 4
+        inverse = torch.where(top > 0, _over(15.0, torch.where(top > 0, top, torch.ones_like(top))), 0.0)
+        return torch.round(inverse.unsqueeze(-1) * values).to(torch.int32)
+
+    byte = (code(scales, max_scale) | (code(mins, max_min) << 4)) & 0xFF
+    sc, mc = (byte & 15).float(), (byte >> 4).float()
+    d, dmin = (max_scale / 15.0).to(torch.float16), (max_min / 15.0).to(torch.float16)
+    step = d.float().unsqueeze(-1) * sc
+    shift = dmin.float().unsqueeze(-1) * mc
+    requantized = torch.round((x + shift) / step).clamp_(0, 3)
     codes = torch.where(step != 0, requantized, codes)
     return _KBlocks(codes, sc, mc, d, dmin)
 
@@ -493,6 +527,15 @@ def _k_bytes(codes: torch.Tensor, k: _KBlocks, ggml: GgmlType) -> torch.Tensor:
         sc = torch.remainder(k.sc, 256).to(torch.uint8)
         return torch.cat([ql.flatten(-2), qh.flatten(-2), sc, as_bytes[0]], dim=-1)
     ls, lm = k.sc.to(torch.uint8), k.mc.to(torch.uint8)
+    if ggml.name == "q2_K":  # scales (16), qs (64: four 2-bit codes per byte), d, dmin
+        quarters = codes.reshape(*codes.shape[:-1], 2, 4, 32)
+        qs = (
+            quarters[..., 0, :]
+            | (quarters[..., 1, :] << 2)
+            | (quarters[..., 2, :] << 4)
+            | (quarters[..., 3, :] << 6)
+        )
+        return torch.cat([ls | (lm << 4), qs.flatten(-2), *as_bytes], dim=-1)
     scales = torch.cat(
         [
             ls[..., :4] | ((ls[..., 4:] >> 4) << 6),
@@ -562,6 +605,17 @@ def _k_parts(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
         codes = low | ((qh & 3) << 4)
         parts = {"codes": pack_bits(codes, 6), "scales": pack_bits(blocks[..., 192:208], 8)}
         return {**parts, "scales2": half(208).reshape(-1).clone()}
+    if ggml.name == "q2_K":
+        quarters = blocks[..., 16:80].reshape(*lead, 2, 1, 32) >> torch.tensor(
+            [0, 2, 4, 6], dtype=torch.uint8
+        ).reshape(4, 1)
+        byte = blocks[..., :16]
+        return {
+            "codes": pack_bits(quarters & 3, 2),
+            "scales": pack_bits(byte & 15, 4),
+            "scales2": torch.stack([half(80), half(82)], dim=-1).reshape(-1).clone(),
+            "zeros": pack_bits(byte >> 4, 4),
+        }
     packed = blocks[..., 4:16]
     ls = torch.cat([packed[..., :4] & 63, (packed[..., 8:] & 0x0F) | ((packed[..., :4] >> 6) << 4)], -1)
     lm = torch.cat([packed[..., 4:8] & 63, (packed[..., 8:] >> 4) | ((packed[..., 4:8] >> 6) << 4)], -1)
