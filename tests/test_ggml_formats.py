@@ -32,13 +32,16 @@ from bitalloc.quant.ggml import TYPES, from_ggml_bytes, ggml_type, to_ggml_bytes
 gguf = pytest.importorskip("gguf")
 
 LEGACY = ["ggml4-b32-s0", "ggml4-b32-s1", "ggml5-b32-s0", "ggml5-b32-s1", "ggml8-b32-s0"]
+IQ4_NL = "ggml4-b32-snl"
+BLOCK32 = [*LEGACY, IQ4_NL]  # every type that fits rows of 576 (SmolLM2)
 KQUANTS = ["ggml2-b256-sk", "ggml4-b256-sk", "ggml5-b256-sk", "ggml6-b256-sk"]  # q2_K, q4_K, q5_K, q6_K
-ALL = LEGACY + KQUANTS
-# ggml's C reference quantizer's bytes (quantize_row_q{2,4,5,6}_K_ref, built without FMA
-# contraction) for the matrix "x" of the same file: the gguf package only dequantizes k-quants.
+ALL = BLOCK32 + KQUANTS
+C_REFERENCE = [IQ4_NL, *KQUANTS]  # the gguf package only dequantizes these
+# ggml's C quantizer's bytes (quantize_row_q{2,4,5,6}_K_ref and quantize_iq4_nl without an importance
+# matrix, built without FMA contraction) for the matrix "x" of the same file.
 # x: Gaussian, heavy-tailed, zero, constant, bf16, outlier and all-positive rows, and two rows of
 # bf16 super-blocks where a Python number over a tensor (two roundings in torch) changed a code
-K_REFERENCE = Path(__file__).parent / "data" / "ggml_k_reference.npz"
+C_BYTES = Path(__file__).parent / "data" / "ggml_reference.npz"
 
 
 def qtype(config: str):
@@ -91,6 +94,7 @@ def test_bits_per_weight_are_ggml_s():
         "q5_1": 6.0,
         "q8_0": 8.5,
     }
+    assert QuantConfig.parse(IQ4_NL).bits_per_param == 4.5
     assert {ggml_type(t).name: QuantConfig.parse(t).bits_per_param for t in KQUANTS} == {
         "q2_K": 2.625,
         "q4_K": 4.5,
@@ -121,7 +125,7 @@ def test_a_config_fits_only_rows_of_whole_blocks():
     assert QuantConfig.parse("ggml4-b32-s0").fits((10, 576))
     assert not QuantConfig.parse("ggml4-b32-s0").fits((10, 100))
     assert QuantConfig.parse("nf4-b64-s8b256").fits((10, 100))  # the standard families pad
-    assert exact_configs(576, 576) == LEGACY  # SmolLM2's rows of 576: no k-quant
+    assert exact_configs(576, 576) == BLOCK32  # SmolLM2's rows of 576: no k-quant
     assert exact_configs(576, 1536) == ALL
     assert not QuantConfig.parse("ggml4-b256-sk").fits((10, 576))
     assert exact_configs(64, 100) == []
@@ -162,11 +166,11 @@ def test_ties_keep_the_first_largest_magnitude(text):
         assert scales.tolist() == [-1.0 / ggml.offset, 1.0 / ggml.offset]
 
 
-@pytest.mark.parametrize("text", KQUANTS)
-def test_k_quants_equal_ggml_s_reference_quantizer(text):
-    """The same bytes as llama.cpp's C reference quantizer (a build without FMA contraction; with
-    -march=native the C compiler fuses multiply-adds and itself differs on some super-blocks)."""
-    reference = np.load(K_REFERENCE)
+@pytest.mark.parametrize("text", C_REFERENCE)
+def test_equal_bytes_as_ggml_s_c_quantizer(text):
+    """The same bytes as llama.cpp's C quantizer (a build without FMA contraction; with
+    -march=native the C compiler fuses multiply-adds and itself differs on some blocks)."""
+    reference = np.load(C_BYTES)
     x, expected = torch.from_numpy(reference["x"]), reference[ggml_type(text).name]
     packed = QuantizedTensor.from_weight(x, text)
     mine = to_ggml_bytes(packed).numpy()
@@ -179,18 +183,25 @@ def test_k_quants_equal_ggml_s_reference_quantizer(text):
         assert torch.equal(back.tensors()[name], tensor), name
 
 
-@pytest.mark.parametrize("text", KQUANTS)
-def test_k_quant_blocks_are_what_gguf_dequantizes(text):
+@pytest.mark.parametrize("text", C_REFERENCE)
+def test_blocks_are_what_gguf_dequantizes(text):
     w = hard_matrix(48, 512, seed=6)
     packed = QuantizedTensor.from_weight(w, text)
     blocks = to_ggml_bytes(packed).numpy()
-    assert blocks.shape == (48, 2 * gguf.GGML_QUANT_SIZES[qtype(text)][1])
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype(text)]
+    assert blocks.shape == (48, 512 // block * type_size)
     values = gguf.quants.dequantize(blocks, qtype(text))
     assert np.array_equal(packed.dequantize().numpy(), values)
     assert np.array_equal(fake_quantize(w, text).numpy(), values)
     assert np.array_equal(to_ggml_bytes(from_ggml_bytes(blocks, text, (48, 512))).numpy(), blocks)
     error = float(((torch.from_numpy(values) - w) ** 2).sum() / (w**2).sum())
-    bound = {"ggml2-b256-sk": 0.15, "ggml4-b256-sk": 0.02, "ggml5-b256-sk": 0.005, "ggml6-b256-sk": 0.0015}
+    bound = {
+        IQ4_NL: 0.02,
+        "ggml2-b256-sk": 0.15,
+        "ggml4-b256-sk": 0.02,
+        "ggml5-b256-sk": 0.005,
+        "ggml6-b256-sk": 0.0015,
+    }
     assert error < bound[text], error
 
 
@@ -245,7 +256,7 @@ def ggml_case(tmp_path_factory):
     model = make_tiny_llama(root / "model", shard_size=None)
     table = profile(root / "model", configs=ALL, rank=0, iters=1, device="cpu", quiet=True)
     for module, found in table.groupby("module")["config"].apply(set).items():
-        assert found == set(ALL if module.endswith("down_proj") else LEGACY), module
+        assert found == set(ALL if module.endswith("down_proj") else BLOCK32), module
     plan = make_plan(table, 5.0)
     plan_path = root / "plan.json"
     plan.save(plan_path)

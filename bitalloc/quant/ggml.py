@@ -63,6 +63,11 @@ class GgmlType:
         return self.sub > 0
 
     @property
+    def codebook(self) -> bool:
+        """A non-linear type (iq4_nl): codes index `IQ4_NL_VALUES`, w = value·d."""
+        return self.name.startswith("iq")
+
+    @property
     def group(self) -> int:
         """Weights per stored scale: the sub-block of a k-quant, else the block."""
         return self.sub or self.block
@@ -77,6 +82,7 @@ TYPES = {
         GgmlType("q5_0", 5, 32, "0", 22, 16),
         GgmlType("q5_1", 5, 32, "1", 24, None),
         GgmlType("q8_0", 8, 32, "0", 34, 128),
+        GgmlType("iq4_nl", 4, 32, "nl", 18, 0),  # a 16-value non-linear codebook, one fp16 scale
         # k-quants (block_q4_K ... block_q6_K): super-blocks of 256, a scale code per sub-block
         GgmlType("q2_K", 2, 256, "k", 84, None, sub=16, scale_bits=4),
         GgmlType("q4_K", 4, 256, "k", 144, None, sub=32, scale_bits=6),
@@ -85,6 +91,7 @@ TYPES = {
     )
 }
 BY_NAME = {t.name: t for t in TYPES.values()}
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 _WITH_MIN = {(t.bits, t.variant) for t in TYPES.values() if t.has_min}  # (bits, variant) names one type
 
 
@@ -190,6 +197,8 @@ class GgmlFamily(Format):
             return _k_quantize(blocks, ggml).block_codes()
         if ggml.name == "q8_0":
             return _quantize_q8_0(blocks)
+        if ggml.codebook:
+            return _quantize_iq4_nl(blocks)
         return _quantize_min(blocks, ggml) if ggml.has_min else _quantize_symmetric(blocks, ggml)
 
     def fake_quantize(self, blocks, config, weights):
@@ -205,7 +214,10 @@ class GgmlFamily(Format):
         or q·d - m (k-quants, d and m the sub-block's scale and min)."""
         ggml = ggml_type(config)
         q = codes.reshape(*scales.shape, ggml.group).float()
-        if not ggml.has_min:
+        if ggml.codebook:
+            table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=codes.device)
+            values = table[codes.reshape(*scales.shape, ggml.group).long()] * scales.unsqueeze(-1)
+        elif not ggml.has_min:
             values = (q - ggml.offset) * scales.unsqueeze(-1)
         elif ggml.k_quant:
             values = (scales.unsqueeze(-1) * q) - zeros.float().unsqueeze(-1)
@@ -287,6 +299,44 @@ def _quantize_q8_0(blocks: torch.Tensor) -> BlockCodes:
     whole = size.floor()
     rounded = (whole + (2 * (size - whole)).floor_()) * scaled.sign()  # roundf, exactly
     return _block_codes(rounded + 128, d)
+
+
+def _best_index(values: torch.Tensor) -> torch.Tensor:
+    """best_index_int8 over `IQ4_NL_VALUES`: the nearest value's index, the upper one on a tie
+    (2x >= v[i-1] + v[i], with integer sums: exact)."""
+    doubled = values + values
+    index = torch.zeros(values.shape, dtype=torch.long, device=values.device)
+    for low, high in zip(IQ4_NL_VALUES[:-1], IQ4_NL_VALUES[1:], strict=True):
+        index += doubled >= float(low + high)
+    return index
+
+
+def _quantize_iq4_nl(blocks: torch.Tensor) -> BlockCodes:
+    """quantize_iq4_nl without an importance matrix (what llama-quantize runs, ntry = 7): per block
+    of 32 the scale of least x²-weighted error among 16 grids, each refitted by least squares,
+    stored as fp16; codes the nearest values of x/d. Elements first, C's summation order."""
+    x = blocks.movedim(-1, 0).contiguous()
+    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+    w = x * x
+    largest = _signed_max(x, 0)
+    empty = largest.abs() < GROUP_MAX_EPS
+    safe = torch.where(empty, torch.ones_like(largest), largest)
+
+    def attempt(inverse):
+        q = table[_best_index(inverse * x)]
+        return _seq_sum(w * q * x), _seq_sum(w * q * q)
+
+    sumqx, sumq2 = attempt(_over(1.0, -safe / IQ4_NL_VALUES[0]))
+    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
+    best = d * sumqx
+    for itry in range(-7, 8):
+        sqx, sq2 = attempt(_over(float(itry + IQ4_NL_VALUES[0]), safe))
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = torch.where(better, sqx / sq2, d)
+        best = torch.where(better, d * sqx, best)
+    d = torch.where(empty, torch.zeros_like(d), d)
+    inverse = torch.where(d != 0, _over(1.0, torch.where(d != 0, d, torch.ones_like(d))), 0.0)
+    return _block_codes(_best_index(inverse * x).movedim(0, -1), d)
 
 
 # ---- k-quants: llama.cpp's reference quantizer (quantize_row_q{4,5,6}_K_ref), in torch ------------
