@@ -5,11 +5,13 @@ and the suffix of its name, so ``ggml4-b32-s0`` is q4_0 and ``ggml5-b32-s1`` is 
 Each block is quantized as ggml's reference quantizer does (``quantize_row_*_ref`` in
 ggml-quants.c, which ``llama-quantize`` runs when no importance matrix is given): for q4_0 ...
 q8_0 the same scale (and min), computed in float32 from the block's values, the same rounding of
-each code, stored as fp16 (the ``gguf`` Python package's quantizers, the same bytes); for the
-k-quants q2_K, q4_K, q5_K and q6_K (super-blocks of 256, ``-sk``) llama.cpp's search for each
-sub-block's scale (and min) and the quantization of those to 4-, 6- or 8-bit codes under an fp16
-super-block scale, in float32 with C's order of operations (sums element by element, divisions
-correctly rounded), so the bytes are those of a C build without FMA contraction. The stored
+each code, stored as fp16 (the ``gguf`` Python package's quantizers, the same bytes); for
+iq4_nl (``ggml4-b32-snl``, a 16-value non-linear codebook) the search over 16 scales per block of
+``quantize_iq4_nl``; for the k-quants q2_K, q4_K, q5_K and q6_K (super-blocks of 256, ``-sk``)
+llama.cpp's search for each sub-block's scale (and min) and the quantization of those to 4-, 6- or
+8-bit codes under an fp16 super-block scale. The searches run in float32 with C's order of
+operations (sums element by element, divisions correctly rounded), so the bytes are those of a C
+build without FMA contraction. The stored
 parts hold exactly ggml's bits (q4_0 is 18 bytes per 32 weights, 4.5 bits per weight; q4_K 144
 bytes per 256); `to_ggml_bytes` lays them out as ggml's blocks and `from_ggml_bytes` reads them.
 
