@@ -34,10 +34,16 @@ gguf = pytest.importorskip("gguf")
 LEGACY = ["ggml4-b32-s0", "ggml4-b32-s1", "ggml5-b32-s0", "ggml5-b32-s1", "ggml8-b32-s0"]
 IQ4_NL = "ggml4-b32-snl"
 BLOCK32 = [*LEGACY, IQ4_NL]  # every type that fits rows of 576 (SmolLM2)
-KQUANTS = ["ggml2-b256-sk", "ggml4-b256-sk", "ggml5-b256-sk", "ggml6-b256-sk"]  # q2_K, q4_K, q5_K, q6_K
+KQUANTS = [
+    "ggml2-b256-sk",
+    "ggml3-b256-sk",
+    "ggml4-b256-sk",
+    "ggml5-b256-sk",
+    "ggml6-b256-sk",
+]  # q2_K ... q6_K
 ALL = BLOCK32 + KQUANTS
 C_REFERENCE = [IQ4_NL, *KQUANTS]  # the gguf package only dequantizes these
-# ggml's C quantizer's bytes (quantize_row_q{2,4,5,6}_K_ref and quantize_iq4_nl without an importance
+# ggml's C quantizer's bytes (quantize_row_q{2,3,4,5,6}_K_ref and quantize_iq4_nl without an importance
 # matrix, built without FMA contraction) for the matrix "x" of the same file.
 # x: Gaussian, heavy-tailed, zero, constant, bf16, outlier and all-positive rows, and two rows of
 # bf16 super-blocks where a Python number over a tensor (two roundings in torch) changed a code
@@ -97,6 +103,7 @@ def test_bits_per_weight_are_ggml_s():
     assert QuantConfig.parse(IQ4_NL).bits_per_param == 4.5
     assert {ggml_type(t).name: QuantConfig.parse(t).bits_per_param for t in KQUANTS} == {
         "q2_K": 2.625,
+        "q3_K": 3.4375,
         "q4_K": 4.5,
         "q5_K": 5.5,
         "q6_K": 6.5625,
@@ -108,7 +115,8 @@ def test_bits_per_weight_are_ggml_s():
     [
         ("ggml4-b64-s0", "no ggml type is ggml4-b64-s0"),
         ("ggml4-b32-s2", "the ggml configs are ggml4-b32-s0"),
-        ("ggml3-b32-s0", "unsupported bits 3"),
+        ("ggml7-b32-s0", "unsupported bits 7"),
+        ("ggml3-b32-s0", "no ggml type is ggml3-b32-s0"),
         ("ggml6-b32-s0", "no ggml type is ggml6-b32-s0"),
         ("ggml4-b256-s0", "no ggml type is ggml4-b256-s0"),
         ("ggml4-b32-s0-mse", "unknown config string"),
@@ -198,6 +206,7 @@ def test_blocks_are_what_gguf_dequantizes(text):
     bound = {
         IQ4_NL: 0.02,
         "ggml2-b256-sk": 0.15,
+        "ggml3-b256-sk": 0.04,
         "ggml4-b256-sk": 0.02,
         "ggml5-b256-sk": 0.005,
         "ggml6-b256-sk": 0.0015,

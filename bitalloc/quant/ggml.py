@@ -87,6 +87,7 @@ TYPES = {
         GgmlType("iq4_nl", 4, 32, "nl", 18, 0),  # a 16-value non-linear codebook, one fp16 scale
         # k-quants (block_q4_K ... block_q6_K): super-blocks of 256, a scale code per sub-block
         GgmlType("q2_K", 2, 256, "k", 84, None, sub=16, scale_bits=4),
+        GgmlType("q3_K", 3, 256, "k", 110, 4, sub=16, scale_bits=6),
         GgmlType("q4_K", 4, 256, "k", 144, None, sub=32, scale_bits=6),
         GgmlType("q5_K", 5, 256, "k", 176, None, sub=32, scale_bits=6),
         GgmlType("q6_K", 6, 256, "k", 210, 32, sub=16, scale_bits=8),
@@ -346,6 +347,7 @@ def _quantize_iq4_nl(blocks: torch.Tensor) -> BlockCodes:
 # element at a time), each candidate scale in C's order, ties resolved as C's comparisons do.
 GROUP_MAX_EPS = 1e-15  # ggml's threshold for an all-zero group
 # make_qkx2_quants's search per type: (rmin, rdelta, nstep)
+_SCALE_BIAS = {"q3_K": 32}  # 6-bit codes of signed sub-block scales
 _QKX2_SEARCH = {"q2_K": (-0.5, 0.1, 15), "q4_K": (-1.0, 0.1, 20), "q5_K": (-0.5, 0.1, 15)}
 
 
@@ -359,6 +361,7 @@ class _KBlocks:
     mc: torch.Tensor | None
     d: torch.Tensor
     dmin: torch.Tensor | None
+    bias: int = 0  # the stored code of a scale of 0 (q3_K: 32); q6_K stores int8 bytes
 
     def scale_values(self) -> torch.Tensor:
         values = self.d.float().unsqueeze(-1) * self.sc
@@ -372,7 +375,7 @@ class _KBlocks:
 
     def block_codes(self) -> BlockCodes:
         codes = self.codes.to(torch.uint8).reshape(*self.codes.shape[:-3], -1)
-        sc = torch.remainder(self.sc, 256).to(torch.uint8)  # q6_K's int8 scales as their bytes
+        sc = torch.remainder(self.sc + self.bias, 256).to(torch.uint8)  # q6_K: int8 scales as bytes
         sc = sc.reshape(*sc.shape[:-2], -1)
         halves = [self.d] if self.dmin is None else [self.d, self.dmin]
         mc = None if self.mc is None else self.mc.to(torch.uint8).reshape(*self.mc.shape[:-2], -1)
@@ -385,12 +388,13 @@ def _k_stored(stored: dict, ggml: GgmlType, shape) -> _KBlocks:
     per = ggml.block // ggml.sub
     count = rows * n_super * per
     sc = unpack_bits(stored["scales"], ggml.scale_bits, count)
-    sc = (sc.view(torch.int8) if ggml.scale_bits == 8 else sc).float().reshape(rows, n_super, per)
+    bias = _SCALE_BIAS.get(ggml.name, 0)
+    sc = (sc.view(torch.int8) if ggml.scale_bits == 8 else sc).float().sub_(bias).reshape(rows, n_super, per)
     halves = stored["scales2"].reshape(rows, n_super, -1)
     mc = None
     if ggml.has_min:
         mc = unpack_bits(stored["zeros"], ggml.scale_bits, count).float().reshape(rows, n_super, per)
-    return _KBlocks(None, sc, mc, halves[..., 0], halves[..., 1] if ggml.has_min else None)
+    return _KBlocks(None, sc, mc, halves[..., 0], halves[..., 1] if ggml.has_min else None, bias)
 
 
 def _k_quantize(blocks: torch.Tensor, ggml: GgmlType) -> _KBlocks:
@@ -399,7 +403,7 @@ def _k_quantize(blocks: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     contiguous memory for every group at once."""
     sub = blocks.reshape(*blocks.shape[:-1], ggml.block // ggml.sub, ggml.sub)
     x = sub.movedim(-1, 0).contiguous()
-    k = {"q2_K": _q2_k, "q6_K": _q6_k}.get(ggml.name, _q45_k)(x, ggml)
+    k = {"q2_K": _q2_k, "q3_K": _q3_k, "q6_K": _q6_k}.get(ggml.name, _q45_k)(x, ggml)
     k.codes = k.codes.movedim(0, -1)
     return k
 
@@ -523,6 +527,54 @@ def _q45_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     return _KBlocks(codes, sc, mc, d, dmin)
 
 
+# shape: make_q3_quants's coordinate descent, one element at a time as in C
+def _make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) on groups x (n, ...): (codes L + nmax, scale).
+    From the grid of the largest value, each element in turn moves to the level that most lowers
+    the x²-weighted error of the least-squares scale, for 5 passes (a pass that changes nothing
+    changes nothing again: C's early stop gives the same result)."""
+    largest = _signed_max(x, 0)
+    zero = largest.abs() < GROUP_MAX_EPS
+    iscale = _over(float(-nmax), torch.where(zero, torch.ones_like(largest), largest))
+    levels = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx, suml2 = _seq_sum(wx * levels), _seq_sum(w * levels * levels)
+    rows = list(levels.unbind(0))
+    for _ in range(5):
+        for i, level in enumerate(rows):
+            slx = sumlx - wx[i] * level
+            sl2 = suml2 - w[i] * level * level
+            new = torch.round(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
+            slx_new = slx + wx[i] * new
+            sl2_new = sl2 + w[i] * new * new
+            take = (slx > 0) & (new != level) & (sl2_new > 0)
+            take &= slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new
+            rows[i] = torch.where(take, new, level)
+            sumlx = torch.where(take, slx_new, sumlx)
+            suml2 = torch.where(take, sl2_new, suml2)
+    levels = torch.stack(rows)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    codes = torch.where(zero, torch.zeros_like(levels), levels + nmax)
+    return codes, torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _q3_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
+    """quantize_row_q3_K_ref on (16, ..., super, 16): signed 6-bit sub-block scales against
+    -32/max (stored + 32), codes q + 4 of 3 bits."""
+    codes, scales = _make_q3_quants(x, 4)
+    largest = _signed_max(scales, -1)
+    empty = largest == 0
+    iscale = _over(-32.0, torch.where(empty, torch.ones_like(largest), largest))
+    sc = torch.round(iscale.unsqueeze(-1) * scales).clamp_(-32, 31)
+    sc = torch.where(empty.unsqueeze(-1), torch.full_like(sc, -32.0), sc)  # all codes 0: scale -32
+    d = torch.where(empty, torch.zeros_like(iscale), _over(1.0, iscale)).to(torch.float16)
+    step = d.float().unsqueeze(-1) * sc
+    requantized = torch.round(x / step).clamp_(-4, 3) + 4
+    codes = torch.where(step != 0, requantized, codes)
+    return _KBlocks(codes, sc, None, d, None, _SCALE_BIAS["q3_K"])
+
+
 def _q2_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     """quantize_row_q2_K_ref on (16, ..., super, 16): 4-bit scale and min codes, one byte each
     sub-block (scale | min << 4), against the super-block's largest scale and min over 15."""
@@ -578,6 +630,22 @@ def _k_bytes(codes: torch.Tensor, k: _KBlocks, ggml: GgmlType) -> torch.Tensor:
         qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
         sc = torch.remainder(k.sc, 256).to(torch.uint8)
         return torch.cat([ql.flatten(-2), qh.flatten(-2), sc, as_bytes[0]], dim=-1)
+    if ggml.name == "q3_K":  # hmask (32: bit b of byte m is code 32b + m > 3), qs (64), scales (12), d
+        runs = codes.reshape(*codes.shape[:-1], 8, 32)
+        hmask = ((runs >> 2) << torch.arange(8, dtype=torch.uint8).reshape(8, 1)).sum(-2, dtype=torch.uint8)
+        quarters = (codes & 3).reshape(*codes.shape[:-1], 2, 4, 32)
+        qs = (
+            quarters[..., 0, :]
+            | (quarters[..., 1, :] << 2)
+            | (quarters[..., 2, :] << 4)
+            | (quarters[..., 3, :] << 6)
+        )
+        c = torch.remainder(k.sc + k.bias, 256).to(torch.uint8)
+        high = (c >> 4).reshape(*c.shape[:-1], 4, 4) << (2 * torch.arange(4, dtype=torch.uint8)).reshape(4, 1)
+        scales = torch.cat(
+            [(c[..., :8] & 15) | ((c[..., 8:] & 15) << 4), high.sum(-2, dtype=torch.uint8)], -1
+        )
+        return torch.cat([hmask, qs.flatten(-2), scales, *as_bytes], dim=-1)
     ls, lm = k.sc.to(torch.uint8), k.mc.to(torch.uint8)
     if ggml.name == "q2_K":  # scales (16), qs (64: four 2-bit codes per byte), d, dmin
         quarters = codes.reshape(*codes.shape[:-1], 2, 4, 32)
@@ -657,6 +725,21 @@ def _k_parts(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
         codes = low | ((qh & 3) << 4)
         parts = {"codes": pack_bits(codes, 6), "scales": pack_bits(blocks[..., 192:208], 8)}
         return {**parts, "scales2": half(208).reshape(-1).clone()}
+    if ggml.name == "q3_K":
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(4, 1)
+        low = (blocks[..., 32:96].reshape(*lead, 2, 1, 32) >> shifts) & 3
+        bits = torch.arange(8, dtype=torch.uint8).reshape(8, 1)
+        high = ((blocks[..., :32].unsqueeze(-2) >> bits) & 1).reshape(*lead, 2, 4, 32)
+        packed = blocks[..., 96:108]
+        high_scale = (
+            packed[..., 8:].unsqueeze(-2) >> (2 * torch.arange(4, dtype=torch.uint8)).reshape(4, 1)
+        ) & 3
+        c = torch.cat([packed[..., :8] & 15, packed[..., :8] >> 4], -1) | (high_scale.flatten(-2) << 4)
+        return {
+            "codes": pack_bits(low | (high << 2), 3),
+            "scales": pack_bits(c, 6),
+            "scales2": half(108).reshape(-1).clone(),
+        }
     if ggml.name == "q2_K":
         quarters = blocks[..., 16:80].reshape(*lead, 2, 1, 32) >> torch.tensor(
             [0, 2, 4, 6], dtype=torch.uint8
