@@ -24,8 +24,8 @@ llama.cpp's types (`bitalloc.quant.ggml`), each ggml's block and bytes exactly:
                                                    (q4_0), ggml4-b32-s1 (q4_1), ggml5-b32-s0,
                                                    ggml5-b32-s1, ggml8-b32-s0 (q8_0),
                                                    ggml4-b32-snl (iq4_nl), and the
-                                                   k-quants ggml2-b256-sk (q2_K), ggml4-b256-sk
-                                                   (q4_K), ggml5-b256-sk, ggml6-b256-sk
+                                                   k-quants ggml{2|3|4|5|6}-b256-sk (q2_K, q3_K,
+                                                   q4_K, q5_K, q6_K)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ ggml-quants.c, which ``llama-quantize`` runs when no importance matrix is given)
 q8_0 the same scale (and min), computed in float32 from the block's values, the same rounding of
 each code, stored as fp16 (the ``gguf`` Python package's quantizers, the same bytes); for
 iq4_nl (``ggml4-b32-snl``, a 16-value non-linear codebook) the search over 16 scales per block of
-``quantize_iq4_nl``; for the k-quants q2_K, q4_K, q5_K and q6_K (super-blocks of 256, ``-sk``)
+``quantize_iq4_nl``; for the k-quants q2_K ... q6_K (super-blocks of 256, ``-sk``)
 llama.cpp's search for each sub-block's scale (and min) and the quantization of those to 4-, 6- or
 8-bit codes under an fp16 super-block scale. The searches run in float32 with C's order of
 operations (sums element by element, divisions correctly rounded), so the bytes are those of a C
@@ -307,11 +307,9 @@ def _quantize_q8_0(blocks: torch.Tensor) -> BlockCodes:
 def _best_index(values: torch.Tensor) -> torch.Tensor:
     """best_index_int8 over `IQ4_NL_VALUES`: the nearest value's index, the upper one on a tie
     (2x >= v[i-1] + v[i], with integer sums: exact)."""
-    doubled = values + values
-    index = torch.zeros(values.shape, dtype=torch.long, device=values.device)
-    for low, high in zip(IQ4_NL_VALUES[:-1], IQ4_NL_VALUES[1:], strict=True):
-        index += doubled >= float(low + high)
-    return index
+    sums = [float(low + high) for low, high in zip(IQ4_NL_VALUES[:-1], IQ4_NL_VALUES[1:], strict=True)]
+    boundaries = torch.tensor(sums, dtype=values.dtype, device=values.device)
+    return torch.bucketize(values + values, boundaries, right=True)  # how many sums are <= 2x
 
 
 def _quantize_iq4_nl(blocks: torch.Tensor) -> BlockCodes:
