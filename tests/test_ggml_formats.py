@@ -354,3 +354,22 @@ def test_a_ggml_plan_for_smollm2_exports_the_gguf_s_bits():
     numel = sum(e["numel"] for e in plan["modules"].values())
     assert result.target_bits == round(storage / numel, 6) == plan["budget"]["achieved_bits"]
     assert len(set(assignments.values())) == len(TYPES)
+
+
+def test_output_objective_profiles_ggml_configs_with_an_unweighted_quantizer(tmp_path):
+    """The data-aware objective weights LoftQ's correction and the measured error; ggml's quantizer
+    takes no statistics (no -mse search), so the blocks are llama-quantize's without --imatrix."""
+    make_tiny_llama(tmp_path / "model", shard_size=None)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    table = profile(
+        tmp_path / "model", configs=["ggml4-b32-s0", "ggml6-b256-sk"], rank=2, iters=1, calibration_ids=ids,
+        device="cpu", quiet=True,
+    )  # fmt: skip
+    assert table.attrs and "weighted_error" in table.columns
+    assert bool((table["weighted_error"] > 0).all()) and bool(table["weighted_error"].notna().all())
+    k_rows = table[table["config"] == "ggml6-b256-sk"]
+    assert set(k_rows["module"]) == {m for m in table["module"] if m.endswith("down_proj")}
+    w = hard_matrix(32, 256, seed=7)
+    h = torch.rand(256, generator=torch.Generator().manual_seed(1)) * 10
+    for text in ALL:
+        assert torch.equal(fake_quantize(w, text, column_weights=h), fake_quantize(w, text))
