@@ -41,9 +41,10 @@ KQUANTS = [
     "ggml5-b256-sk",
     "ggml6-b256-sk",
 ]  # q2_K ... q6_K
-ALL = BLOCK32 + KQUANTS
-C_REFERENCE = [IQ4_NL, *KQUANTS]  # the gguf package only dequantizes these
-# ggml's C quantizer's bytes (quantize_row_q{2,3,4,5,6}_K_ref and quantize_iq4_nl without an importance
+IQ4_XS = "ggml4-b256-sxs"
+ALL = [*BLOCK32, IQ4_XS, *KQUANTS]
+C_REFERENCE = [IQ4_NL, IQ4_XS, *KQUANTS]  # the gguf package only dequantizes these
+# ggml's C quantizer's bytes (quantize_row_q{2,3,4,5,6}_K_ref, quantize_iq4_{nl,xs} without an importance
 # matrix, built without FMA contraction) for the matrix "x" of the same file.
 # x: Gaussian, heavy-tailed, zero, constant, bf16, outlier and all-positive rows, and two rows of
 # bf16 super-blocks where a Python number over a tensor (two roundings in torch) changed a code
@@ -101,6 +102,7 @@ def test_bits_per_weight_are_ggml_s():
         "q8_0": 8.5,
     }
     assert QuantConfig.parse(IQ4_NL).bits_per_param == 4.5
+    assert QuantConfig.parse(IQ4_XS).bits_per_param == 4.25
     assert {ggml_type(t).name: QuantConfig.parse(t).bits_per_param for t in KQUANTS} == {
         "q2_K": 2.625,
         "q3_K": 3.4375,
@@ -205,6 +207,7 @@ def test_blocks_are_what_gguf_dequantizes(text):
     error = float(((torch.from_numpy(values) - w) ** 2).sum() / (w**2).sum())
     bound = {
         IQ4_NL: 0.02,
+        IQ4_XS: 0.02,
         "ggml2-b256-sk": 0.15,
         "ggml3-b256-sk": 0.04,
         "ggml4-b256-sk": 0.02,

@@ -23,7 +23,8 @@ llama.cpp's types (`bitalloc.quant.ggml`), each ggml's block and bytes exactly:
     ggml{bits}-b{block}-s{variant}                 the ggml type q{bits}_{variant}: ggml4-b32-s0
                                                    (q4_0), ggml4-b32-s1 (q4_1), ggml5-b32-s0,
                                                    ggml5-b32-s1, ggml8-b32-s0 (q8_0),
-                                                   ggml4-b32-snl (iq4_nl), and the
+                                                   ggml4-b32-snl (iq4_nl), ggml4-b256-sxs
+                                                   (iq4_xs), and the
                                                    k-quants ggml{2|3|4|5|6}-b256-sk (q2_K, q3_K,
                                                    q4_K, q5_K, q6_K)
 """

@@ -7,7 +7,8 @@ ggml-quants.c, which ``llama-quantize`` runs when no importance matrix is given)
 q8_0 the same scale (and min), computed in float32 from the block's values, the same rounding of
 each code, stored as fp16 (the ``gguf`` Python package's quantizers, the same bytes); for
 iq4_nl (``ggml4-b32-snl``, a 16-value non-linear codebook) the search over 16 scales per block of
-``quantize_iq4_nl``; for the k-quants q2_K ... q6_K (super-blocks of 256, ``-sk``)
+``quantize_iq4_nl``, and for iq4_xs (``ggml4-b256-sxs``) the same per sub-block of 32 with 6-bit
+sub-block scales; for the k-quants q2_K ... q6_K (super-blocks of 256, ``-sk``)
 llama.cpp's search for each sub-block's scale (and min) and the quantization of those to 4-, 6- or
 8-bit codes under an fp16 super-block scale. The searches run in float32 with C's order of
 operations (sums element by element, divisions correctly rounded), so the bytes are those of a C
@@ -85,6 +86,7 @@ TYPES = {
         GgmlType("q5_1", 5, 32, "1", 24, None),
         GgmlType("q8_0", 8, 32, "0", 34, 128),
         GgmlType("iq4_nl", 4, 32, "nl", 18, 0),  # a 16-value non-linear codebook, one fp16 scale
+        GgmlType("iq4_xs", 4, 256, "xs", 136, 0, sub=32, scale_bits=6),  # the same, 6-bit sub-scales
         # k-quants (block_q4_K ... block_q6_K): super-blocks of 256, a scale code per sub-block
         GgmlType("q2_K", 2, 256, "k", 84, None, sub=16, scale_bits=4),
         GgmlType("q3_K", 3, 256, "k", 110, 4, sub=16, scale_bits=6),
@@ -314,10 +316,18 @@ def _best_index(values: torch.Tensor) -> torch.Tensor:
 
 def _quantize_iq4_nl(blocks: torch.Tensor) -> BlockCodes:
     """quantize_iq4_nl without an importance matrix (what llama-quantize runs, ntry = 7): per block
-    of 32 the scale of least x²-weighted error among 16 grids, each refitted by least squares,
-    stored as fp16; codes the nearest values of x/d. Elements first, C's summation order."""
+    of 32 the scale of least x²-weighted error among 16 grids (`_iq4_scales`), stored as fp16;
+    codes the nearest values of x/d."""
     x = blocks.movedim(-1, 0).contiguous()
-    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+    d = _iq4_scales(x)
+    inverse = torch.where(d != 0, _over(1.0, torch.where(d != 0, d, torch.ones_like(d))), 0.0)
+    return _block_codes(_best_index(inverse * x).movedim(0, -1), d)
+
+
+def _iq4_scales(x: torch.Tensor) -> torch.Tensor:
+    """quantize_row_iq4_nl_impl's search on groups x (32, ...), elements first: from d = max/127,
+    16 candidate grids, each refitted by x²-weighted least squares; the best scale per group."""
+    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=x.device)
     w = x * x
     largest = _signed_max(x, 0)
     empty = largest.abs() < GROUP_MAX_EPS
@@ -335,9 +345,22 @@ def _quantize_iq4_nl(blocks: torch.Tensor) -> BlockCodes:
         better = (sq2 > 0) & (sqx * sqx > best * sq2)
         d = torch.where(better, sqx / sq2, d)
         best = torch.where(better, d * sqx, best)
-    d = torch.where(empty, torch.zeros_like(d), d)
+    return torch.where(empty, torch.zeros_like(d), d)
+
+
+def _iq4_xs(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
+    """quantize_iq4_xs without an importance matrix on (32, ..., super, 8): each sub-block's scale
+    from `_iq4_scales`, quantized to a signed 6-bit code against -max/32 (stored + 32); codes the
+    nearest codebook values of x over d·(scale code), d in float32 as C has it before storing."""
+    scales = _iq4_scales(x)
+    largest = _signed_max(scales, -1)
+    largest = torch.where(largest.abs() > 0, largest, 0.0)  # C's max starts at +0
+    d = -largest / 32
     inverse = torch.where(d != 0, _over(1.0, torch.where(d != 0, d, torch.ones_like(d))), 0.0)
-    return _block_codes(_best_index(inverse * x).movedim(0, -1), d)
+    sc = torch.round(inverse.unsqueeze(-1) * scales).clamp_(-32, 31)
+    step = d.unsqueeze(-1) * sc
+    istep = torch.where(step != 0, _over(1.0, torch.where(step != 0, step, torch.ones_like(step))), 0.0)
+    return _KBlocks(_best_index(istep * x), sc, None, d.to(torch.float16), None, _SCALE_BIAS["iq4_xs"])
 
 
 # ---- k-quants: llama.cpp's reference quantizer (quantize_row_q{4,5,6}_K_ref), in torch ------------
@@ -345,7 +368,7 @@ def _quantize_iq4_nl(blocks: torch.Tensor) -> BlockCodes:
 # element at a time), each candidate scale in C's order, ties resolved as C's comparisons do.
 GROUP_MAX_EPS = 1e-15  # ggml's threshold for an all-zero group
 # make_qkx2_quants's search per type: (rmin, rdelta, nstep)
-_SCALE_BIAS = {"q3_K": 32}  # 6-bit codes of signed sub-block scales
+_SCALE_BIAS = {"q3_K": 32, "iq4_xs": 32}  # 6-bit codes of signed sub-block scales
 _QKX2_SEARCH = {"q2_K": (-0.5, 0.1, 15), "q4_K": (-1.0, 0.1, 20), "q5_K": (-0.5, 0.1, 15)}
 
 
@@ -401,7 +424,7 @@ def _k_quantize(blocks: torch.Tensor, ggml: GgmlType) -> _KBlocks:
     contiguous memory for every group at once."""
     sub = blocks.reshape(*blocks.shape[:-1], ggml.block // ggml.sub, ggml.sub)
     x = sub.movedim(-1, 0).contiguous()
-    k = {"q2_K": _q2_k, "q3_K": _q3_k, "q6_K": _q6_k}.get(ggml.name, _q45_k)(x, ggml)
+    k = {"q2_K": _q2_k, "q3_K": _q3_k, "q6_K": _q6_k, "iq4_xs": _iq4_xs}.get(ggml.name, _q45_k)(x, ggml)
     k.codes = k.codes.movedim(0, -1)
     return k
 
@@ -628,6 +651,13 @@ def _k_bytes(codes: torch.Tensor, k: _KBlocks, ggml: GgmlType) -> torch.Tensor:
         qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
         sc = torch.remainder(k.sc, 256).to(torch.uint8)
         return torch.cat([ql.flatten(-2), qh.flatten(-2), sc, as_bytes[0]], dim=-1)
+    if ggml.name == "iq4_xs":  # d, scales_h (uint16: 2 high bits each), scales_l (4: nibbles), qs (128)
+        c = torch.remainder(k.sc + k.bias, 256).to(torch.int32)
+        high = ((c >> 4) << (2 * torch.arange(8, dtype=torch.int32))).sum(-1)
+        scales_l = (c[..., 0::2] & 15) | ((c[..., 1::2] & 15) << 4)
+        halves = codes.reshape(*codes.shape[:-1], 8, 2, 16)
+        qs = (halves[..., 0, :] | (halves[..., 1, :] << 4)).flatten(-2)
+        return torch.cat([*as_bytes, _le_bytes(high, 2), scales_l.to(torch.uint8), qs], dim=-1)
     if ggml.name == "q3_K":  # hmask (32: bit b of byte m is code 32b + m > 3), qs (64), scales (12), d
         runs = codes.reshape(*codes.shape[:-1], 8, 32)
         hmask = ((runs >> 2) << torch.arange(8, dtype=torch.uint8).reshape(8, 1)).sum(-2, dtype=torch.uint8)
@@ -706,12 +736,13 @@ def from_ggml_bytes(data, config: QuantConfig | str, shape: tuple[int, int]):
     return QuantizedTensor.from_tensors(parts, config, (rows, cols))
 
 
+def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 value at byte ``start`` of each block (rows, super)."""
+    return blocks[..., start : start + 2].contiguous().view(torch.float16).squeeze(-1)
+
+
 def _k_parts(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
     """The stored parts of a k-quant matrix from its blocks (rows, super, block bytes)."""
-
-    def half(start: int) -> torch.Tensor:
-        return blocks[..., start : start + 2].contiguous().view(torch.float16).squeeze(-1)
-
     lead = blocks.shape[:-1]
     if ggml.name == "q6_K":  # ql: per half of 128, runs 0|2 and 1|3 as low|high nibbles; qh: 2 bits each
         ql = blocks[..., :128].reshape(*lead, 2, 2, 32)
@@ -722,7 +753,19 @@ def _k_parts(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
         )
         codes = low | ((qh & 3) << 4)
         parts = {"codes": pack_bits(codes, 6), "scales": pack_bits(blocks[..., 192:208], 8)}
-        return {**parts, "scales2": half(208).reshape(-1).clone()}
+        return {**parts, "scales2": _half(blocks, 208).reshape(-1).clone()}
+    if ggml.name == "iq4_xs":
+        high = blocks[..., 2].to(torch.int32) | (blocks[..., 3].to(torch.int32) << 8)
+        high = (high.unsqueeze(-1) >> (2 * torch.arange(8, dtype=torch.int32))) & 3
+        low = torch.stack([blocks[..., 4:8] & 15, blocks[..., 4:8] >> 4], dim=-1).flatten(-2)
+        qs = blocks[..., 8:].reshape(*lead, 8, 1, 16)
+        codes = torch.cat([qs & 15, qs >> 4], dim=-2)
+        c = low.to(torch.int32) | (high << 4)
+        return {
+            "codes": pack_bits(codes, 4),
+            "scales": pack_bits(c, 6),
+            "scales2": _half(blocks, 0).reshape(-1).clone(),
+        }
     if ggml.name == "q3_K":
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(4, 1)
         low = (blocks[..., 32:96].reshape(*lead, 2, 1, 32) >> shifts) & 3
@@ -736,8 +779,14 @@ def _k_parts(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
         return {
             "codes": pack_bits(low | (high << 2), 3),
             "scales": pack_bits(c, 6),
-            "scales2": half(108).reshape(-1).clone(),
+            "scales2": _half(blocks, 108).reshape(-1).clone(),
         }
+    return _k_parts_with_min(blocks, ggml)
+
+
+def _k_parts_with_min(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
+    """`_k_parts` of q2_K, q4_K and q5_K (scale and min codes, d and dmin)."""
+    lead = blocks.shape[:-1]
     if ggml.name == "q2_K":
         quarters = blocks[..., 16:80].reshape(*lead, 2, 1, 32) >> torch.tensor(
             [0, 2, 4, 6], dtype=torch.uint8
@@ -746,7 +795,7 @@ def _k_parts(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
         return {
             "codes": pack_bits(quarters & 3, 2),
             "scales": pack_bits(byte & 15, 4),
-            "scales2": torch.stack([half(80), half(82)], dim=-1).reshape(-1).clone(),
+            "scales2": torch.stack([_half(blocks, 80), _half(blocks, 82)], dim=-1).reshape(-1).clone(),
             "zeros": pack_bits(byte >> 4, 4),
         }
     packed = blocks[..., 4:16]
@@ -757,7 +806,7 @@ def _k_parts(blocks: torch.Tensor, ggml: GgmlType) -> dict[str, torch.Tensor]:
     if ggml.bits == 5:
         shifts = torch.arange(8, dtype=torch.uint8).reshape(4, 2, 1)
         codes = codes | (((blocks[..., 16:48].unsqueeze(-2).unsqueeze(-2) >> shifts) & 1) << 4)
-    halves = torch.stack([half(0), half(2)], dim=-1)
+    halves = torch.stack([_half(blocks, 0), _half(blocks, 2)], dim=-1)
     return {
         "codes": pack_bits(codes, ggml.bits),
         "scales": pack_bits(ls, 6),
