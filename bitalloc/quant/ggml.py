@@ -620,7 +620,9 @@ def _q2_k(x: torch.Tensor, ggml: GgmlType) -> _KBlocks:
 def to_ggml_bytes(quantized) -> torch.Tensor:
     """The matrix as ggml stores it: uint8 (rows, blocks per row · block bytes), each block laid
     out as ggml's ``block_q*`` struct (fp16 d[, fp16 m][, high bits qh], low bits qs), equal to
-    ``gguf.quants.quantize``'s bytes. ``quantized``: a `QuantizedTensor` of a ggml config."""
+    ``gguf.quants.quantize``'s bytes. ``quantized``: a `QuantizedTensor` of a ggml config (on any
+    device; the bytes are on the CPU)."""
+    quantized = quantized.to("cpu")
     ggml = ggml_type(quantized.config)
     rows = quantized.shape[0]
     codes = quantized.unpacked_codes().reshape(rows, -1, ggml.block)
