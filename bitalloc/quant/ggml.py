@@ -153,8 +153,8 @@ class GgmlFamily(Format):
         return ""
 
     def grid_config(self, bits, block_size, scale):
-        """A grid point of the ggml family: the type with ``bits`` and ``block_size`` (the symmetric
-        one when two have them); the scale of the grid does not apply."""
+        """A grid point of the ggml family: the first type in `TYPES` with ``bits`` and ``block_size``
+        (q4_0 before q4_1 and iq4_nl, iq4_xs before q4_K); the scale of the grid does not apply."""
         for text, t in TYPES.items():
             if (t.bits, t.block) == (bits, block_size):
                 return text
