@@ -10,6 +10,11 @@ llama.cpp applies as written. Every pattern names one block tensor of the model 
 for; ``token_embd``/``output`` are set with ``--token-embedding-type``/``--output-tensor-type`` on
 the command line instead (llama.cpp applies those before the file, and a model that ties its
 embeddings has no ``output.weight`` for a pattern to match).
+
+A matrix planned in a ggml config (``ggml4-b32-s0`` = q4_0, `bitalloc.quant.ggml`) whose block divides
+its row gets that type: the plan's bits are the GGUF's, and bitalloc quantized it as llama-quantize
+will. Other configs get the ggml type nearest their bits per weight (an approximation, said in the
+notes). `exact_configs` lists the configs a matrix can take for an exact export.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 
 from ..checkpoints.gguf import LLAMA_BLOCK_NAMES
 from ..errors import BitallocError
+from ..quant import QuantConfig
+from ..quant.ggml import configs_for, ggml_type
 from ._common import Matrix, PlanLike, Translation, anchored, begin, count, finish, read_plan
 from ._plan import Plan, most_common
 
@@ -134,9 +141,28 @@ def head_type(hidden: int) -> GgmlType:
     return TYPES[HEAD_TYPE] if hidden % TYPES[HEAD_TYPE].block == 0 else TYPES[KEPT_TYPE]
 
 
+def exact_configs(rows: int, columns: int) -> list[str]:
+    """The config strings llama.cpp stores exactly on a (rows, columns) matrix: the ggml types
+    (`bitalloc.quant.ggml`) whose block divides the row, so that a plan made of them exports with
+    the plan's codes' bits, type for type."""
+    QuantConfig().num_blocks((rows, columns))  # BitallocError unless two positive integers
+    return configs_for(int(columns))
+
+
+def exact_type(m: Matrix) -> GgmlType | None:
+    """The ggml type of ``m``'s config when it is one and its block divides the row, else None."""
+    if m.config.method != "ggml" or not m.config.fits((m.rows, m.columns)):
+        return None
+    return TYPES[ggml_type(m.config).name]
+
+
 def choose_type(m: Matrix, imatrix: bool) -> tuple[GgmlType, GgmlType]:
-    """(chosen, ideal): the usable type whose bits/weight is nearest the plan's exact storage for ``m``,
-    fallback included, and the nearest one had the row length been a multiple of 256."""
+    """(chosen, ideal): a ggml config's own type (`exact_type`); for other configs the usable type
+    whose bits/weight is nearest the plan's exact storage for ``m``, fallback included, and the
+    nearest one had the row length been a multiple of 256."""
+    exact = exact_type(m)
+    if exact is not None:
+        return exact, exact
     target = m.storage_bits / m.numel
     allowed = [t for t in TYPES.values() if t.name != KEPT_TYPE and (imatrix or not t.needs_imatrix)]
 
@@ -169,11 +195,7 @@ def translate(plan: Plan, imatrix: bool = False) -> Translation:
     else:
         excluded = ", ".join(t.name for t in TYPES.values() if t.needs_imatrix)
         scope = f"types that need no importance matrix ({excluded} excluded; --imatrix allows them)"
-    notes.append(f"types: the nearest bits/weight to each matrix's exact storage among ggml {scope}")
-    notes.append(
-        f"codebooks, blocks and scales -> ggml's own (blocks of 32 or super-blocks of 256) for all "
-        f"{len(mats)} matrices: {', '.join(_type_counts(chosen.values()))}"
-    )
+    notes += _type_notes(mats, chosen, scope)
     if moved:
         pairs = sorted({(ideal.name, chosen[m.name].name, m.columns) for m, ideal in moved})
         detail = ", ".join(f"{a} -> {b} on rows of {c}" for a, b, c in pairs)
@@ -194,6 +216,29 @@ def translate(plan: Plan, imatrix: bool = False) -> Translation:
     )
     text = "\n".join(tokens) + "\n"
     return finish(plan, mats, notes, TARGET, lambda m: chosen[m.name].storage_bits(m.rows, m.columns), text)
+
+
+def _type_notes(mats: list[Matrix], chosen: dict[str, GgmlType], scope: str) -> list[str]:
+    """What the plan's configs became: ggml configs their own type (exact), others the nearest type."""
+    exact = [m for m in mats if exact_type(m) is not None]
+    approximated = [m for m in mats if exact_type(m) is None]
+    notes = []
+    if exact:
+        which = "every matrix" if not approximated else count(exact, len(mats))
+        types = ", ".join(_type_counts(chosen[m.name] for m in exact))
+        notes.append(
+            f"exact: {which} planned in a ggml type ({types}) "
+            "-> that type, with the plan's bits (bitalloc quantized each block as ggml's reference quantizer "
+            "does, which llama-quantize runs without --imatrix)"
+        )
+    if approximated:
+        which = f"all {len(mats)} matrices" if not exact else count(approximated, len(mats))
+        notes.append(f"types: the nearest bits/weight to each matrix's exact storage among ggml {scope}")
+        notes.append(
+            f"codebooks, blocks and scales -> ggml's own (blocks of 32 or super-blocks of 256) for {which}: "
+            f"{', '.join(_type_counts(chosen[m.name] for m in approximated))}"
+        )
+    return notes
 
 
 def _tensor_order(name: str) -> tuple[int, int]:

@@ -94,6 +94,11 @@ def profile(
     for module in source.modules():
         if rank > min(source.shape(module)):
             raise BitallocError(f"rank {rank} exceeds the size of {module} {source.shape(module)}")
+        if not any(config.fits(source.shape(module)) for config in grid):
+            raise BitallocError(
+                f"no config of the grid fits {module} {source.shape(module)}: rows of "
+                f"{source.shape(module)[1]} are not whole blocks of {', '.join(map(str, grid))}"
+            )
     inputs = (*source.input_files(), calibration.text)
     store = ProfileStore(output, meta, overwrite, inputs) if output is not None else None
     if output is not None:
@@ -308,10 +313,13 @@ def _measure(run: _Run, batch: list[str], weights: torch.Tensor, digests: list[s
         # prepared once for every config (a whitened weighting's factor: one Cholesky per matrix)
         weighting = run.objective.weighting(stacked, run.damping).for_configs(run.device)
         del stacked
+    shape = tuple(weights.shape[1:])
     for config in run.grid:
+        if not config.fits(shape):  # not a candidate for this shape (a ggml block that splits the row)
+            continue
         outcome = _loftq_fitting(run, weights, batch, config, weighting)
         for module, result in zip(batch, outcome):
-            rows[module].append(_row(module, tuple(weights.shape[1:]), config, result, run))
+            rows[module].append(_row(module, shape, config, result, run))
     results = {}
     for module, digest in zip(batch, digests):
         if rows[module] and rows[module][0]["weight_norm_sq"] == 0.0:

@@ -5,7 +5,7 @@ config grammar, its levels, quantize/dequantize, exact storage and packed parts;
 else asks it through the config (`format_of`). The built-in families are in `standard`.
 """
 
-from . import standard  # noqa: F401  (registers nf, int and uint)
+from . import ggml, standard  # noqa: F401  (register nf, int and uint, then ggml: llama.cpp's types)
 from .blockwise import dequantize_codes, fake_quantize, quantize
 from .codebooks import codebook, nearest_code
 from .config import GRAMMAR, QuantConfig, grammar, storage_bits

@@ -17,6 +17,16 @@ the fields and says what is stored. The built-in families take:
 
 Any of them may end in ``-mse``: each block's scale (and zero) is searched for the least
 (weighted) squared error instead of taken from the block's range; the storage is the same.
+
+llama.cpp's types (`bitalloc.quant.ggml`), each ggml's block and bytes exactly:
+
+    ggml{bits}-b{block}-s{variant}                 the ggml type q{bits}_{variant}: ggml4-b32-s0
+                                                   (q4_0), ggml4-b32-s1 (q4_1), ggml5-b32-s0,
+                                                   ggml5-b32-s1, ggml8-b32-s0 (q8_0),
+                                                   ggml4-b32-snl (iq4_nl), ggml4-b256-sxs
+                                                   (iq4_xs), and the
+                                                   k-quants ggml{2|3|4|5|6}-b256-sk (q2_K, q3_K,
+                                                   q4_K, q5_K, q6_K)
 """
 
 from __future__ import annotations
@@ -73,6 +83,15 @@ def grammar() -> str:
     """The config grammar: the built-in families' (`GRAMMAR`), then each registered family's piece."""
     pieces = [get_format(name).grammar for name in format_names()]
     return "; ".join([GRAMMAR, *(piece for piece in pieces if piece)])
+
+
+def _expected(head: re.Match | None) -> str:
+    """The grammar a bad config string is told: its family's piece when the head names a family
+    that has one, else the built-in families' and the other families' names (one short line)."""
+    if head and head["method"] in format_names() and get_format(head["method"]).grammar:
+        return get_format(head["method"]).grammar
+    others = [name for name in format_names() if get_format(name).grammar]
+    return GRAMMAR + (f"; also {', '.join(others)}" if others else "")
 
 
 @dataclass(frozen=True, order=True)
@@ -133,7 +152,7 @@ class QuantConfig:
         if head and head["method"] in format_names():
             rest = scale_regex(head["method"]).fullmatch(head["rest"])
         if rest is None:
-            raise BitallocError(f"unknown config string {short(text)}: expected {grammar()}")
+            raise BitallocError(f"unknown config string {short(text)}: expected {_expected(head)}")
         try:
             bits = parse_digits(head["bits"], "bits")
             block_size = parse_digits(head["block"], "block size B0")
@@ -185,6 +204,12 @@ class QuantConfig:
     def num_blocks(self, shape: tuple[int, ...] | list[int]) -> int:
         rows, cols = _matrix_dims(shape)
         return rows * -(-cols // self.block_size)  # exact integer ceiling, any size
+
+    def fits(self, shape: tuple[int, ...] | list[int]) -> bool:
+        """Whether this config is a candidate for a matrix of ``shape`` (its family says:
+        `Format.fits`; the standard families pad rows and fit every shape, ggml types need rows
+        that are whole blocks)."""
+        return format_of(self).fits(self, _matrix_dims(shape)[1])
 
     def storage_bits(self, shape: tuple[int, ...] | list[int]) -> int:
         """Exact bits written for a matrix of ``shape``: codes (with row padding) + scales."""

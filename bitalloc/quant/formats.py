@@ -142,6 +142,13 @@ class Format:
                 )
         self.check_zero(config)
 
+    def fits(self, config: QuantConfig, columns: int) -> bool:
+        """Whether ``config`` is a candidate for matrices with rows of ``columns`` weights. The
+        standard families pad a row's last block (counted in storage): every row fits. A family
+        whose target cannot pad (ggml: blocks never span or pad rows) says False where its block
+        does not divide the row, and the profile measures no such (matrix, config)."""
+        return True
+
     def check_zero(self, config: QuantConfig) -> None:
         """The default family is symmetric: no zero point."""
         if config.zero is not None:
