@@ -90,9 +90,8 @@ def check_exact_export(plan_: Plan, target: str):
 
 
 # ---- every target: plan in its format, export exactly ----------------------------------------------
-def test_the_five_integer_group_targets_declare_exact_grids():
-    assert set(TARGETS) <= set(exact_targets())
-    assert "llamacpp" not in exact_targets()
+def test_every_target_declares_an_exact_grid():
+    assert set(exact_targets()) == {*TARGETS, "llamacpp"}
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -255,8 +254,10 @@ def test_planner_refusals():
         BitallocError, match=r"no profiled config of 'model.layers.0.mlp.down_proj' \(shape 128x96\)"
     ):
         plan(make_table(["uint4-b64-sfp16-z4-mse"]), 5, target=fmt)
-    with pytest.raises(BitallocError, match="plans for llamacpp are not yet exact"):
-        target_format("llamacpp")
+    ggml = target_format("llamacpp")  # the ggml types whose block divides the row
+    assert ggml.why_not(QuantConfig.parse("ggml4-b32-s0"), (128, 96)) is None
+    assert "not a multiple of its block 256" in ggml.why_not(QuantConfig.parse("ggml4-b256-sk"), (128, 96))
+    assert "not nf levels" in ggml.why_not(QuantConfig.parse("nf4-b64-sfp16"))
     with pytest.raises(BitallocError, match="unknown target 'nope'"):
         target_format("nope")
 
@@ -307,11 +308,21 @@ def test_cli_plan_target_then_export_is_exact(tiny_model, tmp_path):
     payload = json.loads((tmp_path / "gptq.json").read_text())
     assert payload["meta"]["bitalloc"]["target_bits"] == result.achieved_bits
     assert payload["sym"] is False
+    # llama.cpp: rows of 96 and 128 take only the block-32 types, 4.5 bits at least
     code, out, err = run_cli(
-        tmp_path, "plan", str(tiny_model), "--budget", "4", "--target", "llamacpp", "-o", "x.json"
+        tmp_path, "plan", str(tiny_model), "--budget", "4", "--target", "llamacpp", "--quiet", "-o", "x.json"
     )
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and "bitalloc: error: plans for llamacpp are not yet exact" in err
+    assert code == 2 and out == "" and err.count("\n") == 1 and "infeasible" in err
+    code, out, err = run_cli(
+        tmp_path, "plan", str(tiny_model), "--budget", "5", "--target", "llamacpp", "--quiet", "-o", "g.json"
+    )
+    assert code == 0, err
+    ggml_plan = Plan.load(tmp_path / "g.json")
+    assert {entry.config.split("-")[0] for entry in ggml_plan.modules.values()} <= {"ggml4", "ggml5", "ggml8"}
+    code, _, err = run_cli(tmp_path, "export", "g.json", "--to", "llamacpp", "-o", "types.txt")
+    assert code == 0, err
+    assert "bitalloc: note: exact: llamacpp stores the configs" in err
+    assert f"{ggml_plan.achieved_bits!r} bits/param" in err and "equal to the plan's bits" in err
     code, _, err = run_cli(
         tmp_path,
         "plan",

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from ..checkpoints.gguf import LLAMA_BLOCK_NAMES
 from ..errors import BitallocError
 from ..quant import QuantConfig
+from ..quant.ggml import TYPES as GGML_CONFIGS
 from ..quant.ggml import configs_for, ggml_type
 from ._common import Matrix, PlanLike, Translation, anchored, begin, count, finish, read_plan
-from ._plan import Plan, most_common
+from ._plan import Plan, Shape, TargetFormat, most_common
 
 TARGET = "llamacpp"
 
@@ -149,6 +150,39 @@ def exact_configs(rows: int, columns: int) -> list[str]:
     return configs_for(int(columns))
 
 
+class GgmlTypes(TargetFormat):
+    """What llama.cpp stores exactly: the ggml configs (`bitalloc.quant.ggml`) whose block divides
+    the row, in ggml's own block bytes (the same as bitalloc's storage for them). Planning with
+    ``--target llamacpp`` makes the plan's bits the GGUF's for the planned matrices."""
+
+    name = TARGET
+    description = (
+        "the ggml configs (ggml{bits}-b{block}-s{variant}: q4_0 ... q6_K, iq4_nl, iq4_xs) whose block "
+        "divides the row"
+    )
+
+    def why_not(self, config: QuantConfig, shape: Shape | None = None) -> str | None:
+        if config.method != "ggml":
+            return f"llama.cpp stores ggml types, not {config.method} levels"
+        if shape is not None and not config.fits(shape):
+            return f"{shape[1]} columns are not a multiple of its block {config.block_size}"
+        return None
+
+    def storage_bits(self, config: QuantConfig, shape: Shape) -> int:
+        return TYPES[ggml_type(config).name].storage_bits(*shape)
+
+    def grid(self, bits, block_sizes) -> list[str]:
+        """Every ggml type at ``bits`` (its block is fixed: ``block_sizes`` do not apply); shapes
+        whose rows a type's block does not divide skip it when profiled."""
+        configs = [text for text, t in GGML_CONFIGS.items() if t.bits in set(bits)]
+        if not configs:
+            raise BitallocError(f"--target llamacpp: no ggml type at {', '.join(map(str, bits))} bits")
+        return configs
+
+
+EXACT = GgmlTypes()
+
+
 def exact_type(m: Matrix) -> GgmlType | None:
     """The ggml type of ``m``'s config when it is one and its block divides the row, else None."""
     if m.config.method != "ggml" or not m.config.fits((m.rows, m.columns)):
@@ -175,7 +209,7 @@ def choose_type(m: Matrix, imatrix: bool) -> tuple[GgmlType, GgmlType]:
 
 def translate(plan: Plan, imatrix: bool = False) -> Translation:
     """The tensor-type file for ``plan``, with notes and llama.cpp's bits/param for the plan's matrices."""
-    mats, notes = begin(plan, TARGET)
+    mats, notes = begin(plan, TARGET, exact=EXACT)
     kept = {gguf_name(name): TYPES[KEPT_TYPE] for name in plan.kept}
     chosen: dict[str, GgmlType] = {}
     moved = []
@@ -227,7 +261,7 @@ def _type_notes(mats: list[Matrix], chosen: dict[str, GgmlType], scope: str) -> 
         which = "every matrix" if not approximated else count(exact, len(mats))
         types = ", ".join(_type_counts(chosen[m.name] for m in exact))
         notes.append(
-            f"exact: {which} planned in a ggml type ({types}) "
+            f"{'types' if not approximated else 'exact'}: {which} planned in a ggml type ({types}) "
             "-> that type, with the plan's bits (bitalloc quantized each block as ggml's reference quantizer "
             "does, which llama-quantize runs without --imatrix)"
         )
