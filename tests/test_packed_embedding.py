@@ -118,6 +118,12 @@ def test_gguf_q8_0_embedding_is_smaller_than_bf16(tmp_path):
     assert eight / bf16 == pytest.approx(8.5 / 16)
     loaded = AutoModelForCausalLM.from_pretrained(packed / "quantized", dtype=torch.float32)
     assert torch.isfinite(logits(loaded)).all()
+    # in llama.cpp's own q8_0 the GGUF's Q8_0 embedding is stored again without loss
+    source = bitalloc.open_source(tmp_path / "tiny.gguf").load_tensor("model.embed_tokens.weight")
+    _, same = applied(tmp_path / "tiny.gguf", tmp_path, "q8_0", embedding_config="ggml8-b32-s0")
+    reloaded = AutoModelForCausalLM.from_pretrained(same / "quantized", dtype=torch.float32)
+    assert torch.equal(reloaded.get_input_embeddings().weight, source)
+    assert not torch.equal(loaded.get_input_embeddings().weight, source)  # int8's grid is another
 
 
 def test_bad_embedding_config_is_refused_before_any_work(tmp_path, capsys):
