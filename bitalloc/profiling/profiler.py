@@ -105,6 +105,7 @@ def profile(
         check_output(layer_weights_path(output), inputs)
     run = _Run(source, grid, meta.settings, device, store, dist, quiet, stats if stats is not None else {},
                objective, float(calibration.damping))  # fmt: skip
+    release_freed_memory()  # from here on, large temporaries are unmapped when freed (`memory`)
     try:
         return _profile(run, model, output, meta, calibration, verify)
     finally:
