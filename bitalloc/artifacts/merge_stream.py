@@ -37,7 +37,7 @@ from ..checkpoints.safetensors import TORCH_DTYPES, read_header
 from ..errors import BitallocError, check_path
 from ..fileio import WorkFolder, check_free_space, check_name
 from .hf_quantizer import check_folder, unmark_config
-from .nn import PACKED_NAMES, QUANT_FILE, _dequantize, packed_entries, packed_files, read_quant_info
+from .nn import PACKED_NAMES, QUANT_FILE, dequantize_parts, packed_entries, packed_files, read_quant_info
 from .writer import DEQUANTIZED_DTYPES, MAX_SHARD_BYTES
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -307,13 +307,13 @@ def _packed(module: str, config: str, shape: tuple[int, int], where: dict[str, P
     from ..quant import QuantConfig
 
     def compute() -> torch.Tensor:
-        packed = []
+        parts = {}
         for part in PACKED_NAMES:
             key = f"{module}.weight.{part}"
             if key in where:
                 with safe_open(str(where[key]), framework="pt") as handle:
-                    packed.append(handle.get_tensor(key).reshape(-1))
-        return _add_lora(_dequantize(QuantConfig.parse(config), shape, tuple(packed), dtype), lora)
+                    parts[part] = handle.get_tensor(key)
+        return _add_lora(dequantize_parts(parts, QuantConfig.parse(config), shape, dtype), lora)
 
     return compute
 
