@@ -58,6 +58,7 @@ GRIDS = {
         *(f"uint{bits}-b{block}-sfp16-z{bits}-mse" for bits in (2, 3, 4) for block in (64, 128)),
     ],
 }
+GRIDS["gptq"] = [f"{config}-gptq" for config in GRIDS["new"]]  # the same, codes by GPTQ's error feedback
 DEFAULT_VARIANTS = "a8192,o8192,o4096,o16384,o50000,o8192l0.001,o8192l0.1"
 
 

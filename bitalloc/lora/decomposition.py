@@ -30,6 +30,7 @@ from ..devices import one_cpu_thread, resolve_device
 from ..errors import BitallocError
 from ..quant import QuantConfig, QuantizedTensor, fake_quantize
 from ..quant.blockwise import check_matrix
+from ..quant.rounding import gptq_quantize
 from .lowrank import LOWRANK_METHODS, exact_lowrank, randomized_lowrank
 from .weighting import (  # noqa: F401  (DEFAULT_DAMPING and whitening_factor: re-exported)
     DEFAULT_DAMPING,
@@ -60,6 +61,7 @@ class LoftQResult:
     q_input: torch.Tensor | None = field(default=None, repr=False)  # W - (previous B A)
     # per-column weights of the -mse scale search (h, or diag of H + λI), to rebuild the same Q
     search_weights: torch.Tensor | None = field(default=None, repr=False)
+    q_values: torch.Tensor | None = field(default=None, repr=False)  # Q of -gptq rounding (its codes)
     _q: QuantizedTensor | None = field(default=None, repr=False)
 
     @property
@@ -73,8 +75,8 @@ class LoftQResult:
         if self._q is None:
             if self.q_input is None:
                 raise ValueError("this result was computed without keeping Q (keep_q=False)")
-            self._q = QuantizedTensor.from_weight(self.q_input, self.config, self.search_weights)
-            self.q_input = None
+            self._q = QuantizedTensor.from_weight(self.q_input, self.config, self.search_weights, self.q_values)
+            self.q_input = self.q_values = None
         return self._q
 
     def lowrank(self) -> torch.Tensor:
@@ -335,8 +337,12 @@ def _loftq_batch(weight: torch.Tensor, run: _Run, bound) -> list[LoftQResult]:
     weighted = bound is not None
     # the -mse scale search weighs each block's error per input column: h, or diag(L Lᵀ) = diag(H + λI)
     search_weights = bound.search_weights() if config.search and weighted else None
+    # -gptq rounding needs the full covariance; with h or none its feedback vanishes: nearest rounding
+    feedback = bound.feedback() if config.gptq and weighted and bound.full else None
 
     def quantize(x: torch.Tensor) -> torch.Tensor:
+        if feedback is not None:
+            return gptq_quantize(x, config, feedback, search_weights)[1]
         return fake_quantize(x, config, search_weights)
 
     weigh = bound.weigh if weighted else None
@@ -345,8 +351,11 @@ def _loftq_batch(weight: torch.Tensor, run: _Run, bound) -> list[LoftQResult]:
     # iterate 0: plain quantization, A = B = 0
     clock = _Clock(run.timings, device)
     q_input = weight
+    keep_values = keep_q and feedback is not None  # -gptq codes are rebuilt from Q, not from q_input
     with clock("quantize"):
-        residual = weight - quantize(weight)
+        q_values = quantize(weight)
+    residual = weight - q_values
+    q_values = q_values if keep_values else None  # not held through the loop when not needed
     err_sq = [_sq_norm(residual)]
     # the weighted residual: the error's matrix and the next low-rank step's target (with a
     # full L the one big matmul of an iteration, so it is computed once per residual)
@@ -357,6 +366,7 @@ def _loftq_batch(weight: torch.Tensor, run: _Run, bound) -> list[LoftQResult]:
     best_u = torch.zeros(batch, rows, rank, device=device)
     best_vh = torch.zeros(batch, rank, cols, device=device)
     best_q_input = q_input if keep_q else None
+    best_q_values = q_values if keep_values else None
     warm = None
     for step in range(1, iters + 1):
         target = weighted_residual
@@ -384,19 +394,23 @@ def _loftq_batch(weight: torch.Tensor, run: _Run, bound) -> list[LoftQResult]:
             best_vh = torch.where(mask, vh, best_vh)
             if keep_q:
                 best_q_input = torch.where(mask, q_input, best_q_input)
+            if keep_values:
+                best_q_values = torch.where(mask, q_values, best_q_values)
         if step < iters:
             q_input = weight - low
             with clock("quantize"):
-                residual = weight - quantize(q_input)
+                q_values = quantize(q_input)
+            residual = weight - q_values
+            q_values = q_values if keep_values else None
             weighted_residual = weigh(residual) if weighted else residual
-    best = (best_iter, best_u, best_vh, best_q_input, search_weights)
+    best = (best_iter, best_u, best_vh, best_q_input, best_q_values, search_weights)
     errors = (err_sq, werr_sq if weighted else None, weight_sq, weighted_weight_sq)
     return _results(run, best, errors)
 
 
 def _results(run: _Run, best, errors) -> list[LoftQResult]:
     """One `LoftQResult` per matrix from the kept iterates (``best``) and the error tables."""
-    best_iter, best_u, best_vh, best_q_input, search_weights = best
+    best_iter, best_u, best_vh, best_q_input, best_q_values, search_weights = best
     err_sq, werr_sq, weight_sq, weighted_weight_sq = errors
     scaling = lora_scaling(run.rank, run.lora.lora_alpha, run.lora.use_rslora)
     root = math.sqrt(scaling)
@@ -423,6 +437,7 @@ def _results(run: _Run, best, errors) -> list[LoftQResult]:
                 weighted_errors=None if werr_table is None else _relative(werr_table[i], wnorms[i]),
                 q_input=best_q_input[i] if run.keep_q else None,
                 search_weights=None if search_weights is None else search_weights[i].clone(),
+                q_values=None if best_q_values is None else best_q_values[i],
             )
         )
     return results

@@ -16,6 +16,7 @@ works with (`weigh`, `unweigh`, the -mse scale search's per-column weights).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,6 +67,10 @@ class Bound:
 
     def search_weights(self) -> torch.Tensor:
         """Per-column weights (b, in) of the -mse scale search: diag(M Mᵀ)."""
+        raise NotImplementedError
+
+    def feedback(self) -> torch.Tensor:
+        """U (b, in, in), UᵀU = (M Mᵀ)⁻¹: the error feedback of ``-gptq`` rounding (full M only)."""
         raise NotImplementedError
 
 
@@ -152,19 +157,31 @@ class Whitened(Weighting):
         covariance = self.covariance if device is None else self.covariance.to(device)
         return Whitened(None, self.damping, whitening_factor(covariance, self.damping).to(torch.float32))
 
+    @functools.cached_property
+    def upper(self) -> torch.Tensor:
+        """U (float32, upper triangular), UᵀU = (H + λI)⁻¹: ``-gptq`` rounding's feedback,
+        computed once per weighting (a `factored` one serves every config of its matrices)."""
+        from ..quant.rounding import feedback_factor
+
+        factor = self.factor if self.factor is not None else whitening_factor(self.covariance, self.damping)
+        return feedback_factor(factor).to(torch.float32)
+
     def bound(self, batch: int, cols: int, device: torch.device) -> Bound:
         if self.factor is not None:
             factor = self.factor.to(device=device, dtype=torch.float32)
         else:
             factor = whitening_factor(self.covariance.to(device), self.damping).to(torch.float32)
-        return _WhitenedBound(factor.expand(batch, cols, cols))
+        return _WhitenedBound(factor.expand(batch, cols, cols), lambda: self.upper.to(device).expand(batch, cols, cols))
 
 
 class _WhitenedBound(Bound):
     full = True
 
-    def __init__(self, factor: torch.Tensor) -> None:
-        self.factor = factor
+    def __init__(self, factor: torch.Tensor, upper) -> None:
+        self.factor, self._upper = factor, upper
+
+    def feedback(self) -> torch.Tensor:
+        return self._upper()
 
     def weigh(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.factor

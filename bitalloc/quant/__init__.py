@@ -12,6 +12,7 @@ from .config import GRAMMAR, QuantConfig, grammar, storage_bits
 from .formats import PARTS, BlockCodes, Format, format_names, format_of, get_format, register_format
 from .packed import QuantizedTensor
 from .packing import pack_bits, packed_size, unpack_bits
+from .rounding import feedback_factor, gptq_quantize
 
 __all__ = [
     "GRAMMAR",
@@ -23,9 +24,11 @@ __all__ = [
     "codebook",
     "dequantize_codes",
     "fake_quantize",
+    "feedback_factor",
     "format_names",
     "format_of",
     "get_format",
+    "gptq_quantize",
     "grammar",
     "nearest_code",
     "pack_bits",

@@ -271,23 +271,69 @@ def affine_codes(blocks: torch.Tensor, config: QuantConfig, weights: torch.Tenso
         zeros = zero.round().clamp_(0, top).to(torch.uint8)
     else:
         zeros = zero.to(dtype)
-    inverse = torch.where(scales > 0, 1.0 / scales.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    codes = (blocks * inverse.unsqueeze(-1)).add_(zeros.float().unsqueeze(-1)).round_().clamp_(0, top)
-    codes = codes.to(torch.uint8).reshape(*codes.shape[:-2], -1)
+    codes = affine_nearest(blocks, scales.unsqueeze(-1), zeros.unsqueeze(-1), config, dequantize=False)[0]
+    codes = codes.reshape(*codes.shape[:-2], -1)
     return BlockCodes(codes, scales, None, None, stored, zeros)
 
 
+def _inverse(scales: torch.Tensor) -> torch.Tensor:
+    """1/s, and 0 where s is 0 (a zero block)."""
+    return torch.where(scales > 0, 1.0 / scales.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
+def affine_nearest(
+    values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig, dequantize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The nearest code (uint8) of each value under its block's dequantized scale and stored zero
+    point (both broadcast against ``values``), and (``dequantize``) the value the code stands for."""
+    top = 2**config.bits - 1
+    codes = (values * _inverse(scales)).add_(zeros.float()).round_().clamp_(0, top)
+    return codes.to(torch.uint8), _affine(codes, scales, zeros, config) if dequantize else None
+
+
+def _affine(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """(q - z)·s elementwise (broadcast): in float32 for an integer z, in the scale's dtype for a float z."""
+    if config.zero == "int":
+        return (q.float() - zeros.float()).mul_(scales)
+    dtype = TORCH_DTYPES[config.scale_dtype]
+    return ((q.to(dtype) - zeros.to(dtype)) * scales.to(dtype)).float()
+
+
+def symmetric_nearest(
+    values: torch.Tensor, scales: torch.Tensor, config: QuantConfig, dequantize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The nearest level's code (uint8) of each value under its block's dequantized scale
+    (broadcast against ``values``), and (``dequantize``) level·scale, the value it stands for."""
+    levels = codebook(config.method, config.bits, values.device)
+    codes = nearest_code((values * _inverse(scales)).clamp_(-1.0, 1.0), levels)
+    if not dequantize:
+        return codes, None
+    return codes, levels.index_select(0, codes.reshape(-1).int()).reshape(codes.shape) * scales
+
+
 def quantize(
-    weight: torch.Tensor, config: QuantConfig | str, column_weights: torch.Tensor | None = None
+    weight: torch.Tensor,
+    config: QuantConfig | str,
+    column_weights: torch.Tensor | None = None,
+    rounded: torch.Tensor | None = None,
 ) -> BlockCodes:
     """Quantize (..., out, in) block-wise with the config's family; codes are chosen against
     the stored scales.
 
-    ``column_weights`` h (per input column) weight the ``-mse`` search's error; ignored otherwise."""
+    ``column_weights`` h (per input column) weight the ``-mse`` search's error; ignored otherwise.
+    ``rounded``: values already on the stored grid (``-gptq`` rounding's Q, `bitalloc.quant.rounding`):
+    the scales come from ``weight`` as always, the codes are those of ``rounded``'s values."""
     config = QuantConfig.parse(config)
     blocks = _blocks(weight, config.block_size)
     weights = element_weights(column_weights, weight, config.block_size) if config.search else None
-    return format_of(config).quantize(blocks, config, weights)
+    family = format_of(config)
+    parts = family.quantize(blocks, config, weights)
+    if rounded is not None:
+        zeros = None if parts.zeros is None else parts.zeros.unsqueeze(-1)
+        codes = family.nearest(_blocks(rounded, config.block_size), parts.scales.unsqueeze(-1), zeros,
+                               config, dequantize=False)[0]  # fmt: skip
+        parts.codes = codes.reshape(*codes.shape[:-2], -1)
+    return parts
 
 
 def symmetric_codes(blocks: torch.Tensor, config: QuantConfig, weights: torch.Tensor | None) -> BlockCodes:
@@ -298,10 +344,7 @@ def symmetric_codes(blocks: torch.Tensor, config: QuantConfig, weights: torch.Te
     else:
         raw = blocks.abs().amax(dim=-1)
     scales, scale_codes, scales2, stored = quantize_scales(raw, config)
-    levels = codebook(config.method, config.bits, blocks.device)
-    inverse = torch.where(scales > 0, 1.0 / scales.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    normalized = (blocks * inverse.unsqueeze(-1)).clamp_(-1.0, 1.0)
-    codes = nearest_code(normalized, levels)
+    codes = symmetric_nearest(blocks, scales.unsqueeze(-1), config, dequantize=False)[0]
     codes = codes.reshape(*codes.shape[:-2], -1)
     return BlockCodes(codes, scales, scale_codes, scales2, stored)
 
@@ -330,12 +373,7 @@ def symmetric_values(codes: torch.Tensor, scales: torch.Tensor, config: QuantCon
 def affine_values(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig):
     """(q - z)·s: exact in float32 for an integer z; in the scale's dtype for a float z (HQQ)."""
     q = codes.reshape(*scales.shape, config.block_size)
-    if config.zero == "int":
-        values = (q.float() - zeros.float().unsqueeze(-1)).mul_(scales.unsqueeze(-1))
-    else:
-        dtype = TORCH_DTYPES[config.scale_dtype]
-        stored = scales.to(dtype).unsqueeze(-1)
-        values = ((q.to(dtype) - zeros.to(dtype).unsqueeze(-1)) * stored).float()
+    values = _affine(q, scales.unsqueeze(-1), zeros.unsqueeze(-1), config)
     return values.reshape(*values.shape[:-2], -1)
 
 

@@ -17,6 +17,10 @@ the fields and says what is stored. The built-in families take:
 
 Any of them may end in ``-mse``: each block's scale (and zero) is searched for the least
 (weighted) squared error instead of taken from the block's range; the storage is the same.
+And in ``-gptq`` (after ``-mse`` when both): the codes are chosen column by column with GPTQ's
+error feedback through the layer's input covariance (`bitalloc.quant.rounding`), for the output
+objective; without a full covariance (the weight and activation objectives) it is nearest
+rounding. The storage is the same.
 
 llama.cpp's types (`bitalloc.quant.ggml`), each ggml's block and bytes exactly:
 
@@ -38,6 +42,7 @@ from ..errors import BitallocError
 from .formats import (
     FLOAT_DTYPE_BITS,
     SCALE_BLOCK_SIZE_RANGE,
+    GPTQ_SUFFIX,
     SEARCH_SUFFIX,
     SUPPORTED_BITS,
     SUPPORTED_SCALE_BITS,
@@ -54,6 +59,7 @@ from .formats import (
 __all__ = [
     "BLOCK_SIZE_RANGE",
     "FLOAT_DTYPE_BITS",
+    "GPTQ_SUFFIX",
     "GRAMMAR",
     "METHODS",
     "SCALE_BLOCK_SIZE_RANGE",
@@ -70,9 +76,9 @@ METHODS = ("nf", "int", "uint")  # the built-in families (`standard`); format_na
 
 GRAMMAR = (
     "{nf|int}{2|3|4|8}-b{B0}-s{fp32|fp16|bf16} or {nf|int}{2|3|4|8}-b{B0}-s{2|3|4|8}b{B1}[fp16|bf16] "
-    "or uint{k}-b{B0}-s{fp32|fp16|bf16}-z{k|the scale's dtype}, each optionally ending in -mse, "
-    "with B0 from 8 to 4096 and B1 from 2 to 65536, e.g. nf4-b64-sfp32, nf2-b64-s8b256, "
-    "int3-b128-s8b64fp16, uint4-b128-sfp16-z4, uint2-b64-sfp16-zfp16-mse"
+    "or uint{k}-b{B0}-s{fp32|fp16|bf16}-z{k|the scale's dtype}, each optionally ending in [-mse][-gptq], "
+    "with B0 from 8 to 4096 and B1 from 2 to 65536, e.g. nf4-b64-sfp32, nf2-b64-s8b256-mse-gptq, "
+    "uint4-b128-sfp16-z4, uint2-b64-sfp16-zfp16-mse"
 )
 
 # The head every family shares; the family's own `scale_pattern` reads the rest (ASCII only).
@@ -106,7 +112,8 @@ class QuantConfig:
     ``method`` "uint" (asymmetric) stores a zero point per block: ``zero`` "int" (a
     ``bits``-bit integer) or the scale's float dtype; the other methods have ``zero`` None.
     ``search`` (the ``-mse`` suffix) searches each block's scale (and zero) for the least
-    squared error (`bitalloc.quant.blockwise.block_params`).
+    squared error (`bitalloc.quant.blockwise.search_scales`, `affine_params`). ``gptq`` (the ``-gptq`` suffix)
+    chooses the codes with error feedback through the input covariance (`bitalloc.quant.rounding`).
     """
 
     method: str = "nf"
@@ -118,6 +125,7 @@ class QuantConfig:
     second_level: str = "fp32"
     zero: str | None = None
     search: bool = False
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         """BitallocError (one line, naming the field) unless every field is supported."""
@@ -132,6 +140,8 @@ class QuantConfig:
         family.check(self)
         if not isinstance(self.search, bool):
             raise BitallocError(f"search must be True or False, got {short(self.search)}")
+        if not isinstance(self.gptq, bool):
+            raise BitallocError(f"gptq must be True or False, got {short(self.gptq)}")
 
     # ---- parsing and printing -------------------------------------------------------
     @classmethod
@@ -172,7 +182,7 @@ class QuantConfig:
 
     @property
     def tail(self) -> str:
-        """The zero point and search suffixes (``-z4``, ``-zfp16``, ``-mse``), or ''."""
+        """The zero point, search and rounding suffixes (``-z4``, ``-zfp16``, ``-mse``, ``-gptq``), or ''."""
         return format_of(self).tail(self)
 
     @property

@@ -38,12 +38,14 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 SUPPORTED_SCALE_BITS = (2, 3, 4, 8)  # scale codes are stored as uint8
 SCALE_BLOCK_SIZE_RANGE = (2, 65536)  # B1: scales per second-level group
 SEARCH_SUFFIX = "-mse"
+GPTQ_SUFFIX = "-gptq"
 
 # What follows "-s" in the standard families: float scales or quantized ones, an optional zero
-# point and the optional search suffix (ASCII digits only: ``\d`` would take other scripts' digits).
+# point, the optional search suffix and the optional rounding suffix (ASCII digits only: ``\d``
+# would take other scripts' digits).
 STANDARD_SCALE_PATTERN = (
     r"(?:(?P<sfloat>fp32|fp16|bf16)|(?P<sbits>[0-9]+)b(?P<sblock>[0-9]+)(?P<second>fp16|bf16|fp32)?)"
-    r"(?:-z(?P<zero>fp32|fp16|bf16|[0-9]+))?(?P<search>-mse)?"
+    r"(?:-z(?P<zero>fp32|fp16|bf16|[0-9]+))?(?P<search>-mse)?(?P<gptq>-gptq)?"
 )
 _MAX_DIGITS = 9  # no supported field has more digits (leading zeros aside)
 
@@ -92,6 +94,7 @@ class Format:
             zero = "int"
         fields["zero"] = zero
         fields["search"] = groups["search"] is not None
+        fields["gptq"] = groups["gptq"] is not None
         return fields
 
     def scale_format(self, config: QuantConfig) -> str:
@@ -102,9 +105,9 @@ class Format:
         return f"{config.scale_bits}b{config.scale_block_size}{suffix}"
 
     def tail(self, config: QuantConfig) -> str:
-        """The zero point and search suffixes (``-z4``, ``-zfp16``, ``-mse``), or ''."""
+        """The zero point, search and rounding suffixes (``-z4``, ``-zfp16``, ``-mse``, ``-gptq``), or ''."""
         zero = "" if config.zero is None else f"-z{config.bits if config.zero == 'int' else config.zero}"
-        return zero + (SEARCH_SUFFIX if config.search else "")
+        return zero + (SEARCH_SUFFIX if config.search else "") + (GPTQ_SUFFIX if config.gptq else "")
 
     def grid_config(self, bits: int, block_size: int, scale: str) -> str:
         """The config string of a profile grid point (``scale``: what follows ``-s``)."""
@@ -171,6 +174,8 @@ class Format:
             }
         if config.search:
             scale["search"] = SEARCH_SUFFIX[1:]
+        if config.gptq:
+            scale["rounding"] = GPTQ_SUFFIX[1:]
         return scale
 
     # ---- storage --------------------------------------------------------------------------
@@ -224,6 +229,19 @@ class Format:
         """float32 (..., out, n_blocks·B0) from codes (..., out, n_blocks·B0), the dequantized
         scales (..., out, n_blocks) and the stored zero points (or None)."""
         raise NotImplementedError
+
+    def nearest(
+        self,
+        values: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        config: QuantConfig,
+        dequantize: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The nearest code (uint8) of each value under given dequantized block scales and stored
+        zero points (broadcast against ``values``) and (``dequantize``) the float32 value the code
+        stands for: what ``-gptq`` rounding (`bitalloc.quant.rounding`) asks of a family."""
+        raise BitallocError(f"{self.name} configs cannot be rounded against given scales (no -gptq)")
 
     def fake_quantize(
         self, blocks: torch.Tensor, config: QuantConfig, weights: torch.Tensor | None

@@ -34,14 +34,18 @@ class QuantizedTensor:
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, config: QuantConfig | str, column_weights: torch.Tensor | None = None
+        cls,
+        weight: torch.Tensor,
+        config: QuantConfig | str,
+        column_weights: torch.Tensor | None = None,
+        rounded: torch.Tensor | None = None,
     ) -> QuantizedTensor:
-        """Quantize and pack one 2-D matrix (``column_weights``: see `quantize`)."""
+        """Quantize and pack one 2-D matrix (``column_weights``, ``rounded``: see `quantize`)."""
         config = QuantConfig.parse(config)
         check_matrix(weight)
         if weight.dim() != 2:
             raise ValueError(f"expected one 2-D matrix, got shape {tuple(weight.shape)}")
-        parts = quantize(weight, config, column_weights)
+        parts = quantize(weight, config, column_weights, rounded)
         return cls.from_block_codes(parts, config, tuple(weight.shape))
 
     @classmethod

@@ -13,9 +13,11 @@ from ..errors import BitallocError
 from .blockwise import (
     SEARCH_CLIPS,
     affine_codes,
+    affine_nearest,
     affine_values,
     symmetric_codes,
     symmetric_fake_quantize,
+    symmetric_nearest,
     symmetric_values,
 )
 from .codebooks import normal_float_levels, uniform_levels
@@ -31,6 +33,9 @@ class SymmetricCodebook(Format):
 
     def dequantize(self, codes, scales, zeros, config: QuantConfig) -> torch.Tensor:
         return symmetric_values(codes, scales, config)
+
+    def nearest(self, values, scales, zeros, config: QuantConfig, dequantize: bool = True):
+        return symmetric_nearest(values, scales, config, dequantize)
 
     def fake_quantize(self, blocks: torch.Tensor, config: QuantConfig, weights: torch.Tensor | None):
         return symmetric_fake_quantize(blocks, config, weights)
@@ -90,6 +95,9 @@ class AffineInt(Format):
 
     def dequantize(self, codes, scales, zeros, config: QuantConfig) -> torch.Tensor:
         return affine_values(codes, scales, zeros, config)
+
+    def nearest(self, values, scales, zeros, config: QuantConfig, dequantize: bool = True):
+        return affine_nearest(values, scales, zeros, config, dequantize)
 
 
 NF = register_format(NormalFloat())
