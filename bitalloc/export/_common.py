@@ -206,6 +206,9 @@ def grid_notes(
         notes.append(
             f"-mse scale search ({count(searched, total)}): {target} chooses its own scales when it quantizes"
         )
+    rounded = [m for m in mats if m.config.gptq]
+    if rounded:
+        notes.append(f"-gptq rounding ({count(rounded, total)}): {target} chooses its own codes when it quantizes")
     if groups is not None:
         changed = [m for m in mats if groups[m.name] != m.config.block_size]
         if changed:

@@ -28,7 +28,8 @@ class IntegerGroups(TargetFormat):
     group (``float_zero``: a float in the scale's dtype, else a b-bit integer), groups that divide
     the row (no partial group), from ``group_sizes`` (None: any) and multiples of ``group_multiple``;
     ``storage(matrix)`` is the bits the target writes. Any of them may carry ``-mse`` (the search
-    chooses the scale and zero, the target stores whatever was chosen)."""
+    chooses the scale and zero) and ``-gptq`` (error feedback chooses the codes): the target stores
+    whatever was chosen."""
 
     name: str
     storage: Callable[[Matrix], int]
@@ -54,7 +55,7 @@ class IntegerGroups(TargetFormat):
         bits = ",".join(map(str, self.bits))
         return (
             f"uint{{{bits}}}-b<group>-s{{{'|'.join(self.scale_dtypes)}}} with {zero}, "
-            f"{self.groups_text} dividing the row, optionally -mse"
+            f"{self.groups_text} dividing the row, optionally -mse and -gptq"
         )
 
     def why_not(self, config: QuantConfig, shape: Shape | None = None) -> str | None:
