@@ -416,11 +416,19 @@ def _add_export_command(commands, choices: dict[str, tuple[str, ...]]) -> None:
         action="store_true",
         help="hqq: a per-module dict for HQQLinear (plans not uniform per tag)",
     )
-    ex.add_argument("--weights", default=None, metavar="OUT_DIR",
-                    help="also write the quantized weights in the target's format (compressed-tensors, hqq)")
+    ex.add_argument(
+        "--weights",
+        default=None,
+        metavar="OUT_DIR",
+        help="also write the quantized weights in the target's format (compressed-tensors, hqq)",
+    )
     ex.add_argument("--model", default=None, help="with --weights: the model the plan was made for")
-    ex.add_argument("--calibration", default=None, metavar="FILE",
-                    help="with --weights: a data-aware plan's calibration text (if moved)")
+    ex.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="with --weights: a data-aware plan's calibration text (if moved)",
+    )
     ex.add_argument("--device", default="auto", help="with --weights: auto, cpu, cuda or cuda:N")
     ex.set_defaults(func=cmd_export)
 

@@ -13,10 +13,23 @@ import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.lora import loftq, whitening_factor
-from bitalloc.quant import QuantConfig, QuantizedTensor, fake_quantize, feedback_factor, gptq_quantize, quantize
+from bitalloc.quant import (
+    QuantConfig,
+    QuantizedTensor,
+    fake_quantize,
+    feedback_factor,
+    gptq_quantize,
+    quantize,
+)
 from bitalloc.quant.codebooks import codebook, nearest_index
 
-CONFIGS = ["nf2-b64-s8b256", "nf3-b32-sfp16-mse", "int4-b64-sfp32", "uint2-b64-sfp16-z2-mse", "uint3-b32-sbf16-zbf16"]
+CONFIGS = [
+    "nf2-b64-s8b256",
+    "nf3-b32-sfp16-mse",
+    "int4-b64-sfp32",
+    "uint2-b64-sfp16-z2-mse",
+    "uint3-b32-sbf16-zbf16",
+]
 
 
 def correlated_covariance(cols: int, seed: int = 0) -> torch.Tensor:
@@ -87,7 +100,9 @@ def test_codes_equal_a_plain_transcription_of_gptq(config):
 def test_batched_rows_equal_one_matrix_at_a_time():
     g = torch.Generator().manual_seed(4)
     weights = torch.randn(3, 40, 128, generator=g)
-    uppers = torch.stack([feedback_factor(whitening_factor(correlated_covariance(128, seed=s))) for s in range(3)])
+    uppers = torch.stack(
+        [feedback_factor(whitening_factor(correlated_covariance(128, seed=s))) for s in range(3)]
+    )
     parts, q = gptq_quantize(weights, "nf3-b64-s8b256", uppers)
     for i in range(3):
         one_parts, one_q = gptq_quantize(weights[i], "nf3-b64-s8b256", uppers[i])
@@ -135,8 +150,8 @@ def test_config_grammar():
     config = QuantConfig.parse("nf2-b64-s8b256-mse-gptq")
     assert config.gptq and config.search and str(config) == "nf2-b64-s8b256-mse-gptq"
     assert str(QuantConfig.parse("uint4-b128-sfp16-z4-gptq")) == "uint4-b128-sfp16-z4-gptq"
-    assert config.to_dict()["scale"] == {"bits": 8, "block_size": 256, "second_level": "fp32", "search": "mse",
-                                         "rounding": "gptq"}  # fmt: skip
+    scale = {"bits": 8, "block_size": 256, "second_level": "fp32", "search": "mse", "rounding": "gptq"}
+    assert config.to_dict()["scale"] == scale
     # the storage is the nearest-rounding twin's, bit for bit
     assert config.storage_bits((576, 1536)) == QuantConfig.parse("nf2-b64-s8b256").storage_bits((576, 1536))
     with pytest.raises(BitallocError, match="unknown config string"):
@@ -185,7 +200,9 @@ def test_profile_plan_and_apply_store_the_rounded_codes(tmp_path):
         row = table[(table.module == name) & (table.config == config)].iloc[0]
         assert expected.weighted_error == pytest.approx(row["weighted_error"], rel=1e-6)
         # nearest rounding of the same input to the quantizer, with the same scales
-        nearest = QuantizedTensor.from_weight(expected.q_input, config.replace("-gptq", ""), expected.search_weights)
+        nearest = QuantizedTensor.from_weight(
+            expected.q_input, config.replace("-gptq", ""), expected.search_weights
+        )
         assert torch.equal(stored[f"{name}.weight.codes"], expected.q.codes)
         assert torch.equal(nearest.scales, expected.q.scales)
         moved += int(not torch.equal(expected.q.codes, nearest.codes))

@@ -208,7 +208,9 @@ def grid_notes(
         )
     rounded = [m for m in mats if m.config.gptq]
     if rounded:
-        notes.append(f"-gptq rounding ({count(rounded, total)}): {target} chooses its own codes when it quantizes")
+        notes.append(
+            f"-gptq rounding ({count(rounded, total)}): {target} chooses its own codes when it quantizes"
+        )
     if groups is not None:
         changed = [m for m in mats if groups[m.name] != m.config.block_size]
         if changed:

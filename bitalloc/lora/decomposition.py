@@ -75,7 +75,9 @@ class LoftQResult:
         if self._q is None:
             if self.q_input is None:
                 raise ValueError("this result was computed without keeping Q (keep_q=False)")
-            self._q = QuantizedTensor.from_weight(self.q_input, self.config, self.search_weights, self.q_values)
+            self._q = QuantizedTensor.from_weight(
+                self.q_input, self.config, self.search_weights, self.q_values
+            )
             self.q_input = self.q_values = None
         return self._q
 

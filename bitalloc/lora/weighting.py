@@ -171,7 +171,9 @@ class Whitened(Weighting):
             factor = self.factor.to(device=device, dtype=torch.float32)
         else:
             factor = whitening_factor(self.covariance.to(device), self.damping).to(torch.float32)
-        return _WhitenedBound(factor.expand(batch, cols, cols), lambda: self.upper.to(device).expand(batch, cols, cols))
+        return _WhitenedBound(
+            factor.expand(batch, cols, cols), lambda: self.upper.to(device).expand(batch, cols, cols)
+        )
 
 
 class _WhitenedBound(Bound):

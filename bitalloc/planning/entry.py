@@ -26,8 +26,8 @@ CONFIG_PATTERN = "^[a-z]+[0-9]+-b[0-9]+-s[a-z0-9-]+$"
 SCALE_SCHEMA = {
     "type": "object",
     "minProperties": 1,
-    "description": "How the family stores scales (QuantConfig.to_dict): {dtype[, zero][, search][, rounding]} for float "
-    "scales (uint adds its zero point: its bits or the scale's dtype), {bits, block_size, second_level"
+    "description": "How the family stores scales (QuantConfig.to_dict): {dtype[, zero][, search][, rounding]} "
+    "for float scales (uint adds its zero point: its bits or the scale's dtype), {bits, block_size, second_level"
     "[, search][, rounding]} for quantized scales.",
 }
 
@@ -50,8 +50,8 @@ class ModuleEntry(Mapping):
         "type": "string",
         "description": "The authority (bitalloc.quant.config): a registered format family's name, then bits, "
         "block size and what that family stores (symmetric nf/int with float or quantized scales, asymmetric "
-        "uint with a zero point, each optionally -mse, -gptq). method, bits, block_size and scale are checked "
-        "against it when a plan is read.",
+        "uint with a zero point, each optionally -mse, -gptq). method, bits, block_size and scale are "
+        "checked against it when a plan is read.",
         "pattern": CONFIG_PATTERN,
     })  # fmt: skip
     method: str = _schema({

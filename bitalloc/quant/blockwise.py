@@ -282,7 +282,11 @@ def _inverse(scales: torch.Tensor) -> torch.Tensor:
 
 
 def affine_nearest(
-    values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: QuantConfig, dequantize: bool = True
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    config: QuantConfig,
+    dequantize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The nearest code (uint8) of each value under its block's dequantized scale and stored zero
     point (both broadcast against ``values``), and (``dequantize``) the value the code stands for."""

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from ..errors import BitallocError
 from .formats import (
     FLOAT_DTYPE_BITS,
-    SCALE_BLOCK_SIZE_RANGE,
     GPTQ_SUFFIX,
+    SCALE_BLOCK_SIZE_RANGE,
     SEARCH_SUFFIX,
     SUPPORTED_BITS,
     SUPPORTED_SCALE_BITS,

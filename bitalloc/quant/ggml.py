@@ -140,8 +140,15 @@ class GgmlFamily(Format):
                 f"no ggml type is {_key(config)}: the ggml configs are {', '.join(TYPES)} "
                 f"({', '.join(t.name for t in TYPES.values())})"
             )
-        if config.scale_bits is not None or config.scale_block_size is not None or config.search or config.gptq:
-            raise BitallocError(f"{ggml.config} ({ggml.name}) is ggml's own block: no scale codes, -mse or -gptq")
+        if (
+            config.scale_bits is not None
+            or config.scale_block_size is not None
+            or config.search
+            or config.gptq
+        ):
+            raise BitallocError(
+                f"{ggml.config} ({ggml.name}) is ggml's own block: no scale codes, -mse or -gptq"
+            )
         if config.zero != ("fp16" if ggml.has_min else None):
             want = "a min per block (zero='fp16')" if ggml.has_min else "no zero point"
             raise BitallocError(f"{ggml.config} ({ggml.name}) stores {want}, got zero={short(config.zero)}")
