@@ -26,9 +26,9 @@ CONFIG_PATTERN = "^[a-z]+[0-9]+-b[0-9]+-s[a-z0-9-]+$"
 SCALE_SCHEMA = {
     "type": "object",
     "minProperties": 1,
-    "description": "How the family stores scales (QuantConfig.to_dict): {dtype[, zero][, search][, rounding]} "
-    "for float scales (uint adds its zero point: its bits or the scale's dtype), {bits, block_size, second_level"
-    "[, search][, rounding]} for quantized scales.",
+    "description": "How the family stores scales (QuantConfig.to_dict): "
+    "{dtype[, zero][, search][, rounding]} for float scales (uint adds its zero point: its bits or the "
+    "scale's dtype), {bits, block_size, second_level[, search][, rounding]} for quantized scales.",
 }
 
 
