@@ -4,9 +4,11 @@ The baseline, written here, is the paper's algorithm as published code does it: 
 SVD of the residual every iteration and a dense (numel x levels) nearest-value search.
 Prints one row per (size, config): both times, the time ratio and the error ratio.
 ``--search`` prints instead the cost of the ``-mse`` scale search: the same config with and
-without it (best of ``--repeat`` interleaved runs), the time ratio and both errors.
+without it (best of ``--repeat`` interleaved runs), the time ratio and both errors. ``--gptq``
+prints the cost of ``-gptq`` rounding in the output objective (a synthetic input covariance of
+correlated features): each config with ``-mse`` against ``-mse-gptq``, times and output errors.
 
-    python benchmarks/bench_loftq.py [--sizes 2048,4096] [--device cpu|cuda] [--search]
+    python benchmarks/bench_loftq.py [--sizes 2048,4096] [--device cpu|cuda] [--search | --gptq]
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--search", action="store_true", help="time the -mse scale search instead")
+    parser.add_argument("--gptq", action="store_true", help="time -gptq rounding instead")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    if args.search:
-        search_cost(args)
+    if args.search or args.gptq:
+        suffix_cost(args, "-mse-gptq" if args.gptq else "-mse")
         return
 
     print(
@@ -99,34 +102,47 @@ def main() -> None:
             )
 
 
-def search_cost(args) -> None:
-    """LoftQ time per matrix-config with and without the -mse scale search, same run, interleaved."""
+def synthetic_covariance(size: int, device: str) -> torch.Tensor:
+    """XᵀX/n of inputs with correlated features (a random mixing of Gaussian ones), float32."""
+    generator = torch.Generator().manual_seed(size + 1)
+    mixing = torch.randn(size, size, generator=generator) * (0.3 / size**0.5) + torch.eye(size)
+    x = torch.randn(2 * size, size, generator=generator) @ mixing
+    return (x.T @ x / x.shape[0]).to(device)
+
+
+def suffix_cost(args, suffix: str) -> None:
+    """LoftQ time per matrix-config with and without ``suffix`` (-mse: the scale search, weight
+    error; -mse-gptq: GPTQ rounding against the -mse config, output error), interleaved."""
+    gptq = suffix.endswith("-gptq")
     print(
-        f"# bench_loftq --search  {datetime.date.today()}  {platform.machine()}  {os.cpu_count()} cpus  "
-        f"torch {torch.__version__}  threads {torch.get_num_threads()}  device {args.device}  "
-        f"rank {args.rank}, iters {args.iters}, best of {args.repeat}"
+        f"# bench_loftq {'--gptq' if gptq else '--search'}  {datetime.date.today()}  {platform.machine()}  "
+        f"{os.cpu_count()} cpus  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+        f"device {args.device}  rank {args.rank}, iters {args.iters}, best of {args.repeat}"
     )
-    header = f"{'size':>6} {'config':>26} {'plain s':>8} {'-mse s':>8} {'ratio':>6} "
-    print(header + f"{'plain err':>9} {'-mse err':>9}")
+    names = ("-mse", "-mse-gptq") if gptq else ("plain", "-mse")
+    header = f"{'size':>6} {'config':>26} {names[0] + ' s':>9} {names[1] + ' s':>11} {'ratio':>6} "
+    print(header + f"{names[0] + ' err':>9} {names[1] + ' err':>13}")
     for size in (int(s) for s in args.sizes.split(",")):
         weight = synthetic_weight(size, args.device)
+        options = {"input_covariance": synthetic_covariance(size, args.device)} if gptq else {}
         for text in args.configs.split(","):
-            searched = str(QuantConfig.parse(text + "-mse"))
-            for config in (text, searched):
+            base = str(QuantConfig.parse(text + "-mse")) if gptq else text
+            other = str(QuantConfig.parse(text + suffix))
+            for config in (base, other):
                 loftq(weight[:256, :256], config, rank=args.rank, iters=1)  # warm-up
-            times = {text: [], searched: []}
+            times = {base: [], other: []}
             errors = {}
             for _ in range(args.repeat):
-                for config in (text, searched):
+                for config in (base, other):
                     took, result = timed(
-                        loftq, weight, config, rank=args.rank, iters=args.iters, keep_q=False
+                        loftq, weight, config, rank=args.rank, iters=args.iters, keep_q=False, **options
                     )
                     times[config].append(took)
-                    errors[config] = result.rel_error
-            plain, mse = min(times[text]), min(times[searched])
+                    errors[config] = result.weighted_errors[result.best_iter] if gptq else result.rel_error
+            first, second = min(times[base]), min(times[other])
             print(
-                f"{size:>6} {searched:>26} {plain:>8.3f} {mse:>8.3f} {mse / plain:>6.2f} "
-                f"{errors[text]:>9.5f} {errors[searched]:>9.5f}",
+                f"{size:>6} {other:>26} {first:>9.3f} {second:>11.3f} {second / first:>6.2f} "
+                f"{errors[base]:>9.5f} {errors[other]:>13.5f}",
                 flush=True,
             )
 

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..errors import BitallocError
-from .codebooks import codebook, nearest_code, nearest_index
+from .codebooks import codebook, nearest_index
 from .config import QuantConfig
 from .formats import TORCH_DTYPES, BlockCodes, format_of
 
@@ -276,7 +276,7 @@ def affine_codes(blocks: torch.Tensor, config: QuantConfig, weights: torch.Tenso
     return BlockCodes(codes, scales, None, None, stored, zeros)
 
 
-def _inverse(scales: torch.Tensor) -> torch.Tensor:
+def inverse_scales(scales: torch.Tensor) -> torch.Tensor:
     """1/s, and 0 where s is 0 (a zero block)."""
     return torch.where(scales > 0, 1.0 / scales.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
@@ -287,11 +287,14 @@ def affine_nearest(
     zeros: torch.Tensor,
     config: QuantConfig,
     dequantize: bool = True,
+    inverse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The nearest code (uint8) of each value under its block's dequantized scale and stored zero
-    point (both broadcast against ``values``), and (``dequantize``) the value the code stands for."""
+    point (both broadcast against ``values``), and (``dequantize``) the value the code stands for.
+    ``inverse``: `inverse_scales` of ``scales`` when already computed."""
     top = 2**config.bits - 1
-    codes = (values * _inverse(scales)).add_(zeros.float()).round_().clamp_(0, top)
+    inverse = inverse_scales(scales) if inverse is None else inverse
+    codes = (values * inverse).add_(zeros.float()).round_().clamp_(0, top)
     return codes.to(torch.uint8), _affine(codes, scales, zeros, config) if dequantize else None
 
 
@@ -304,15 +307,21 @@ def _affine(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, config: 
 
 
 def symmetric_nearest(
-    values: torch.Tensor, scales: torch.Tensor, config: QuantConfig, dequantize: bool = True
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    config: QuantConfig,
+    dequantize: bool = True,
+    inverse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The nearest level's code (uint8) of each value under its block's dequantized scale
-    (broadcast against ``values``), and (``dequantize``) level·scale, the value it stands for."""
+    (broadcast against ``values``), and (``dequantize``) level·scale, the value it stands for.
+    ``inverse``: `inverse_scales` of ``scales`` when already computed."""
     levels = codebook(config.method, config.bits, values.device)
-    codes = nearest_code((values * _inverse(scales)).clamp_(-1.0, 1.0), levels)
+    inverse = inverse_scales(scales) if inverse is None else inverse
+    index = nearest_index((values * inverse).clamp_(-1.0, 1.0), levels)
     if not dequantize:
-        return codes, None
-    return codes, levels.index_select(0, codes.reshape(-1).int()).reshape(codes.shape) * scales
+        return index.to(torch.uint8), None
+    return index.to(torch.uint8), levels.index_select(0, index.reshape(-1)).reshape(index.shape) * scales
 
 
 def quantize(

@@ -41,6 +41,9 @@ def codebook(method: str, bits: int, device: torch.device | str | None = None) -
     return table if device is None else table.to(device)
 
 
+COUNTING_ELEMENTS = 1 << 12  # below this many values, one bucketize call beats the counting passes
+
+
 def nearest_index(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """int32 index of the nearest level for each value, by binary search on the midpoints.
 
@@ -48,9 +51,10 @@ def nearest_index(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     with a dense argmin, and ~34 MB here.
     """
     midpoints = (levels[1:] + levels[:-1]) * 0.5
-    if values.device.type == "cpu" and levels.numel() <= 16:
+    if values.device.type == "cpu" and levels.numel() <= 16 and values.numel() >= COUNTING_ELEMENTS:
         # counting the midpoints below each value (one compare-and-add pass per midpoint)
-        # beats torch.bucketize's binary search on a CPU for <= 4 bits (docs/benchmarks.md)
+        # beats torch.bucketize's binary search on a CPU for <= 4 bits (docs/benchmarks.md),
+        # except on a few values (GPTQ's one column at a time), where one call beats 2·K - 1
         index = torch.zeros(values.shape, dtype=torch.uint8)
         for midpoint in midpoints.tolist():
             index += values > midpoint

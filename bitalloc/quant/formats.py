@@ -237,10 +237,12 @@ class Format:
         zeros: torch.Tensor | None,
         config: QuantConfig,
         dequantize: bool = True,
+        inverse: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The nearest code (uint8) of each value under given dequantized block scales and stored
         zero points (broadcast against ``values``) and (``dequantize``) the float32 value the code
-        stands for: what ``-gptq`` rounding (`bitalloc.quant.rounding`) asks of a family."""
+        stands for: what ``-gptq`` rounding (`bitalloc.quant.rounding`) asks of a family.
+        ``inverse``: 1/scales (0 for a zero scale) when the caller has it already."""
         raise BitallocError(f"{self.name} configs cannot be rounded against given scales (no -gptq)")
 
     def fake_quantize(

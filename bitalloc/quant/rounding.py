@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BitallocError
-from .blockwise import _blocks, element_weights
+from .blockwise import _blocks, element_weights, inverse_scales
 from .config import QuantConfig
 from .formats import BlockCodes, format_of
 
@@ -73,6 +73,7 @@ def gptq_quantize(
     codes = parts.codes.transpose(-1, -2).contiguous()
     values = torch.empty_like(work)
     scales = parts.scales.transpose(-1, -2).contiguous()
+    inverse = inverse_scales(scales)
     zeros = None if parts.zeros is None else parts.zeros.transpose(-1, -2).contiguous()
     diagonal = upper.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (b, in, 1)
     for start in range(0, cols, CHUNK):
@@ -80,7 +81,8 @@ def gptq_quantize(
         for j in range(start, end):
             k = j // size
             column = work[:, j]
-            code, value = family.nearest(column, scales[:, k], None if zeros is None else zeros[:, k], config)
+            zero = None if zeros is None else zeros[:, k]
+            code, value = family.nearest(column, scales[:, k], zero, config, inverse=inverse[:, k])
             codes[:, j], values[:, j] = code, value
             error = column.sub_(value).div_(diagonal[:, j])  # the column is done: its row holds the error
             if j + 1 < end:

@@ -34,8 +34,8 @@ class SymmetricCodebook(Format):
     def dequantize(self, codes, scales, zeros, config: QuantConfig) -> torch.Tensor:
         return symmetric_values(codes, scales, config)
 
-    def nearest(self, values, scales, zeros, config: QuantConfig, dequantize: bool = True):
-        return symmetric_nearest(values, scales, config, dequantize)
+    def nearest(self, values, scales, zeros, config: QuantConfig, dequantize: bool = True, inverse=None):
+        return symmetric_nearest(values, scales, config, dequantize, inverse)
 
     def fake_quantize(self, blocks: torch.Tensor, config: QuantConfig, weights: torch.Tensor | None):
         return symmetric_fake_quantize(blocks, config, weights)
@@ -96,8 +96,8 @@ class AffineInt(Format):
     def dequantize(self, codes, scales, zeros, config: QuantConfig) -> torch.Tensor:
         return affine_values(codes, scales, zeros, config)
 
-    def nearest(self, values, scales, zeros, config: QuantConfig, dequantize: bool = True):
-        return affine_nearest(values, scales, zeros, config, dequantize)
+    def nearest(self, values, scales, zeros, config: QuantConfig, dequantize: bool = True, inverse=None):
+        return affine_nearest(values, scales, zeros, config, dequantize, inverse)
 
 
 NF = register_format(NormalFloat())
