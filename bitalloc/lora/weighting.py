@@ -69,8 +69,9 @@ class Bound:
         """Per-column weights (b, in) of the -mse scale search: diag(M Mᵀ)."""
         raise NotImplementedError
 
-    def feedback(self) -> torch.Tensor:
-        """U (b, in, in), UᵀU = (M Mᵀ)⁻¹: the error feedback of ``-gptq`` rounding (full M only)."""
+    def feedback(self):
+        """The `bitalloc.quant.rounding.Feedback` of ``-gptq`` rounding (full M only): the column
+        order and U, UᵀU = (M Mᵀ)⁻¹ in that order."""
         raise NotImplementedError
 
 
@@ -158,13 +159,14 @@ class Whitened(Weighting):
         return Whitened(None, self.damping, whitening_factor(covariance, self.damping).to(torch.float32))
 
     @functools.cached_property
-    def upper(self) -> torch.Tensor:
-        """U (float32, upper triangular), UᵀU = (H + λI)⁻¹: ``-gptq`` rounding's feedback,
-        computed once per weighting (a `factored` one serves every config of its matrices)."""
+    def feedback(self):
+        """``-gptq`` rounding's `bitalloc.quant.rounding.Feedback` (column order and U, UᵀU =
+        (H + λI)⁻¹ in that order), computed once per weighting (a `factored` one serves every
+        config of its matrices)."""
         from ..quant.rounding import feedback_factor
 
         factor = self.factor if self.factor is not None else whitening_factor(self.covariance, self.damping)
-        return feedback_factor(factor).to(torch.float32)
+        return feedback_factor(factor)
 
     def bound(self, batch: int, cols: int, device: torch.device) -> Bound:
         if self.factor is not None:
@@ -172,18 +174,18 @@ class Whitened(Weighting):
         else:
             factor = whitening_factor(self.covariance.to(device), self.damping).to(torch.float32)
         return _WhitenedBound(
-            factor.expand(batch, cols, cols), lambda: self.upper.to(device).expand(batch, cols, cols)
+            factor.expand(batch, cols, cols), lambda: self.feedback.to(device).expand(batch)
         )
 
 
 class _WhitenedBound(Bound):
     full = True
 
-    def __init__(self, factor: torch.Tensor, upper) -> None:
-        self.factor, self._upper = factor, upper
+    def __init__(self, factor: torch.Tensor, feedback) -> None:
+        self.factor, self._feedback = factor, feedback
 
-    def feedback(self) -> torch.Tensor:
-        return self._upper()
+    def feedback(self):
+        return self._feedback()
 
     def weigh(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.factor
