@@ -211,3 +211,22 @@ def test_profile_plan_and_apply_store_the_rounded_codes(tmp_path):
         assert torch.equal(nearest.scales, expected.q.scales)
         moved += int(not torch.equal(expected.q.codes, nearest.codes))
     assert moved == len(names)  # every matrix's codes differ from nearest rounding's
+
+
+def test_profile_refuses_gptq_without_the_input_covariance(tmp_path):
+    from _models import make_tiny_llama
+
+    from bitalloc.profiling.profiler import profile
+
+    make_tiny_llama(tmp_path / "tiny", seed=1)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    for options in ({}, {"objective": "activation", "calibration_ids": ids}):
+        with pytest.raises(BitallocError, match="-gptq rounding feeds errors back through"):
+            profile(
+                tmp_path / "tiny",
+                tmp_path / "p.parquet",
+                configs=["nf3-b64-s8b256-gptq"],
+                quiet=True,
+                **options,
+            )
+    assert not (tmp_path / "p.parquet").exists()

@@ -145,6 +145,13 @@ def _metadata(model, source: Source, settings: ProfileSettings, grid: list[Quant
         "lowrank": settings.lowrank,
     }  # fmt: skip
     profile_settings.update(objective.profile_settings(model, calibration))
+    rounded = [str(c) for c in grid if c.gptq]
+    if rounded and not getattr(objective, "covariance", False):
+        raise BitallocError(
+            f"{rounded[0]}: -gptq rounding feeds errors back through the layer's input covariance, which "
+            f"the {objective.name} objective does not have (it would be nearest rounding): profile with "
+            "calibration data and the output objective, or drop -gptq"
+        )
     if calibration.layer_weights:
         if not objective.data_aware:
             raise BitallocError(
