@@ -101,19 +101,34 @@ def gptq_quantize(
 
     # columns as rows (contiguous), in the feedback's order: (b, in, out) work, and each column's
     # block scale (its inverse, its zero point) beside it
+    index = order.unsqueeze(-2).expand(batch, rows, cols)
+
     def by_column(per_block: torch.Tensor) -> torch.Tensor:
         per_column = per_block.repeat_interleave(config.block_size, dim=-1)[..., :cols]
-        return (
-            per_column.gather(-1, order.unsqueeze(-2).expand(batch, rows, cols))
-            .transpose(-1, -2)
-            .contiguous()
-        )
+        return per_column.gather(-1, index).transpose(-1, -2).contiguous()
 
-    index = order.unsqueeze(-2).expand(batch, rows, cols)
     work = weight.gather(-1, index).transpose(-1, -2).contiguous()
     scales = by_column(parts.scales)
-    inverse = inverse_scales(scales)
     zeros = None if parts.zeros is None else by_column(parts.zeros)
+    codes, values = _round_columns(work, upper, (scales, inverse_scales(scales), zeros), config)
+    # back to (b, out, in) in the columns' own order
+    stored = parts.codes.clone()
+    stored[..., :cols] = stored[..., :cols].scatter(-1, index, codes.transpose(-1, -2))
+    parts.codes = stored
+    values = torch.empty_like(weight).scatter_(-1, index, values.transpose(-1, -2))
+    if flat:
+        parts = BlockCodes(*(None if t is None else t.squeeze(0) for t in _fields(parts)))
+        values = values.squeeze(0)
+    return parts, values
+
+
+def _round_columns(work: torch.Tensor, upper: torch.Tensor, grid: tuple, config: QuantConfig):
+    """GPTQ's pass over the columns of ``work`` (b, in, out: one column per row, in the feedback's
+    order; overwritten with the scaled errors) against each column's ``grid`` (scale, its inverse,
+    zero point or None; (b, in, out) each): the codes and values, (b, in, out)."""
+    family = format_of(config)
+    scales, inverse, zeros = grid
+    cols = work.shape[1]
     codes, values = torch.empty(work.shape, dtype=torch.uint8, device=work.device), torch.empty_like(work)
     diagonal = upper.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (b, in, 1)
     for start in range(0, cols, CHUNK):
@@ -124,22 +139,12 @@ def gptq_quantize(
             codes[:, j], values[:, j] = family.nearest(
                 column, scales[:, j], zero, config, inverse=inverse[:, j]
             )
-            error = column.sub_(values[:, j]).div_(
-                diagonal[:, j]
-            )  # the column is done: its row holds the error
+            error = column.sub_(values[:, j]).div_(diagonal[:, j])  # the column is done: it holds its error
             if j + 1 < end:
                 work[:, j + 1 : end].sub_(upper[:, j, j + 1 : end].unsqueeze(-1) * error.unsqueeze(-2))
         if end < cols:
             work[:, end:].sub_(upper[:, start:end, end:].transpose(-1, -2) @ work[:, start:end])
-    # back to (b, out, in) in the columns' own order
-    stored = parts.codes.clone()
-    stored[..., :cols] = stored[..., :cols].scatter(-1, index, codes.transpose(-1, -2))
-    parts.codes = stored
-    values = torch.empty_like(weight).scatter_(-1, index, values.transpose(-1, -2))
-    if flat:
-        parts = BlockCodes(*(None if t is None else t.squeeze(0) for t in _fields(parts)))
-        values = values.squeeze(0)
-    return parts, values
+    return codes, values
 
 
 def _fields(parts: BlockCodes) -> tuple:
